@@ -1,0 +1,219 @@
+/*
+ * cnn_core.h -- the C99 kernels of cnn_core and a small model API.
+ *
+ * Conventions (every function below follows them):
+ *   - float32, row-major; a matrix argument has an explicit leading dimension
+ *     (elements between the starts of consecutive rows), ld >= its row length.
+ *   - Arguments: outputs first, then inputs, then dimensions, then scalars/flags.
+ *   - The caller owns all memory.  Only functions named *_alloc, cnn_sgemm and
+ *     cnn_model_load allocate, and a failed allocation is a status, never an abort.
+ *   - Fallible functions return an int status: CNN_OK (0) or a CNN_ERR_* code.
+ *   - Weights are stored (n_in, n_out) so that Y = X W + b.
+ *   - Accumulate vs overwrite: cnn_sgemm* follows BLAS (C = alpha op(A) op(B) + beta C;
+ *     beta == 0 overwrites and never reads C, so C may hold NaN garbage).  Everything
+ *     else OVERWRITES its outputs, except the optimizer updates, which update params
+ *     and optimizer state in place.
+ *   - Kernels never split a reduction across threads: results are bit-identical for
+ *     any thread count.
+ */
+#ifndef CNN_CORE_H
+#define CNN_CORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CNN_CORE_ABI_VERSION 1
+
+/* ---- status codes ------------------------------------------------------- */
+#define CNN_OK 0
+#define CNN_ERR_ALLOC 1    /* an allocation failed */
+#define CNN_ERR_ARG 2      /* an argument broke a documented precondition */
+#define CNN_ERR_IO 3       /* a file could not be opened or read */
+#define CNN_ERR_FORMAT 4   /* a model file is truncated, corrupted or foreign */
+
+/* Human-readable text for a status code (static storage, never NULL). */
+const char *cnn_status_string(int status);
+
+/* ---- enumerations ------------------------------------------------------- */
+typedef enum { CNN_NO_TRANS = 0, CNN_TRANS = 1 } cnn_trans;
+
+typedef enum {
+    CNN_ACT_IDENTITY = 0,
+    CNN_ACT_RELU = 1,
+    CNN_ACT_LEAKY_RELU = 2, /* x > 0 ? x : alpha * x   (alpha in [0, 1)) */
+    CNN_ACT_SIGMOID = 3,
+    CNN_ACT_TANH = 4,
+    CNN_ACT_SOFTMAX = 5     /* row-wise; only where a function says so */
+} cnn_activation;
+
+typedef enum { CNN_DTYPE_FLOAT32 = 0, CNN_DTYPE_UINT8 = 1 } cnn_dtype;
+
+typedef enum { CNN_OPT_SGD = 0, CNN_OPT_ADAM = 1, CNN_OPT_ADAMW = 2 } cnn_optimizer_kind;
+
+typedef enum { CNN_KERNEL_GENERIC = 0, CNN_KERNEL_AVX2 = 1, CNN_KERNEL_AVX512 = 2,
+               CNN_KERNEL_NEON = 3 } cnn_kernel;
+
+/* ---- runtime: SIMD kernel selection and threads ------------------------- */
+/* The best kernel this CPU supports (detected once, cached). */
+cnn_kernel cnn_best_kernel(void);
+/* Select the kernel family used by every GEMM from now on.
+   CNN_ERR_ARG if this CPU or build cannot run it; the selection is then unchanged. */
+int cnn_set_kernel(cnn_kernel kernel);
+cnn_kernel cnn_get_kernel(void);
+/* "generic", "avx2", "avx512" or "neon". */
+const char *cnn_kernel_name(cnn_kernel kernel);
+/* 1 if compiled with OpenMP, else 0; and the number of threads OpenMP would use. */
+int cnn_openmp_enabled(void);
+int cnn_max_threads(void);
+
+/* ---- GEMM --------------------------------------------------------------- */
+/* C = alpha op(A) op(B) + beta C ; op(A) is (M, K), op(B) is (K, N), C is (M, N).
+   A is stored (M, K) with lda >= K when trans_a == CNN_NO_TRANS, else (K, M), lda >= M;
+   likewise B is (K, N), ldb >= N, or (N, K), ldb >= K; ldc >= N.
+   Any of M, N, K may be 0.  Allocates its packing buffers (CNN_ERR_ALLOC on failure). */
+int cnn_sgemm(float *C, const float *A, const float *B,
+              int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,
+              cnn_trans trans_a, cnn_trans trans_b, float alpha, float beta);
+
+/* The plain triple loop, kept as the test oracle and portable fallback. Same contract. */
+void cnn_sgemm_ref(float *C, const float *A, const float *B,
+                   int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,
+                   cnn_trans trans_a, cnn_trans trans_b, float alpha, float beta);
+
+/* What the fast GEMM applies to each element of C as it writes it, in this order:
+   c += bias[j]; c = act(c); c *= act'(grad_of[i, j]) -- the last one multiplies by
+   the derivative of activation `grad_act` expressed from an activation OUTPUT y
+   (relu: y > 0; sigmoid: y (1 - y); tanh: 1 - y^2; leaky: y > 0 ? 1 : alpha).
+   Unused fields are NULL / CNN_ACT_IDENTITY.  act must not be CNN_ACT_SOFTMAX. */
+typedef struct cnn_epilogue {
+    const float *bias;          /* (N,) or NULL */
+    cnn_activation act;
+    cnn_activation grad_act;
+    const float *grad_of;       /* (M, N) with leading dimension ld_grad_of, or NULL */
+    int64_t ld_grad_of;
+    float alpha;                /* leaky_relu slope for act and grad_act */
+} cnn_epilogue;
+
+/* Floats of workspace cnn_sgemm_ex needs for these sizes and thread count. */
+int64_t cnn_sgemm_workspace_floats(int64_t M, int64_t N, int64_t K, int n_threads);
+
+/* cnn_sgemm with an epilogue (may be NULL), a caller-provided workspace of at least
+   cnn_sgemm_workspace_floats(M, N, K, n_threads) floats, 64-byte aligned, and
+   n_threads >= 1 threads.  Never allocates.  Same result for any n_threads. */
+int cnn_sgemm_ex(float *C, const float *A, const float *B,
+                 int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,
+                 cnn_trans trans_a, cnn_trans trans_b, float alpha, float beta,
+                 const cnn_epilogue *epilogue, float *work, int n_threads);
+
+/* ---- elementwise and row-wise kernels ----------------------------------- */
+/* Y[i, j] = X[i, j] + b[j] ; X, Y are (M, N) contiguous, b is (N,). Y may alias X. */
+void cnn_bias_forward(float *Y, const float *X, const float *b, int64_t M, int64_t N);
+
+/* Y = act(X) over n elements, or row-wise softmax of the (n / n_cols, n_cols) matrix.
+   Y may alias X.  alpha is the leaky_relu slope.  CNN_ERR_ARG for an unknown act or
+   softmax with n_cols < 1 or n not a multiple of n_cols. */
+int cnn_activation_forward(float *Y, const float *X, int64_t n, int64_t n_cols,
+                           cnn_activation act, float alpha);
+
+/* dX = dY * act'(.) from the activation OUTPUT Y, over n elements; for softmax the
+   row-wise Jacobian product dX = Y * (dY - sum_j dY Y).  dX may alias dY. */
+int cnn_activation_backward(float *dX, const float *dY, const float *Y, int64_t n,
+                            int64_t n_cols, cnn_activation act, float alpha);
+
+/* Fused softmax + cross-entropy over logits Z (M, N) and labels y (M,), 0 <= y < N.
+   probs (M, N) receives softmax(Z) (may be NULL); dZ (M, N) the gradient of the
+   weighted mean loss (may be NULL, may alias Z); loss the weighted mean of
+   -log p[i, y_i] with weights w (M,) or 1 if w is NULL (normalised by sum w).
+   n_correct (may be NULL) the number of rows whose argmax equals y.
+   Stable for any finite logits.  CNN_ERR_ARG for a label outside [0, N). */
+int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_t *n_correct,
+                              const float *Z, const int32_t *y, const float *w,
+                              int64_t M, int64_t N);
+
+/* ---- dense layer -------------------------------------------------------- */
+/* Y = act(X W + b) ; X is (B, n_in), W is (n_in, n_out), b is (n_out,), Y is (B, n_out).
+   act may be softmax (row-wise).  work/n_threads as for cnn_sgemm_ex. */
+int cnn_dense_forward(float *Y, const float *X, const float *W, const float *b,
+                      int64_t B, int64_t n_in, int64_t n_out, cnn_activation act,
+                      float alpha, float *work, int n_threads);
+
+/* dW = X^T dY, db = sum over rows of dY, dX = dY W^T (skipped when dX is NULL);
+   X is (B, n_in), dY is (B, n_out), W is (n_in, n_out).  Overwrites dW, db, dX. */
+int cnn_dense_backward(float *dW, float *db, float *dX, const float *X, const float *dY,
+                       const float *W, int64_t B, int64_t n_in, int64_t n_out,
+                       float *work, int n_threads);
+
+/* Floats of workspace cnn_dense_forward / cnn_dense_backward need. */
+int64_t cnn_dense_workspace_floats(int64_t B, int64_t n_in, int64_t n_out, int n_threads);
+
+/* ---- optimizers (update in place) --------------------------------------- */
+typedef struct cnn_optimizer {
+    cnn_optimizer_kind kind;
+    float learning_rate;
+    float momentum;       /* SGD; 0 disables the velocity */
+    int32_t nesterov;     /* SGD; needs momentum > 0 */
+    float weight_decay;   /* SGD/Adam: L2 added to the gradient; AdamW: decoupled */
+    float beta1, beta2, eps;  /* Adam, AdamW */
+    int64_t step;         /* Adam bias correction: number of updates done so far */
+} cnn_optimizer;
+
+/* One update of n parameters p from gradients g.  state1 (n) is the SGD velocity or
+   Adam's first moment; state2 (n) Adam's second moment (unused by SGD, may be NULL).
+   Adam increments opt->step.  CNN_ERR_ARG for a bad kind or hyperparameter. */
+int cnn_optimizer_update(float *p, float *state1, float *state2, cnn_optimizer *opt,
+                         const float *g, int64_t n);
+
+/* ---- batch gather ------------------------------------------------------- */
+/* out[r, :] = X[index[r], :] as float32, scaled by 1/255 for CNN_DTYPE_UINT8.
+   X is (n_rows, n_cols) contiguous; out is (n_index, n_cols).
+   CNN_ERR_ARG if an index is outside [0, n_rows). */
+int cnn_gather_rows(float *out, const void *X, cnn_dtype dtype, const int64_t *index,
+                    int64_t n_index, int64_t n_rows, int64_t n_cols);
+
+/* ---- multilayer perceptron ---------------------------------------------- */
+#define CNN_MAX_LAYERS 32
+
+/* An MLP: n_layers dense layers of sizes[0] -> sizes[1] -> ... -> sizes[n_layers];
+   every hidden layer uses `activation`, the last one outputs logits (softmax in the
+   loss).  params holds, layer after layer, W_l (sizes[l], sizes[l+1]) then b_l. */
+typedef struct cnn_mlp {
+    int32_t n_layers;
+    int64_t sizes[CNN_MAX_LAYERS + 1];
+    cnn_activation activation;
+    float alpha;
+    float *params;
+} cnn_mlp;
+
+/* Number of floats in params. */
+int64_t cnn_mlp_param_count(const cnn_mlp *net);
+
+/* Floats of workspace for a forward pass (predict) or for training, at batch_size. */
+int64_t cnn_mlp_predict_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads);
+int64_t cnn_mlp_train_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads);
+
+/* probs (n, n_classes) = softmax of the network on X (n, sizes[0]) of dtype; rows are
+   processed in chunks of batch_size with `work` as workspace.  When logits != 0 the
+   raw last-layer outputs are written instead of probabilities. */
+int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
+                    int64_t n, int64_t batch_size, int logits, float *work, int n_threads);
+
+/* Train on minibatches first_batch .. first_batch + n_batches - 1 of the sample order
+   `order` (n_order indices into X), each of batch_size rows (the last may be short).
+   grads and the optimizer states hold cnn_mlp_param_count floats.  Adds the summed
+   (not mean) loss of the batches to *loss_sum and their correct predictions to
+   *n_correct.  Labels must be in [0, n_classes) (CNN_ERR_ARG otherwise). */
+int cnn_mlp_train_batches(cnn_mlp *net, cnn_optimizer *opt, float *state1, float *state2,
+                          float *grads, float *work, const void *X, cnn_dtype dtype,
+                          const int32_t *y, const float *sample_weight, const int64_t *order,
+                          int64_t n_order, int64_t batch_size, int64_t first_batch,
+                          int64_t n_batches, double *loss_sum, int64_t *n_correct,
+                          int n_threads);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CNN_CORE_H */
