@@ -113,6 +113,9 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
 /* Y[i, j] = X[i, j] + b[j] ; X, Y are (M, N) contiguous, b is (N,). Y may alias X. */
 void cnn_bias_forward(float *Y, const float *X, const float *b, int64_t M, int64_t N);
 
+/* db[j] = sum_i dY[i, j] ; dY is (M, N) contiguous, db is (N,). */
+void cnn_bias_backward(float *db, const float *dY, int64_t M, int64_t N);
+
 /* Y = act(X) over n elements, or row-wise softmax of the (n / n_cols, n_cols) matrix.
    Y may alias X.  alpha is the leaky_relu slope.  CNN_ERR_ARG for an unknown act or
    softmax with n_cols < 1 or n not a multiple of n_cols. */

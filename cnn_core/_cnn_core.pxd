@@ -1,0 +1,123 @@
+# Private mirror of src/cnn_core.h, line for line.  Not part of the public API:
+# other projects cimport cnn_core.kernels instead.
+from libc.stdint cimport int32_t, int64_t
+
+cdef extern from "cnn_core.h" nogil:
+    int CNN_CORE_ABI_VERSION
+
+    int CNN_OK
+    int CNN_ERR_ALLOC
+    int CNN_ERR_ARG
+    int CNN_ERR_IO
+    int CNN_ERR_FORMAT
+
+    const char *cnn_status_string(int status)
+
+    ctypedef enum cnn_trans:
+        CNN_NO_TRANS
+        CNN_TRANS
+
+    ctypedef enum cnn_activation:
+        CNN_ACT_IDENTITY
+        CNN_ACT_RELU
+        CNN_ACT_LEAKY_RELU
+        CNN_ACT_SIGMOID
+        CNN_ACT_TANH
+        CNN_ACT_SOFTMAX
+
+    ctypedef enum cnn_dtype:
+        CNN_DTYPE_FLOAT32
+        CNN_DTYPE_UINT8
+
+    ctypedef enum cnn_optimizer_kind:
+        CNN_OPT_SGD
+        CNN_OPT_ADAM
+        CNN_OPT_ADAMW
+
+    ctypedef enum cnn_kernel:
+        CNN_KERNEL_GENERIC
+        CNN_KERNEL_AVX2
+        CNN_KERNEL_AVX512
+        CNN_KERNEL_NEON
+
+    cnn_kernel cnn_best_kernel()
+    int cnn_set_kernel(cnn_kernel kernel)
+    cnn_kernel cnn_get_kernel()
+    const char *cnn_kernel_name(cnn_kernel kernel)
+    int cnn_openmp_enabled()
+    int cnn_max_threads()
+
+    int cnn_sgemm(float *C, const float *A, const float *B,
+                  int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,
+                  cnn_trans trans_a, cnn_trans trans_b, float alpha, float beta)
+    void cnn_sgemm_ref(float *C, const float *A, const float *B,
+                       int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,
+                       cnn_trans trans_a, cnn_trans trans_b, float alpha, float beta)
+
+    ctypedef struct cnn_epilogue:
+        const float *bias
+        cnn_activation act
+        cnn_activation grad_act
+        const float *grad_of
+        int64_t ld_grad_of
+        float alpha
+
+    int64_t cnn_sgemm_workspace_floats(int64_t M, int64_t N, int64_t K, int n_threads)
+    int cnn_sgemm_ex(float *C, const float *A, const float *B,
+                     int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,
+                     cnn_trans trans_a, cnn_trans trans_b, float alpha, float beta,
+                     const cnn_epilogue *epilogue, float *work, int n_threads)
+
+    void cnn_bias_forward(float *Y, const float *X, const float *b, int64_t M, int64_t N)
+    void cnn_bias_backward(float *db, const float *dY, int64_t M, int64_t N)
+    int cnn_activation_forward(float *Y, const float *X, int64_t n, int64_t n_cols,
+                               cnn_activation act, float alpha)
+    int cnn_activation_backward(float *dX, const float *dY, const float *Y, int64_t n,
+                                int64_t n_cols, cnn_activation act, float alpha)
+    int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_t *n_correct,
+                                  const float *Z, const int32_t *y, const float *w,
+                                  int64_t M, int64_t N)
+
+    int cnn_dense_forward(float *Y, const float *X, const float *W, const float *b,
+                          int64_t B, int64_t n_in, int64_t n_out, cnn_activation act,
+                          float alpha, float *work, int n_threads)
+    int cnn_dense_backward(float *dW, float *db, float *dX, const float *X, const float *dY,
+                           const float *W, int64_t B, int64_t n_in, int64_t n_out,
+                           float *work, int n_threads)
+    int64_t cnn_dense_workspace_floats(int64_t B, int64_t n_in, int64_t n_out, int n_threads)
+
+    ctypedef struct cnn_optimizer:
+        cnn_optimizer_kind kind
+        float learning_rate
+        float momentum
+        int32_t nesterov
+        float weight_decay
+        float beta1, beta2, eps
+        int64_t step
+
+    int cnn_optimizer_update(float *p, float *state1, float *state2, cnn_optimizer *opt,
+                             const float *g, int64_t n)
+
+    int cnn_gather_rows(float *out, const void *X, cnn_dtype dtype, const int64_t *index,
+                        int64_t n_index, int64_t n_rows, int64_t n_cols)
+
+    int CNN_MAX_LAYERS
+
+    ctypedef struct cnn_mlp:
+        int32_t n_layers
+        int64_t sizes[33]
+        cnn_activation activation
+        float alpha
+        float *params
+
+    int64_t cnn_mlp_param_count(const cnn_mlp *net)
+    int64_t cnn_mlp_predict_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads)
+    int64_t cnn_mlp_train_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads)
+    int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
+                        int64_t n, int64_t batch_size, int logits, float *work, int n_threads)
+    int cnn_mlp_train_batches(cnn_mlp *net, cnn_optimizer *opt, float *state1, float *state2,
+                              float *grads, float *work, const void *X, cnn_dtype dtype,
+                              const int32_t *y, const float *sample_weight, const int64_t *order,
+                              int64_t n_order, int64_t batch_size, int64_t first_batch,
+                              int64_t n_batches, double *loss_sum, int64_t *n_correct,
+                              int n_threads)

@@ -1,0 +1,55 @@
+# Public C-level API of cnn_core, for other Cython projects:
+#
+#     from cnn_core.kernels cimport cnn_sgemm, cnn_dense_forward, cnn_dense_backward
+#
+# The names match the C functions of cnn_core.h; each is a `noexcept nogil` free function over raw pointers and dimensions
+# (row-major float32, explicit leading dimensions) returning a status: 0 on success,
+# 1 out of memory, 2 invalid argument.  Activation codes: 0 identity, 1 relu,
+# 2 leaky_relu, 3 sigmoid, 4 tanh, 5 softmax.  Optimizer codes: 0 sgd, 1 adam, 2 adamw.
+# Input dtype codes: 0 float32, 1 uint8 (scaled by 1/255).  Functions taking `work`
+# need a 64-byte aligned workspace of the size the matching *_workspace_floats returns.
+# Linking is automatic: the functions are imported from the installed cnn_core.kernels
+# extension when the cimporting module is imported.
+from libc.stdint cimport int32_t, int64_t
+
+# C = alpha op(A) op(B) + beta C ; op(A) (M, K), op(B) (K, N), C (M, N).
+cdef int cnn_sgemm(float *C, const float *A, const float *B,
+               int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,
+               bint trans_a, bint trans_b, float alpha, float beta) noexcept nogil
+
+# Y = act(X W + b) ; X (B, n_in), W (n_in, n_out), b (n_out,), Y (B, n_out).
+cdef int cnn_dense_forward(float *Y, const float *X, const float *W, const float *b,
+                       int64_t B, int64_t n_in, int64_t n_out, int activation, float alpha,
+                       float *work, int n_threads) noexcept nogil
+
+# dW = X^T dY, db = column sums of dY, dX = dY W^T (skipped when dX is NULL).
+cdef int cnn_dense_backward(float *dW, float *db, float *dX, const float *X, const float *dY,
+                        const float *W, int64_t B, int64_t n_in, int64_t n_out,
+                        float *work, int n_threads) noexcept nogil
+
+# Workspace (in floats) for dense_forward / dense_backward at these sizes.
+cdef int64_t cnn_dense_workspace_floats(int64_t B, int64_t n_in, int64_t n_out,
+                                    int n_threads) noexcept nogil
+
+# Y = act(X) elementwise over n values, or row-wise softmax over (n / n_cols, n_cols).
+cdef int cnn_activation_forward(float *Y, const float *X, int64_t n, int64_t n_cols,
+                            int activation, float alpha) noexcept nogil
+
+# dX = dY * act'(.) computed from the activation output Y.
+cdef int cnn_activation_backward(float *dX, const float *dY, const float *Y, int64_t n,
+                             int64_t n_cols, int activation, float alpha) noexcept nogil
+
+# Softmax + cross-entropy of logits Z (M, N) against labels y (M,); see cnn_core.h.
+cdef int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_t *n_correct,
+                               const float *Z, const int32_t *y, const float *w,
+                               int64_t M, int64_t N) noexcept nogil
+
+# One optimizer update of n parameters; *step counts Adam updates (incremented).
+cdef int cnn_optimizer_update(float *params, float *state1, float *state2, const float *grads,
+                          int64_t n, int optimizer, float learning_rate, float momentum,
+                          bint nesterov, float weight_decay, float beta1, float beta2,
+                          float eps, int64_t *step) noexcept nogil
+
+# out[r] = X[index[r]] as float32 ; X (n_rows, n_cols) of dtype code, out (n_index, n_cols).
+cdef int cnn_gather_rows(float *out, const void *X, int dtype, const int64_t *index,
+                     int64_t n_index, int64_t n_rows, int64_t n_cols) noexcept nogil

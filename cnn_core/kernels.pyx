@@ -1,0 +1,653 @@
+"""Typed bindings of cnn_core's C kernels.
+
+Each Python function here validates its arguments with the GIL held (a ``TypeError``
+or ``ValueError`` naming the argument, the expected and the actual value), runs one C
+kernel with the GIL released, and turns a non-zero status into an exception.  The C-level
+functions declared in ``kernels.pxd`` are the public ``cimport`` API; the Python wrappers
+below call them too.  ``_MLP`` and ``_Trainer`` are the private engine of
+:class:`cnn_core.Network`.
+"""
+import numpy as np
+
+from libc.stdint cimport int32_t, int64_t, uint8_t
+from cnn_core cimport _cnn_core as c
+
+ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4,
+               "softmax": 5}
+OPTIMIZERS = {"sgd": 0, "adam": 1, "adamw": 2}
+KERNELS = {"generic": 0, "avx2": 1, "avx512": 2, "neon": 3}
+
+cdef float _EMPTY[16]   # a valid address for arrays with no elements
+
+
+# ---- the public C-level API (see kernels.pxd) -----------------------------------
+
+cdef int cnn_sgemm(float *C, const float *A, const float *B,
+               int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,
+               bint trans_a, bint trans_b, float alpha, float beta) noexcept nogil:
+    return c.cnn_sgemm(C, A, B, M, N, K, ldc, lda, ldb,
+                       c.CNN_TRANS if trans_a else c.CNN_NO_TRANS,
+                       c.CNN_TRANS if trans_b else c.CNN_NO_TRANS, alpha, beta)
+
+cdef int cnn_dense_forward(float *Y, const float *X, const float *W, const float *b,
+                       int64_t B, int64_t n_in, int64_t n_out, int activation, float alpha,
+                       float *work, int n_threads) noexcept nogil:
+    if activation < 0 or activation > 5 or n_threads < 1:
+        return c.CNN_ERR_ARG
+    return c.cnn_dense_forward(Y, X, W, b, B, n_in, n_out, <c.cnn_activation>activation,
+                               alpha, work, n_threads)
+
+cdef int cnn_dense_backward(float *dW, float *db, float *dX, const float *X, const float *dY,
+                        const float *W, int64_t B, int64_t n_in, int64_t n_out,
+                        float *work, int n_threads) noexcept nogil:
+    if n_threads < 1:
+        return c.CNN_ERR_ARG
+    return c.cnn_dense_backward(dW, db, dX, X, dY, W, B, n_in, n_out, work, n_threads)
+
+cdef int64_t cnn_dense_workspace_floats(int64_t B, int64_t n_in, int64_t n_out,
+                                    int n_threads) noexcept nogil:
+    return c.cnn_dense_workspace_floats(B, n_in, n_out, n_threads)
+
+cdef int cnn_activation_forward(float *Y, const float *X, int64_t n, int64_t n_cols,
+                            int activation, float alpha) noexcept nogil:
+    if activation < 0 or activation > 5:
+        return c.CNN_ERR_ARG
+    return c.cnn_activation_forward(Y, X, n, n_cols, <c.cnn_activation>activation, alpha)
+
+cdef int cnn_activation_backward(float *dX, const float *dY, const float *Y, int64_t n,
+                             int64_t n_cols, int activation, float alpha) noexcept nogil:
+    if activation < 0 or activation > 5:
+        return c.CNN_ERR_ARG
+    return c.cnn_activation_backward(dX, dY, Y, n, n_cols, <c.cnn_activation>activation, alpha)
+
+cdef int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_t *n_correct,
+                               const float *Z, const int32_t *y, const float *w,
+                               int64_t M, int64_t N) noexcept nogil:
+    return c.cnn_softmax_cross_entropy(probs, dZ, loss, n_correct, Z, y, w, M, N)
+
+cdef int cnn_optimizer_update(float *params, float *state1, float *state2, const float *grads,
+                          int64_t n, int optimizer, float learning_rate, float momentum,
+                          bint nesterov, float weight_decay, float beta1, float beta2,
+                          float eps, int64_t *step) noexcept nogil:
+    cdef c.cnn_optimizer opt
+    if optimizer < 0 or optimizer > 2:
+        return c.CNN_ERR_ARG
+    opt.kind = <c.cnn_optimizer_kind>optimizer
+    opt.learning_rate = learning_rate
+    opt.momentum = momentum
+    opt.nesterov = nesterov
+    opt.weight_decay = weight_decay
+    opt.beta1 = beta1
+    opt.beta2 = beta2
+    opt.eps = eps
+    opt.step = step[0]
+    cdef int status = c.cnn_optimizer_update(params, state1, state2, &opt, grads, n)
+    step[0] = opt.step
+    return status
+
+cdef int cnn_gather_rows(float *out, const void *X, int dtype, const int64_t *index,
+                     int64_t n_index, int64_t n_rows, int64_t n_cols) noexcept nogil:
+    if dtype != 0 and dtype != 1:
+        return c.CNN_ERR_ARG
+    return c.cnn_gather_rows(out, X, <c.cnn_dtype>dtype, index, n_index, n_rows, n_cols)
+
+
+# ---- status codes and argument checks -------------------------------------------
+
+cdef int _raise_for(int status) except -1:
+    """Turn a non-zero kernel status into the matching Python exception."""
+    if status == c.CNN_OK:
+        return 0
+    message = c.cnn_status_string(status).decode()
+    if status == c.CNN_ERR_ALLOC:
+        raise MemoryError(message)
+    raise ValueError(f"kernel rejected its arguments: {message}")
+
+
+def _check_array(a, str name, dtype, int ndim, bint writable=False):
+    """Return `a` if it is a numpy array of `dtype` and `ndim` dimensions, else raise."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype.name}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} must be writable, got a read-only array")
+    return a
+
+
+def _contiguous(a, str name, dtype, int ndim, bint writable=False):
+    """`_check_array` plus C-contiguity."""
+    _check_array(a, name, dtype, ndim, writable)
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous; pass numpy.ascontiguousarray({name})")
+    return a
+
+
+cdef int64_t _leading_dimension(a, str name) except -1:
+    """Elements between row starts of a 2-D float32 array whose rows are contiguous."""
+    cdef int64_t rows = a.shape[0], cols = a.shape[1]
+    if rows > 0 and cols > 1 and a.strides[1] != 4:
+        raise ValueError(f"{name} must have contiguous rows (column stride 4 bytes), "
+                         f"got strides {a.strides}")
+    if rows <= 1 or cols == 0:
+        return max(cols, 1)
+    if a.strides[0] % 4 or a.strides[0] < 4 * cols:
+        raise ValueError(f"{name} must have a row stride of at least {4 * cols} bytes, "
+                         f"got strides {a.strides}")
+    return a.strides[0] // 4
+
+
+cdef const float *_cptr(const float[:, :] m) noexcept nogil:
+    return &m[0, 0] if m.shape[0] > 0 and m.shape[1] > 0 else _EMPTY
+
+cdef float *_ptr(float[:, :] m) noexcept nogil:
+    return &m[0, 0] if m.shape[0] > 0 and m.shape[1] > 0 else _EMPTY
+
+cdef const float *_cptr1(const float[::1] v) noexcept nogil:
+    return &v[0] if v.shape[0] > 0 else _EMPTY
+
+cdef float *_ptr1(float[::1] v) noexcept nogil:
+    return &v[0] if v.shape[0] > 0 else _EMPTY
+
+
+def _threads(n_threads):
+    """Validate n_threads (None -> the OpenMP default)."""
+    if n_threads is None:
+        return max(1, c.cnn_max_threads())
+    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
+        raise TypeError(f"n_threads must be a positive int or None, got {n_threads!r}")
+    if n_threads < 1 or n_threads > 1024:
+        raise ValueError(f"n_threads must be between 1 and 1024, got {n_threads}")
+    return int(n_threads)
+
+
+def _activation_code(activation):
+    try:
+        return ACTIVATIONS[activation]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, "
+                         f"got {activation!r}") from None
+
+
+# ---- runtime ---------------------------------------------------------------------
+
+def available_kernels():
+    """Names of the GEMM kernel families this CPU and build can run, best last."""
+    cdef c.cnn_kernel saved = c.cnn_get_kernel()
+    names = [name for name, code in KERNELS.items()
+             if c.cnn_set_kernel(<c.cnn_kernel>code) == c.CNN_OK]
+    c.cnn_set_kernel(saved)
+    return names
+
+
+def get_kernel():
+    """Name of the GEMM kernel family in use ("generic", "avx2", "avx512" or "neon")."""
+    return c.cnn_kernel_name(c.cnn_get_kernel()).decode()
+
+
+def best_kernel():
+    """Name of the fastest kernel family this CPU supports."""
+    return c.cnn_kernel_name(c.cnn_best_kernel()).decode()
+
+
+def set_kernel(name):
+    """Select the GEMM kernel family by name; ValueError if unknown or unsupported here."""
+    if name not in KERNELS:
+        raise ValueError(f"kernel must be one of {list(KERNELS)}, got {name!r}")
+    if c.cnn_set_kernel(<c.cnn_kernel>KERNELS[name]) != c.CNN_OK:
+        raise ValueError(f"kernel {name!r} is not supported on this CPU or build; "
+                         f"available: {available_kernels()}")
+
+
+def openmp_enabled():
+    """True if the extension was compiled with OpenMP."""
+    return bool(c.cnn_openmp_enabled())
+
+
+def max_threads():
+    """Threads used when n_threads is None (OMP_NUM_THREADS or threadpoolctl's setting)."""
+    return max(1, c.cnn_max_threads())
+
+
+# ---- Python wrappers ---------------------------------------------------------------
+
+def _gemm(A, B, C, trans_a, trans_b, alpha, beta, n_threads, bint reference):
+    _check_array(A, "A", np.float32, 2)
+    _check_array(B, "B", np.float32, 2)
+    cdef int64_t M, N, K, Kb, lda, ldb, ldc
+    M, K = (A.shape[1], A.shape[0]) if trans_a else A.shape
+    Kb, N = (B.shape[1], B.shape[0]) if trans_b else B.shape
+    if K != Kb:
+        raise ValueError(f"inner dimensions differ: op(A) is {M}x{K} but op(B) is {Kb}x{N}")
+    if C is None:
+        if beta != 0.0:
+            raise ValueError("beta != 0 needs an output array C")
+        C = np.empty((M, N), dtype=np.float32)
+    _check_array(C, "C", np.float32, 2, writable=True)
+    if C.shape != (M, N):
+        raise ValueError(f"C must have shape {(M, N)}, got {C.shape}")
+    lda = _leading_dimension(A, "A")
+    ldb = _leading_dimension(B, "B")
+    ldc = _leading_dimension(C, "C")
+    cdef const float[:, :] a = A
+    cdef const float[:, :] b = B
+    cdef float[:, :] cm = C
+    cdef float al = alpha, be = beta
+    cdef bint ta = bool(trans_a), tb = bool(trans_b)
+    cdef int status = 0
+    cdef int threads = _threads(n_threads)
+    cdef c.cnn_trans cta = c.CNN_TRANS if ta else c.CNN_NO_TRANS
+    cdef c.cnn_trans ctb = c.CNN_TRANS if tb else c.CNN_NO_TRANS
+    cdef int64_t n_work = c.cnn_sgemm_workspace_floats(M, N, K, threads)
+    work = np.empty(n_work + 16, dtype=np.float32)
+    cdef float[::1] w = work
+    cdef float *wp = _ptr1(w)
+    wp = <float *>((<size_t>wp + 63) & ~(<size_t>63))
+    with nogil:
+        if reference:
+            c.cnn_sgemm_ref(_ptr(cm), _cptr(a), _cptr(b), M, N, K, ldc, lda, ldb, cta, ctb, al, be)
+        else:
+            status = c.cnn_sgemm_ex(_ptr(cm), _cptr(a), _cptr(b), M, N, K, ldc, lda, ldb,
+                                    cta, ctb, al, be, NULL, wp, threads)
+    _raise_for(status)
+    return C
+
+
+def gemm(A, B, C=None, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, n_threads=None):
+    """C = alpha op(A) op(B) + beta C with the fast kernel.
+
+    A, B: float32 2-D arrays with contiguous rows (a larger row stride is fine, e.g. a
+    column slice); op(X) is X.T when trans_x.  op(A) is (M, K), op(B) is (K, N).
+    C: optional float32 (M, N) output written in place (required when beta != 0).
+    Returns C.  The result is bit-identical for any n_threads.
+    """
+    return _gemm(A, B, C, trans_a, trans_b, alpha, beta, n_threads, False)
+
+
+def gemm_reference(A, B, C=None, *, trans_a=False, trans_b=False, alpha=1.0, beta=0.0,
+                   n_threads=None):
+    """The plain triple-loop GEMM (float64 accumulation): the oracle for :func:`gemm`."""
+    return _gemm(A, B, C, trans_a, trans_b, alpha, beta, n_threads, True)
+
+
+def bias_forward(X, b):
+    """Return X + b ; X float32 (M, N) C-contiguous, b float32 (N,)."""
+    _contiguous(X, "X", np.float32, 2)
+    _contiguous(b, "b", np.float32, 1)
+    if b.shape[0] != X.shape[1]:
+        raise ValueError(f"b must have shape ({X.shape[1]},), got {b.shape}")
+    Y = np.empty_like(X)
+    cdef const float[:, ::1] x = X
+    cdef const float[::1] bv = b
+    cdef float[:, ::1] y = Y
+    with nogil:
+        c.cnn_bias_forward(_ptr(y), _cptr(x), _cptr1(bv), x.shape[0], x.shape[1])
+    return Y
+
+
+def bias_backward(dY):
+    """Return the column sums of dY ; dY float32 (M, N) C-contiguous -> (N,)."""
+    _contiguous(dY, "dY", np.float32, 2)
+    db = np.empty(dY.shape[1], dtype=np.float32)
+    cdef const float[:, ::1] d = dY
+    cdef float[::1] out = db
+    with nogil:
+        c.cnn_bias_backward(_ptr1(out), _cptr(d), d.shape[0], d.shape[1])
+    return db
+
+
+def activation_forward(X, activation, *, alpha=0.01):
+    """Return act(X) ; X float32 (M, N) C-contiguous; softmax is row-wise.
+
+    activation: "identity", "relu", "leaky_relu" (slope `alpha`), "sigmoid", "tanh",
+    "softmax".
+    """
+    cdef int code = _activation_code(activation)
+    _contiguous(X, "X", np.float32, 2)
+    Y = np.empty_like(X)
+    cdef const float[:, ::1] x = X
+    cdef float[:, ::1] y = Y
+    cdef float a = alpha
+    cdef int status
+    with nogil:
+        status = cnn_activation_forward(_ptr(y), _cptr(x), x.shape[0] * x.shape[1],
+                                    x.shape[1], code, a)
+    if x.shape[0] * x.shape[1]:
+        _raise_for(status)
+    return Y
+
+
+def activation_backward(dY, Y, activation, *, alpha=0.01):
+    """Return dX = dY * act'(.) from the activation output Y (both float32 (M, N))."""
+    cdef int code = _activation_code(activation)
+    _contiguous(dY, "dY", np.float32, 2)
+    _contiguous(Y, "Y", np.float32, 2)
+    if dY.shape != Y.shape:
+        raise ValueError(f"dY and Y must have the same shape, got {dY.shape} and {Y.shape}")
+    dX = np.empty_like(dY)
+    cdef const float[:, ::1] d = dY
+    cdef const float[:, ::1] y = Y
+    cdef float[:, ::1] dx = dX
+    cdef float a = alpha
+    cdef int status
+    with nogil:
+        status = cnn_activation_backward(_ptr(dx), _cptr(d), _cptr(y), d.shape[0] * d.shape[1],
+                                     d.shape[1], code, a)
+    if d.shape[0] * d.shape[1]:
+        _raise_for(status)
+    return dX
+
+
+def _labels(y, int64_t n, int64_t n_classes, str name="y"):
+    """y as int32 (n,) with values in [0, n_classes); clear errors otherwise."""
+    y = np.asarray(y)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer class labels, got dtype {y.dtype.name}")
+    if n and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"{name} must hold labels in [0, {n_classes - 1}], "
+                         f"got values in [{y.min()}, {y.max()}]")
+    return np.ascontiguousarray(y, dtype=np.int32)
+
+
+def _sample_weight(w, int64_t n):
+    """sample_weight as float32 (n,), finite and non-negative, or None."""
+    if w is None:
+        return None
+    w = np.asarray(w)
+    if w.ndim != 1 or w.shape[0] != n:
+        raise ValueError(f"sample_weight must have shape ({n},), got {w.shape}")
+    if w.dtype.kind not in "iuf":
+        raise TypeError(f"sample_weight must be numeric, got dtype {w.dtype.name}")
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if not np.all(np.isfinite(w)) or (n and w.min() < 0):
+        raise ValueError("sample_weight must be finite and non-negative")
+    return w
+
+
+def softmax_cross_entropy(Z, y, sample_weight=None):
+    """Fused softmax + cross-entropy.
+
+    Z: float32 logits (M, N) C-contiguous; y: integer labels (M,) in [0, N);
+    sample_weight: optional (M,) non-negative weights.
+    Returns (loss, probs, dZ, n_correct): the weighted mean loss (float), softmax(Z)
+    (M, N), the gradient of the loss with respect to Z (M, N), and the number of rows
+    whose argmax equals the label.
+    """
+    _contiguous(Z, "Z", np.float32, 2)
+    cdef int64_t M = Z.shape[0], N = Z.shape[1]
+    if N < 1:
+        raise ValueError("Z must have at least one column")
+    yl = _labels(y, M, N)
+    w = _sample_weight(sample_weight, M)
+    probs = np.empty_like(Z)
+    dZ = np.empty_like(Z)
+    cdef const float[:, ::1] z = Z
+    cdef const int32_t[::1] yv = yl
+    cdef const float[::1] wv = w if w is not None else np.zeros(0, np.float32)
+    cdef float[:, ::1] p = probs
+    cdef float[:, ::1] d = dZ
+    cdef double loss = 0.0
+    cdef int64_t correct = 0
+    cdef int32_t dummy = 0
+    cdef int status
+    cdef const float *wp = _cptr1(wv) if w is not None else NULL
+    with nogil:
+        status = cnn_softmax_cross_entropy(_ptr(p), _ptr(d), &loss, &correct, _cptr(z),
+                                       &yv[0] if M else &dummy, wp, M, N)
+    _raise_for(status)
+    return loss, probs, dZ, int(correct)
+
+
+def dense_forward(X, W, b, activation="identity", *, alpha=0.01, n_threads=None):
+    """Return act(X W + b) ; X (B, n_in), W (n_in, n_out), b (n_out,), all float32."""
+    cdef int code = _activation_code(activation)
+    _contiguous(X, "X", np.float32, 2)
+    _contiguous(W, "W", np.float32, 2)
+    _contiguous(b, "b", np.float32, 1)
+    cdef int64_t B = X.shape[0], n_in = X.shape[1], n_out = W.shape[1]
+    if W.shape[0] != n_in:
+        raise ValueError(f"W must have {n_in} rows to match X, got shape {W.shape}")
+    if b.shape[0] != n_out:
+        raise ValueError(f"b must have shape ({n_out},), got {b.shape}")
+    cdef int threads = _threads(n_threads)
+    Y = np.empty((B, n_out), dtype=np.float32)
+    work = _workspace(cnn_dense_workspace_floats(B, n_in, n_out, threads))
+    cdef const float[:, ::1] x = X
+    cdef const float[:, ::1] wm = W
+    cdef const float[::1] bv = b
+    cdef float[:, ::1] y = Y
+    cdef float[::1] wk = work
+    cdef float a = alpha
+    cdef int status
+    with nogil:
+        status = cnn_dense_forward(_ptr(y), _cptr(x), _cptr(wm), _cptr1(bv), B, n_in, n_out,
+                               code, a, _ptr1(wk), threads)
+    _raise_for(status)
+    return Y
+
+
+def dense_backward(X, dY, W, *, compute_dX=True, n_threads=None):
+    """Return (dW, db, dX) = (X^T dY, column sums of dY, dY W^T or None).
+
+    X (B, n_in), dY (B, n_out), W (n_in, n_out): float32 C-contiguous.
+    """
+    _contiguous(X, "X", np.float32, 2)
+    _contiguous(dY, "dY", np.float32, 2)
+    _contiguous(W, "W", np.float32, 2)
+    cdef int64_t B = X.shape[0], n_in = X.shape[1], n_out = dY.shape[1]
+    if dY.shape[0] != B:
+        raise ValueError(f"dY must have {B} rows to match X, got shape {dY.shape}")
+    if W.shape != (n_in, n_out):
+        raise ValueError(f"W must have shape {(n_in, n_out)}, got {W.shape}")
+    cdef int threads = _threads(n_threads)
+    dW = np.empty((n_in, n_out), dtype=np.float32)
+    db = np.empty(n_out, dtype=np.float32)
+    dX = np.empty((B, n_in), dtype=np.float32) if compute_dX else None
+    work = _workspace(cnn_dense_workspace_floats(B, n_in, n_out, threads))
+    cdef const float[:, ::1] x = X
+    cdef const float[:, ::1] d = dY
+    cdef const float[:, ::1] wm = W
+    cdef float[:, ::1] dw = dW
+    cdef float[::1] dbv = db
+    cdef float[:, ::1] dx = dX if compute_dX else np.empty((1, 1), np.float32)
+    cdef float[::1] wk = work
+    cdef float *dxp = _ptr(dx) if compute_dX else NULL
+    cdef int status
+    with nogil:
+        status = cnn_dense_backward(_ptr(dw), _ptr1(dbv), dxp, _cptr(x), _cptr(d), _cptr(wm),
+                                B, n_in, n_out, _ptr1(wk), threads)
+    _raise_for(status)
+    return dW, db, dX
+
+
+def optimizer_update(params, grads, state1, state2=None, *, optimizer="sgd",
+                     learning_rate=0.01, momentum=0.0, nesterov=False, weight_decay=0.0,
+                     beta1=0.9, beta2=0.999, eps=1e-8, step=0):
+    """Update float32 1-D `params` in place from `grads`; returns the new Adam step count.
+
+    state1: SGD velocity or Adam first moment; state2: Adam second moment (Adam/AdamW
+    only).  All arrays have the same shape and are updated in place.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    cdef int kind = OPTIMIZERS[optimizer]
+    _contiguous(params, "params", np.float32, 1, writable=True)
+    _contiguous(grads, "grads", np.float32, 1)
+    _contiguous(state1, "state1", np.float32, 1, writable=True)
+    if kind != 0:
+        if state2 is None:
+            raise ValueError(f"optimizer {optimizer!r} needs state2")
+        _contiguous(state2, "state2", np.float32, 1, writable=True)
+    for name, arr in (("grads", grads), ("state1", state1), ("state2", state2)):
+        if arr is not None and arr.shape != params.shape:
+            raise ValueError(f"{name} must have shape {params.shape}, got {arr.shape}")
+    cdef float[::1] p = params
+    cdef const float[::1] g = grads
+    cdef float[::1] s1 = state1
+    cdef float[::1] s2 = state2 if kind != 0 else state1
+    cdef int64_t n = params.shape[0], t = step
+    cdef float lr = learning_rate, mu = momentum, wd = weight_decay
+    cdef float b1 = beta1, b2 = beta2, e = eps
+    cdef bint nest = bool(nesterov)
+    cdef int status
+    with nogil:
+        status = cnn_optimizer_update(_ptr1(p), _ptr1(s1), _ptr1(s2), _cptr1(g), n, kind, lr, mu,
+                                  nest, wd, b1, b2, e, &t)
+    if status != c.CNN_OK:
+        raise ValueError("invalid optimizer hyperparameters: learning_rate and weight_decay "
+                         "must be >= 0, momentum and beta1/beta2 in [0, 1), eps > 0, and "
+                         "nesterov needs momentum > 0")
+    return int(t)
+
+
+def gather_rows(X, index):
+    """Return X[index] as float32 (uint8 scaled by 1/255) ; X uint8/float32 (n, d)."""
+    if not isinstance(X, np.ndarray) or X.dtype not in (np.uint8, np.float32):
+        raise TypeError("X must be a uint8 or float32 numpy array")
+    _contiguous(X, "X", X.dtype, 2)
+    idx = np.ascontiguousarray(index, dtype=np.int64)
+    if idx.ndim != 1:
+        raise ValueError(f"index must be 1-D, got shape {idx.shape}")
+    cdef int64_t n = X.shape[0], d = X.shape[1], k = idx.shape[0]
+    if k and (idx.min() < 0 or idx.max() >= n):
+        raise IndexError(f"index values must be in [0, {n - 1}]")
+    out = np.empty((k, d), dtype=np.float32)
+    cdef const int64_t[::1] iv = idx
+    cdef float[:, ::1] o = out
+    cdef const void *xp = _data_pointer(X)
+    cdef int dtype = 1 if X.dtype == np.uint8 else 0
+    cdef int status = 0
+    cdef int64_t dummy = 0
+    with nogil:
+        status = cnn_gather_rows(_ptr(o), xp, dtype, &iv[0] if k else &dummy, k, n, d)
+    _raise_for(status)
+    return out
+
+
+# ---- the Network engine -------------------------------------------------------------
+
+def _workspace(int64_t n_floats):
+    """A float32 buffer of n_floats whose data pointer is 64-byte aligned."""
+    raw = np.empty(n_floats + 16, dtype=np.float32)
+    offset = (-raw.ctypes.data % 64) // 4
+    return raw[offset:offset + n_floats]
+
+
+cdef const void *_data_pointer(X) except? NULL:
+    """Address of the data of a C-contiguous uint8 or float32 2-D array (any size)."""
+    cdef const uint8_t[:, ::1] u
+    cdef const float[:, ::1] f
+    if X.size == 0:
+        return <const void *>_EMPTY
+    if X.dtype == np.uint8:
+        u = X
+        return <const void *>&u[0, 0]
+    f = X
+    return <const void *>&f[0, 0]
+
+
+cdef class _MLP:
+    """A C view (cnn_mlp) of a Network's sizes, activation and flat parameter vector."""
+    cdef c.cnn_mlp net
+    cdef readonly object params
+
+    def __cinit__(self, sizes, int activation, float alpha, params):
+        if not 1 <= len(sizes) - 1 <= c.CNN_MAX_LAYERS:
+            raise ValueError(f"a network has 1 to {c.CNN_MAX_LAYERS} layers")
+        _contiguous(params, "params", np.float32, 1, writable=True)
+        self.net.n_layers = len(sizes) - 1
+        for i, s in enumerate(sizes):
+            self.net.sizes[i] = s
+        self.net.activation = <c.cnn_activation>activation
+        self.net.alpha = alpha
+        if c.cnn_mlp_param_count(&self.net) != params.shape[0]:
+            raise ValueError("params has the wrong length for these layer sizes")
+        self.params = params
+        cdef float[::1] p = params
+        self.net.params = &p[0]
+
+    def predict(self, X, int64_t batch_size, bint logits, int n_threads):
+        """Probabilities (or logits) float32 (n, n_classes) for validated X (uint8/float32)."""
+        cdef int64_t n = X.shape[0]
+        cdef int64_t n_classes = self.net.sizes[self.net.n_layers]
+        out = np.empty((n, n_classes), dtype=np.float32)
+        if n == 0:
+            return out
+        batch_size = min(batch_size, n)
+        work = _workspace(c.cnn_mlp_predict_workspace_floats(&self.net, batch_size, n_threads))
+        cdef float[:, ::1] o = out
+        cdef float[::1] wk = work
+        cdef const void *xp = _data_pointer(X)
+        cdef c.cnn_dtype dtype = c.CNN_DTYPE_UINT8 if X.dtype == np.uint8 else c.CNN_DTYPE_FLOAT32
+        cdef int status
+        with nogil:
+            status = c.cnn_mlp_predict(&o[0, 0], &self.net, xp, dtype, n, batch_size, logits,
+                                       &wk[0], n_threads)
+        _raise_for(status)
+        return out
+
+
+cdef class _Trainer:
+    """Gradients, optimizer state and workspace for one fit, allocated once."""
+    cdef _MLP mlp
+    cdef c.cnn_optimizer opt
+    cdef readonly object grads, state1, state2, work
+    cdef readonly int64_t batch_size
+    cdef readonly int n_threads
+
+    def __cinit__(self, _MLP mlp, str optimizer, float learning_rate, float momentum,
+                  bint nesterov, float weight_decay, float beta1, float beta2, float eps,
+                  int64_t batch_size, int n_threads):
+        self.mlp = mlp
+        self.opt.kind = <c.cnn_optimizer_kind>OPTIMIZERS[optimizer]
+        self.opt.learning_rate = learning_rate
+        self.opt.momentum = momentum
+        self.opt.nesterov = nesterov
+        self.opt.weight_decay = weight_decay
+        self.opt.beta1 = beta1
+        self.opt.beta2 = beta2
+        self.opt.eps = eps
+        self.opt.step = 0
+        self.batch_size = batch_size
+        self.n_threads = n_threads
+        n = mlp.params.shape[0]
+        self.grads = _workspace(n)
+        self.state1 = np.zeros(n, dtype=np.float32)
+        self.state2 = np.zeros(n if optimizer != "sgd" else 1, dtype=np.float32)
+        self.work = _workspace(c.cnn_mlp_train_workspace_floats(&mlp.net, batch_size, n_threads))
+
+    def train_batches(self, X, y, sample_weight, order, int64_t first_batch,
+                      int64_t n_batches):
+        """Train on minibatches [first_batch, first_batch + n_batches) of `order`.
+
+        X: uint8/float32 (n, n_features) C-contiguous; y: int32 (n,) valid labels;
+        sample_weight: float32 (n,) or None; order: int64 (m,) indices into X.
+        Returns (summed loss, number correct) over those batches.
+        """
+        cdef const int32_t[::1] yv = y
+        cdef const int64_t[::1] ov = order
+        cdef const float[::1] wv
+        cdef const float *wp = NULL
+        if sample_weight is not None:
+            wv = sample_weight
+            wp = &wv[0]
+        cdef float[::1] g = self.grads
+        cdef float[::1] s1 = self.state1
+        cdef float[::1] s2 = self.state2
+        cdef float[::1] wk = self.work
+        cdef const void *xp = _data_pointer(X)
+        cdef c.cnn_dtype dtype = c.CNN_DTYPE_UINT8 if X.dtype == np.uint8 else c.CNN_DTYPE_FLOAT32
+        cdef double loss = 0.0
+        cdef int64_t correct = 0
+        cdef int status
+        with nogil:
+            status = c.cnn_mlp_train_batches(&self.mlp.net, &self.opt, &s1[0], &s2[0], &g[0],
+                                             &wk[0], xp, dtype, &yv[0], wp, &ov[0],
+                                             ov.shape[0], self.batch_size, first_batch,
+                                             n_batches, &loss, &correct, self.n_threads)
+        _raise_for(status)
+        return loss, int(correct)

@@ -1,0 +1,308 @@
+"""The Network: a multilayer perceptron whose training and inference run in cnn_core's C
+kernels.  Python here only validates arguments, owns the numpy arrays, shuffles, keeps
+the history and reads and writes model files."""
+import math
+import time
+
+import numpy as np
+
+from . import kernels, model_file
+from ._progress import EpochProgress
+from .model_file import ModelFileError
+
+__all__ = ["Network", "History", "ModelFileError"]
+
+_HIDDEN = model_file.HIDDEN_ACTIVATIONS
+_DEFAULT_LEARNING_RATE = {"sgd": 0.01, "adam": 0.001, "adamw": 0.001}
+_PREDICT_BATCH = 256
+
+
+class History:
+    """Per-epoch training records.
+
+    ``history.records`` is a list of dicts with keys ``epoch``, ``loss``, ``accuracy``,
+    ``seconds`` and, with validation data, ``val_loss`` and ``val_accuracy``;
+    ``history["loss"]`` is the list of one key over the epochs.
+    """
+
+    def __init__(self):
+        self.records = []
+
+    def __getitem__(self, key):
+        return [record[key] for record in self.records]
+
+    def __len__(self):
+        return len(self.records)
+
+    def __repr__(self):
+        last = self.records[-1] if self.records else {}
+        return f"History(epochs={len(self.records)}, last={last})"
+
+
+def _check_int(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_float(value, name, low, high=math.inf, high_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    ok = low <= value and (value < high if high_open else value <= high)
+    if not ok or math.isnan(value):
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+    return value
+
+
+class Network:
+    """A multilayer perceptron classifier: dense layers, one hidden activation, softmax.
+
+    Parameters
+    ----------
+    layer_sizes : sequence of int
+        ``[n_features, hidden..., n_classes]``, e.g. ``[784, 128, 10]`` (2 to 33 sizes).
+    activation : str
+        Hidden activation: "relu" (default), "leaky_relu", "sigmoid", "tanh", "identity".
+    seed : int or None
+        Seeds the weight initialisation and the shuffling: the same seed gives the same
+        weights and the same training.
+    leaky_slope : float
+        Slope of leaky_relu for negative inputs (default 0.01).
+
+    Weights are He-initialised for the relu family and Glorot for the others; biases
+    start at zero.  ``weights[l]`` is a float32 (n_in, n_out) array and ``biases[l]`` a
+    float32 (n_out,) array, both views of the parameters the kernels train.
+    """
+
+    def __init__(self, layer_sizes, activation="relu", *, seed=None, leaky_slope=0.01):
+        try:
+            sizes = list(layer_sizes)
+        except TypeError:
+            raise TypeError("layer_sizes must be a sequence of ints like [784, 128, 10]") from None
+        if not 2 <= len(sizes) <= model_file.MAX_LAYERS + 1:
+            raise ValueError(f"layer_sizes needs 2 to {model_file.MAX_LAYERS + 1} entries "
+                             f"(inputs, hidden layers, classes), got {len(sizes)}")
+        self.layer_sizes = [_check_int(s, "every layer size", 1) for s in sizes]
+        if any(s > 1 << 24 for s in self.layer_sizes):
+            raise ValueError(f"layer sizes must be at most {1 << 24}, got {self.layer_sizes}")
+        if activation not in _HIDDEN:
+            raise ValueError(f"activation must be one of {list(_HIDDEN)}, got {activation!r}")
+        self.activation = activation
+        self.leaky_slope = _check_float(leaky_slope, "leaky_slope", 0.0, 1.0, high_open=True)
+        if seed is not None:
+            seed = _check_int(seed, "seed", 0)
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self.history_ = None
+        self._set_params(self._initial_params())
+
+    # ---- parameters -------------------------------------------------------------------
+    def _initial_params(self):
+        parts = []
+        for n_in, n_out in zip(self.layer_sizes[:-1], self.layer_sizes[1:]):
+            if self.activation in ("relu", "leaky_relu"):
+                W = self._rng.standard_normal((n_in, n_out)) * math.sqrt(2.0 / n_in)
+            else:
+                limit = math.sqrt(6.0 / (n_in + n_out))
+                W = self._rng.uniform(-limit, limit, (n_in, n_out))
+            parts += [W.ravel(), np.zeros(n_out)]
+        return np.concatenate(parts).astype(np.float32)
+
+    def _set_params(self, params):
+        """Adopt a flat float32 parameter vector and build the kernel view of it."""
+        self._params = kernels._workspace(params.shape[0])
+        self._params[:] = params
+        self.weights, self.biases = [], []
+        offset = 0
+        for n_in, n_out in zip(self.layer_sizes[:-1], self.layer_sizes[1:]):
+            self.weights.append(self._params[offset:offset + n_in * n_out].reshape(n_in, n_out))
+            offset += n_in * n_out
+            self.biases.append(self._params[offset:offset + n_out])
+            offset += n_out
+        self._mlp = kernels._MLP(self.layer_sizes, kernels.ACTIVATIONS[self.activation],
+                                 self.leaky_slope, self._params)
+
+    @property
+    def n_features(self):
+        return self.layer_sizes[0]
+
+    @property
+    def n_classes(self):
+        return self.layer_sizes[-1]
+
+    def __repr__(self):
+        n = self._params.shape[0]
+        return (f"Network({self.layer_sizes}, activation={self.activation!r}, "
+                f"seed={self.seed}) with {n:,} parameters")
+
+    # ---- argument checks --------------------------------------------------------------
+    def _check_X(self, X, name="X"):
+        """X as a C-contiguous uint8 or float32 (n, n_features) array with finite values."""
+        if not isinstance(X, np.ndarray):
+            try:
+                X = np.asarray(X)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"{name} must be array-like: {exc}") from None
+        if X.dtype != np.uint8 and X.dtype.kind != "f":
+            raise TypeError(f"{name} must be uint8 (pixels, scaled by 1/255) or floating "
+                            f"point, got dtype {X.dtype.name}")
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            hint = " (flatten images with X.reshape(len(X), -1))" if X.ndim > 2 else ""
+            raise ValueError(f"{name} must have shape (n_samples, {self.n_features}), "
+                             f"got {X.shape}{hint}")
+        if X.shape[0] == 0:
+            raise ValueError(f"{name} is empty: it needs at least one sample")
+        if X.dtype != np.uint8:
+            X = np.ascontiguousarray(X, dtype=np.float32)
+            if not np.isfinite(X).all():
+                raise ValueError(f"{name} contains NaN or infinite values")
+        return np.ascontiguousarray(X)
+
+    def _check_y(self, y, n, name="y"):
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[0] == n and y.shape[1] == self.n_classes:
+            raise ValueError(f"{name} must be class labels of shape ({n},), got {y.shape}; "
+                             f"for one-hot labels pass {name}.argmax(axis=1)")
+        if y.dtype.kind == "f" and y.size and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        return kernels._labels(y, n, self.n_classes, name)
+
+    # ---- training ---------------------------------------------------------------------
+    def fit(self, X, y, *, epochs=10, batch_size=64, optimizer="sgd", learning_rate=None,
+            momentum=0.9, nesterov=False, weight_decay=0.0, beta1=0.9, beta2=0.999,
+            eps=1e-8, validation_data=None, shuffle=True, sample_weight=None, verbose=0,
+            n_threads=None):
+        """Train with minibatch gradient descent on softmax cross-entropy.
+
+        X : (n, n_features) uint8 (scaled by 1/255 as batches are gathered) or floating
+            point (converted to float32 once).  y : (n,) integer labels in [0, n_classes).
+        optimizer : "sgd" (with ``momentum``, ``nesterov``), "adam" or "adamw"
+            (``beta1``, ``beta2``, ``eps``).  ``learning_rate`` defaults to 0.01 for SGD
+            and 0.001 for Adam/AdamW.  ``weight_decay`` is L2 for SGD/Adam, decoupled
+            for AdamW.
+        validation_data : optional (X_val, y_val), evaluated after every epoch.
+        sample_weight : optional (n,) non-negative per-sample loss weights.
+        verbose : 0 silent; 1 a live progress bar on a terminal and one line per epoch.
+        n_threads : threads for the kernels (default: OMP_NUM_THREADS / threadpoolctl).
+
+        Returns a :class:`History`, also kept as ``self.history_``.  Training with the
+        same seed gives bit-identical weights for any n_threads.
+        """
+        X = self._check_X(X)
+        n = X.shape[0]
+        y = self._check_y(y, n)
+        w = kernels._sample_weight(sample_weight, n)
+        epochs = _check_int(epochs, "epochs", 1)
+        batch_size = _check_int(batch_size, "batch_size", 1)
+        if optimizer not in kernels.OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(kernels.OPTIMIZERS)}, "
+                             f"got {optimizer!r}")
+        if learning_rate is None:
+            learning_rate = _DEFAULT_LEARNING_RATE[optimizer]
+        learning_rate = _check_float(learning_rate, "learning_rate", 0.0)
+        momentum = _check_float(momentum, "momentum", 0.0, 1.0, high_open=True)
+        if nesterov and (optimizer != "sgd" or momentum == 0.0):
+            raise ValueError("nesterov=True needs optimizer='sgd' and momentum > 0")
+        weight_decay = _check_float(weight_decay, "weight_decay", 0.0)
+        beta1 = _check_float(beta1, "beta1", 0.0, 1.0, high_open=True)
+        beta2 = _check_float(beta2, "beta2", 0.0, 1.0, high_open=True)
+        eps = _check_float(eps, "eps", 0.0)
+        if optimizer != "sgd" and eps == 0.0:
+            raise ValueError("eps must be > 0")
+        if validation_data is not None:
+            try:
+                X_val, y_val = validation_data
+            except (TypeError, ValueError):
+                raise ValueError("validation_data must be a pair (X_val, y_val)") from None
+            X_val = self._check_X(X_val, "X_val")
+            y_val = self._check_y(y_val, X_val.shape[0], "y_val")
+        n_threads = kernels._threads(n_threads)
+
+        batch_size = min(batch_size, n)
+        trainer = kernels._Trainer(self._mlp, optimizer, learning_rate, momentum,
+                                   bool(nesterov), weight_decay, beta1, beta2, eps,
+                                   batch_size, n_threads)
+        order = np.arange(n, dtype=np.int64)
+        n_batches = -(-n // batch_size)
+        weight_total = float(w.sum()) if w is not None else float(n)
+        self.history_ = history = History()
+        for epoch in range(1, epochs + 1):
+            if shuffle:
+                self._rng.shuffle(order)
+            start = time.perf_counter()
+            progress = EpochProgress(epoch, epochs, n) if verbose else None
+            before = self._params.copy()
+            loss_sum, correct, done, chunk = 0.0, 0, 0, 1
+            while done < n_batches:
+                chunk = min(chunk, n_batches - done)
+                t0 = time.perf_counter()
+                loss, right = trainer.train_batches(X, y, w, order, done, chunk)
+                elapsed = time.perf_counter() - t0
+                loss_sum += loss
+                correct += right
+                done += chunk
+                if progress:
+                    progress.update(min(done * batch_size, n), loss_sum / (done * batch_size))
+                # aim at ~0.1 s per call: responsive progress and Ctrl-C, negligible overhead
+                chunk = max(1, min(chunk * 4, int(chunk * 0.1 / max(elapsed, 1e-6))))
+            if not math.isfinite(loss_sum):
+                self._params[:] = before
+                raise FloatingPointError(
+                    f"training diverged in epoch {epoch} (loss is not finite); the weights "
+                    f"from before that epoch were kept. Try a smaller learning_rate.")
+            record = {"epoch": epoch, "loss": loss_sum / (weight_total or 1.0),
+                      "accuracy": correct / n}
+            if validation_data is not None:
+                record["val_loss"], record["val_accuracy"] = self._evaluate(
+                    X_val, y_val, None, n_threads)
+            record["seconds"] = time.perf_counter() - start
+            history.records.append(record)
+            if progress:
+                progress.finish(record)
+        return history
+
+    # ---- inference --------------------------------------------------------------------
+    def _forward(self, X, logits, n_threads):
+        return self._mlp.predict(X, _PREDICT_BATCH, logits, n_threads)
+
+    def predict_proba(self, X, *, n_threads=None):
+        """Class probabilities, float32 (n, n_classes), for X (n, n_features)."""
+        return self._forward(self._check_X(X), False, kernels._threads(n_threads))
+
+    def predict(self, X, *, n_threads=None):
+        """Predicted class labels, int64 (n,), for X (n, n_features)."""
+        logits = self._forward(self._check_X(X), True, kernels._threads(n_threads))
+        return logits.argmax(axis=1)
+
+    def _evaluate(self, X, y, w, n_threads):
+        logits = self._forward(X, True, n_threads)
+        loss, _, _, correct = kernels.softmax_cross_entropy(logits, y, w)
+        if w is None:
+            return loss, correct / X.shape[0]
+        right = logits.argmax(axis=1) == y
+        return loss, float((w * right).sum() / max(w.sum(), 1e-30))
+
+    def evaluate(self, X, y, *, sample_weight=None, n_threads=None):
+        """(mean cross-entropy loss, accuracy) on X (n, n_features) and labels y (n,)."""
+        X = self._check_X(X)
+        y = self._check_y(y, X.shape[0])
+        w = kernels._sample_weight(sample_weight, X.shape[0])
+        return self._evaluate(X, y, w, kernels._threads(n_threads))
+
+    # ---- files ------------------------------------------------------------------------
+    def save(self, path):
+        """Write the model to `path` atomically (see cnn_core.model_file for the format)."""
+        model_file.save(path, self.layer_sizes, self.activation, self.leaky_slope, self._params)
+
+    @classmethod
+    def load(cls, path):
+        """Read a model saved by :meth:`save`; ModelFileError if the file is not valid."""
+        sizes, activation, slope, params = model_file.load(path)
+        net = cls(sizes, activation, leaky_slope=slope, seed=0)
+        net._set_params(params)
+        net.seed = None
+        return net

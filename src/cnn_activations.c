@@ -1,0 +1,168 @@
+/* cnn_activations.c -- bias add, activations forward/backward, fused softmax + cross-entropy. */
+#include <math.h>
+#include <float.h>
+#include "cnn_core.h"
+#include "cnn_internal.h"
+
+void cnn_bias_forward(float *Y, const float *X, const float *b, int64_t M, int64_t N)
+{
+    /* Y = X + b ; X, Y (M, N), b (N,) */
+    for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j)
+            Y[i * N + j] = X[i * N + j] + b[j];
+}
+
+void cnn_bias_backward(float *db, const float *dY, int64_t M, int64_t N)
+{
+    /* db = sum over rows of dY ; dY (M, N), db (N,) */
+    for (int64_t j = 0; j < N; ++j)
+        db[j] = 0.0f;
+    for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j)
+            db[j] += dY[i * N + j];
+}
+
+static float sigmoid(float x)
+{
+    /* exp of a non-positive number only: never overflows */
+    if (x >= 0.0f)
+        return 1.0f / (1.0f + expf(-x));
+    float e = expf(x);
+    return e / (1.0f + e);
+}
+
+static void softmax_row(float *y, const float *x, int64_t n)
+{
+    /* y = exp(x - max x) / sum exp(x - max x) ; x, y (n,) */
+    float m = -INFINITY;
+    for (int64_t j = 0; j < n; ++j)
+        m = x[j] > m ? x[j] : m;
+    double s = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+        y[j] = expf(x[j] - m);
+        s += y[j];
+    }
+    float inv = (float)(1.0 / s);
+    for (int64_t j = 0; j < n; ++j)
+        y[j] *= inv;
+}
+
+int cnn_activation_forward(float *Y, const float *X, int64_t n, int64_t n_cols,
+                           cnn_activation act, float alpha)
+{
+    /* Y = act(X) ; X, Y (n,) elementwise or (n / n_cols, n_cols) row-wise for softmax */
+    switch (act) {
+    case CNN_ACT_IDENTITY:
+        for (int64_t i = 0; i < n; ++i) Y[i] = X[i];
+        return CNN_OK;
+    case CNN_ACT_RELU:
+        for (int64_t i = 0; i < n; ++i) Y[i] = X[i] > 0.0f ? X[i] : 0.0f;
+        return CNN_OK;
+    case CNN_ACT_LEAKY_RELU:
+        for (int64_t i = 0; i < n; ++i) Y[i] = X[i] > 0.0f ? X[i] : alpha * X[i];
+        return CNN_OK;
+    case CNN_ACT_SIGMOID:
+        for (int64_t i = 0; i < n; ++i) Y[i] = sigmoid(X[i]);
+        return CNN_OK;
+    case CNN_ACT_TANH:
+        for (int64_t i = 0; i < n; ++i) Y[i] = tanhf(X[i]);
+        return CNN_OK;
+    case CNN_ACT_SOFTMAX:
+        if (n_cols < 1 || n % n_cols != 0)
+            return CNN_ERR_ARG;
+        for (int64_t r = 0; r < n / n_cols; ++r)
+            softmax_row(Y + r * n_cols, X + r * n_cols, n_cols);
+        return CNN_OK;
+    }
+    return CNN_ERR_ARG;
+}
+
+int cnn_activation_backward(float *dX, const float *dY, const float *Y, int64_t n,
+                            int64_t n_cols, cnn_activation act, float alpha)
+{
+    /* dX = dY * act'(from output Y) ; all (n,), or (n / n_cols, n_cols) for softmax */
+    switch (act) {
+    case CNN_ACT_IDENTITY:
+        for (int64_t i = 0; i < n; ++i) dX[i] = dY[i];
+        return CNN_OK;
+    case CNN_ACT_RELU:
+        for (int64_t i = 0; i < n; ++i) dX[i] = Y[i] > 0.0f ? dY[i] : 0.0f;
+        return CNN_OK;
+    case CNN_ACT_LEAKY_RELU:
+        for (int64_t i = 0; i < n; ++i) dX[i] = Y[i] > 0.0f ? dY[i] : alpha * dY[i];
+        return CNN_OK;
+    case CNN_ACT_SIGMOID:
+        for (int64_t i = 0; i < n; ++i) dX[i] = dY[i] * Y[i] * (1.0f - Y[i]);
+        return CNN_OK;
+    case CNN_ACT_TANH:
+        for (int64_t i = 0; i < n; ++i) dX[i] = dY[i] * (1.0f - Y[i] * Y[i]);
+        return CNN_OK;
+    case CNN_ACT_SOFTMAX:
+        if (n_cols < 1 || n % n_cols != 0)
+            return CNN_ERR_ARG;
+        for (int64_t r = 0; r < n / n_cols; ++r) {
+            const float *y = Y + r * n_cols, *dy = dY + r * n_cols;
+            float *dx = dX + r * n_cols;
+            double dot = 0.0;
+            for (int64_t j = 0; j < n_cols; ++j)
+                dot += (double)dy[j] * y[j];
+            for (int64_t j = 0; j < n_cols; ++j)
+                dx[j] = y[j] * (dy[j] - (float)dot);
+        }
+        return CNN_OK;
+    }
+    return CNN_ERR_ARG;
+}
+
+int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_t *n_correct,
+                              const float *Z, const int32_t *y, const float *w,
+                              int64_t M, int64_t N)
+{
+    /* loss = sum_i w_i (logsumexp(Z_i) - Z_i,y_i) / sum_i w_i ; dZ = w_i (p_i - onehot) / sum w
+       Z, probs, dZ (M, N); y, w (M,) */
+    double w_sum = 0.0;
+    for (int64_t i = 0; i < M; ++i) {
+        if (y[i] < 0 || y[i] >= N)
+            return CNN_ERR_ARG;
+        w_sum += w ? (double)w[i] : 1.0;
+    }
+    double inv_w = w_sum > 0.0 ? 1.0 / w_sum : 0.0;
+    double total = 0.0;
+    int64_t correct = 0;
+    for (int64_t i = 0; i < M; ++i) {
+        const float *z = Z + i * N;
+        int64_t arg = 0;
+        for (int64_t j = 1; j < N; ++j)
+            if (z[j] > z[arg]) arg = j;
+        float m = z[arg];
+        double s = 0.0;
+        for (int64_t j = 0; j < N; ++j)
+            s += exp((double)z[j] - m);
+        double log_s = log(s);
+        double wi = w ? (double)w[i] : 1.0;
+        total += wi * (log_s - ((double)z[y[i]] - m));
+        correct += arg == y[i];
+        float scale = (float)(wi * inv_w);
+        for (int64_t j = 0; j < N; ++j) {
+            float p = (float)exp((double)z[j] - m - log_s);
+            if (probs) probs[i * N + j] = p;
+            if (dZ) dZ[i * N + j] = scale * (p - (j == y[i] ? 1.0f : 0.0f));
+        }
+    }
+    if (loss) *loss = total * inv_w;
+    if (n_correct) *n_correct = correct;
+    return CNN_OK;
+}
+
+void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, int64_t n)
+{
+    /* c[j] = act(c[j] + bias[j0 + j]) * act'(grad_of[i, j0 + j]) for j < n */
+    if (ep->bias)
+        for (int64_t j = 0; j < n; ++j)
+            c[j] += ep->bias[j0 + j];
+    if (ep->act != CNN_ACT_IDENTITY && ep->act != CNN_ACT_SOFTMAX)
+        cnn_activation_forward(c, c, n, n, ep->act, ep->alpha);
+    if (ep->grad_of && ep->grad_act != CNN_ACT_IDENTITY && ep->grad_act != CNN_ACT_SOFTMAX)
+        cnn_activation_backward(c, c, ep->grad_of + i * ep->ld_grad_of + j0, n, n,
+                                ep->grad_act, ep->alpha);
+}

@@ -1,0 +1,215 @@
+/* cnn_mlp.c -- a whole multilayer perceptron: batched inference and minibatch training
+   over caller-provided workspaces (no allocation here). */
+#include "cnn_core.h"
+#include "cnn_internal.h"
+
+int64_t cnn_mlp_param_count(const cnn_mlp *net)
+{
+    /* sum over layers of n_in * n_out + n_out */
+    int64_t n = 0;
+    for (int32_t l = 0; l < net->n_layers; ++l)
+        n += net->sizes[l] * net->sizes[l + 1] + net->sizes[l + 1];
+    return n;
+}
+
+static int64_t widest_layer(const cnn_mlp *net)
+{
+    /* max of sizes[1..n_layers] */
+    int64_t m = 1;
+    for (int32_t l = 1; l <= net->n_layers; ++l)
+        m = net->sizes[l] > m ? net->sizes[l] : m;
+    return m;
+}
+
+static int64_t gemm_workspace(const cnn_mlp *net, int64_t batch, int n_threads)
+{
+    /* the largest dense-layer workspace over all layers */
+    int64_t m = 0;
+    for (int32_t l = 0; l < net->n_layers; ++l) {
+        int64_t w = cnn_dense_workspace_floats(batch, net->sizes[l], net->sizes[l + 1], n_threads);
+        m = w > m ? w : m;
+    }
+    return cnn_round_up_floats(m);
+}
+
+/* Workspace layout, every block 64-byte aligned:
+   predict: input (B, sizes[0]) | two ping-pong buffers (B, widest) | gemm workspace
+   train:   input (B, sizes[0]) | outputs of each layer (B, sizes[l + 1]) |
+            two delta buffers (B, widest) | labels (B) | weights (B) | gemm workspace */
+int64_t cnn_mlp_predict_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads)
+{
+    int64_t B = batch_size;
+    return cnn_round_up_floats(B * net->sizes[0]) + 2 * cnn_round_up_floats(B * widest_layer(net))
+           + gemm_workspace(net, B, n_threads);
+}
+
+int64_t cnn_mlp_train_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads)
+{
+    int64_t B = batch_size, n = cnn_round_up_floats(B * net->sizes[0]);
+    for (int32_t l = 1; l <= net->n_layers; ++l)
+        n += cnn_round_up_floats(B * net->sizes[l]);
+    return n + 2 * cnn_round_up_floats(B * widest_layer(net)) + 2 * cnn_round_up_floats(B)
+           + gemm_workspace(net, B, n_threads);
+}
+
+static float *layer_W(const cnn_mlp *net, float *params, int32_t layer)
+{
+    /* W_layer inside a flat parameter (or gradient) vector */
+    for (int32_t l = 0; l < layer; ++l)
+        params += net->sizes[l] * net->sizes[l + 1] + net->sizes[l + 1];
+    return params;
+}
+
+static int forward_batch(float *out, int64_t ld_out, float **outputs, const cnn_mlp *net,
+                         const float *x, int64_t B, float *work, int n_threads)
+{
+    /* outputs[l] (B, sizes[l + 1]) = layer l of the net, last into out (ld_out) ; x (B, sizes[0]) */
+    const int32_t L = net->n_layers;
+    const float *in = x;
+    for (int32_t l = 0; l < L; ++l) {
+        int64_t n_in = net->sizes[l], n_out = net->sizes[l + 1];
+        const float *W = layer_W(net, net->params, l), *b = W + n_in * n_out;
+        cnn_epilogue ep = {0};
+        ep.bias = b;
+        ep.act = l + 1 < L ? net->activation : CNN_ACT_IDENTITY;
+        ep.grad_act = CNN_ACT_IDENTITY;
+        ep.alpha = net->alpha;
+        float *y = l + 1 < L || !out ? outputs[l] : out;
+        int64_t ldy = l + 1 < L || !out ? n_out : ld_out;
+        int status = cnn_sgemm_ex(y, in, W, B, n_out, n_in, ldy, n_in, n_out, CNN_NO_TRANS,
+                                  CNN_NO_TRANS, 1.0f, 0.0f, &ep, work, n_threads);
+        if (status != CNN_OK)
+            return status;
+        in = y;
+    }
+    return CNN_OK;
+}
+
+int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
+                    int64_t n, int64_t batch_size, int logits, float *work, int n_threads)
+{
+    /* probs (n, n_classes) = softmax(net(X)) ; X (n, sizes[0]) */
+    if (net->n_layers < 1 || net->n_layers > CNN_MAX_LAYERS || batch_size < 1)
+        return CNN_ERR_ARG;
+    const int64_t B = batch_size, n_in = net->sizes[0], C = net->sizes[net->n_layers];
+    float *x = work;
+    float *ping = x + cnn_round_up_floats(B * n_in);
+    float *pong = ping + cnn_round_up_floats(B * widest_layer(net));
+    float *gemm_work = pong + cnn_round_up_floats(B * widest_layer(net));
+    float *outputs[CNN_MAX_LAYERS];
+    for (int32_t l = 0; l < net->n_layers; ++l)
+        outputs[l] = l % 2 ? pong : ping;
+    int64_t index[256];
+    for (int64_t r0 = 0; r0 < n; r0 += B) {
+        int64_t rows = n - r0 < B ? n - r0 : B;
+        const float *xb;
+        if (dtype == CNN_DTYPE_FLOAT32) {
+            xb = (const float *)X + r0 * n_in;
+        } else {
+            for (int64_t r = 0; r < rows; r += 256) {
+                int64_t k = rows - r < 256 ? rows - r : 256;
+                for (int64_t i = 0; i < k; ++i)
+                    index[i] = r0 + r + i;
+                int status = cnn_gather_rows(x + r * n_in, X, dtype, index, k, n, n_in);
+                if (status != CNN_OK)
+                    return status;
+            }
+            xb = x;
+        }
+        float *out = probs + r0 * C;
+        int status = forward_batch(out, C, outputs, net, xb, rows, gemm_work, n_threads);
+        if (status != CNN_OK)
+            return status;
+        if (!logits)
+            cnn_activation_forward(out, out, rows * C, C, CNN_ACT_SOFTMAX, 0.0f);
+    }
+    return CNN_OK;
+}
+
+int cnn_mlp_train_batches(cnn_mlp *net, cnn_optimizer *opt, float *state1, float *state2,
+                          float *grads, float *work, const void *X, cnn_dtype dtype,
+                          const int32_t *y, const float *sample_weight, const int64_t *order,
+                          int64_t n_order, int64_t batch_size, int64_t first_batch,
+                          int64_t n_batches, double *loss_sum, int64_t *n_correct,
+                          int n_threads)
+{
+    /* for each minibatch: gather, forward, softmax cross-entropy, backward, update */
+    const int32_t L = net->n_layers;
+    if (L < 1 || L > CNN_MAX_LAYERS || batch_size < 1 || first_batch < 0 || n_batches < 0)
+        return CNN_ERR_ARG;
+    const int64_t B = batch_size, n_in = net->sizes[0], C = net->sizes[L];
+    const int64_t n_params = cnn_mlp_param_count(net);
+    float *x = work, *outputs[CNN_MAX_LAYERS];
+    float *p = x + cnn_round_up_floats(B * n_in);
+    for (int32_t l = 0; l < L; ++l) {
+        outputs[l] = p;
+        p += cnn_round_up_floats(B * net->sizes[l + 1]);
+    }
+    float *delta = p, *delta_next = delta + cnn_round_up_floats(B * widest_layer(net));
+    int32_t *yb = (int32_t *)(delta_next + cnn_round_up_floats(B * widest_layer(net)));
+    float *wb = (float *)yb + cnn_round_up_floats(B);
+    float *gemm_work = wb + cnn_round_up_floats(B);
+
+    for (int64_t batch = first_batch; batch < first_batch + n_batches; ++batch) {
+        const int64_t r0 = batch * B;
+        if (r0 >= n_order)
+            return CNN_ERR_ARG;
+        const int64_t rows = n_order - r0 < B ? n_order - r0 : B;
+        const int64_t *idx = order + r0;
+        int status = cnn_gather_rows(x, X, dtype, idx, rows, INT64_MAX, n_in);
+        if (status != CNN_OK)
+            return status;
+        for (int64_t r = 0; r < rows; ++r) {
+            yb[r] = y[idx[r]];
+            if (sample_weight)
+                wb[r] = sample_weight[idx[r]];
+        }
+        status = forward_batch(NULL, 0, outputs, net, x, rows, gemm_work, n_threads);
+        if (status != CNN_OK)
+            return status;
+        double loss;
+        int64_t correct;
+        status = cnn_softmax_cross_entropy(NULL, delta, &loss, &correct, outputs[L - 1], yb,
+                                           sample_weight ? wb : NULL, rows, C);
+        if (status != CNN_OK)
+            return status;
+        double w_sum = rows;
+        if (sample_weight) {
+            w_sum = 0.0;
+            for (int64_t r = 0; r < rows; ++r)
+                w_sum += wb[r];
+        }
+        *loss_sum += loss * w_sum;
+        *n_correct += correct;
+        for (int32_t l = L - 1; l >= 0; --l) {
+            const int64_t k = net->sizes[l], m = net->sizes[l + 1];
+            const float *in = l ? outputs[l - 1] : x;
+            float *dW = layer_W(net, grads, l), *db = dW + k * m;
+            const float *W = layer_W(net, net->params, l);
+            status = cnn_sgemm_ex(dW, in, delta, k, m, rows, m, k, m, CNN_TRANS, CNN_NO_TRANS,
+                                  1.0f, 0.0f, NULL, gemm_work, n_threads);
+            if (status != CNN_OK)
+                return status;
+            cnn_bias_backward(db, delta, rows, m);
+            if (l == 0)
+                break;
+            cnn_epilogue ep = {0};
+            ep.act = CNN_ACT_IDENTITY;
+            ep.grad_act = net->activation;
+            ep.grad_of = outputs[l - 1];
+            ep.ld_grad_of = k;
+            ep.alpha = net->alpha;
+            status = cnn_sgemm_ex(delta_next, delta, W, rows, k, m, k, m, m, CNN_NO_TRANS,
+                                  CNN_TRANS, 1.0f, 0.0f, &ep, gemm_work, n_threads);
+            if (status != CNN_OK)
+                return status;
+            float *t = delta;
+            delta = delta_next;
+            delta_next = t;
+        }
+        status = cnn_optimizer_update(net->params, state1, state2, opt, grads, n_params);
+        if (status != CNN_OK)
+            return status;
+    }
+    return CNN_OK;
+}
