@@ -249,7 +249,7 @@ class Network:
                     progress.update(min(done * batch_size, n), loss_sum / (done * batch_size))
                 # aim at ~0.1 s per call: responsive progress and Ctrl-C, negligible overhead
                 chunk = max(1, min(chunk * 4, int(chunk * 0.1 / max(elapsed, 1e-6))))
-            if not math.isfinite(loss_sum):
+            if not (math.isfinite(loss_sum) and np.isfinite(self._params).all()):
                 self._params[:] = before
                 raise FloatingPointError(
                     f"training diverged in epoch {epoch} (loss is not finite); the weights "

@@ -2,7 +2,6 @@
 #include <math.h>
 #include <float.h>
 #include "cnn_core.h"
-#include "cnn_internal.h"
 
 void cnn_bias_forward(float *Y, const float *X, const float *b, int64_t M, int64_t N)
 {
@@ -152,17 +151,4 @@ int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_t *n_
     if (loss) *loss = total * inv_w;
     if (n_correct) *n_correct = correct;
     return CNN_OK;
-}
-
-void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, int64_t n)
-{
-    /* c[j] = act(c[j] + bias[j0 + j]) * act'(grad_of[i, j0 + j]) for j < n */
-    if (ep->bias)
-        for (int64_t j = 0; j < n; ++j)
-            c[j] += ep->bias[j0 + j];
-    if (ep->act != CNN_ACT_IDENTITY && ep->act != CNN_ACT_SOFTMAX)
-        cnn_activation_forward(c, c, n, n, ep->act, ep->alpha);
-    if (ep->grad_of && ep->grad_act != CNN_ACT_IDENTITY && ep->grad_act != CNN_ACT_SOFTMAX)
-        cnn_activation_backward(c, c, ep->grad_of + i * ep->ld_grad_of + j0, n, n,
-                                ep->grad_act, ep->alpha);
 }
