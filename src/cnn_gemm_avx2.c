@@ -1,0 +1,196 @@
+/* cnn_gemm_avx2.c -- AVX2 + FMA GEMM family: 6 x 16 register tile and 8 x 8
+   transposing packs.  Compiled with function-level target attributes, so the rest
+   of the library keeps the baseline ISA; callers check the CPU first. */
+#include "cnn_gemm_kernels.h"
+
+#ifdef CNN_GEMM_X86
+#include <immintrin.h>
+
+#define AVX2_FN __attribute__((target("avx2,fma")))
+#define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+
+enum { MR = 6, NR = 16 };
+
+/* Load mask of the low n lanes of 8 (n clamped to [0, 8]). */
+AVX2_INLINE __m256i lanes8(int64_t n)
+{
+    /* n -> (8,) int mask */
+    static const int32_t ramp[8] = { 0, 1, 2, 3, 4, 5, 6, 7 };
+    const int32_t m = n <= 0 ? 0 : (n >= 8 ? 8 : (int32_t)n);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(m),
+                              _mm256_loadu_si256((const __m256i *)ramp));
+}
+
+/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 8 NV). */
+AVX2_INLINE void tile(const int MRS, const int NV, float *c, int64_t ldc,
+                      const float *CNN_RESTRICT pa, const float *CNN_RESTRICT pb,
+                      int64_t kc, int mr, int nr, float alpha, float beta)
+{
+    __m256 acc0[MR], acc1[MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < MRS; ++i) {
+        acc0[i] = _mm256_setzero_ps();
+        acc1[i] = _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < kc; ++k) {
+        const __m256 b0 = _mm256_loadu_ps(pb);
+        const __m256 b1 = NV == 2 ? _mm256_loadu_ps(pb + 8) : b0;
+#pragma GCC unroll 8
+        for (int i = 0; i < MRS; ++i) {
+            const __m256 a = _mm256_broadcast_ss(pa + i);
+            acc0[i] = _mm256_fmadd_ps(a, b0, acc0[i]);
+            if (NV == 2)
+                acc1[i] = _mm256_fmadd_ps(a, b1, acc1[i]);
+        }
+        pa += MRS;
+        pb += 8 * NV;
+    }
+    const __m256 va = _mm256_set1_ps(alpha);
+    const __m256 vb = _mm256_set1_ps(beta);
+    if (nr == 8 * NV) {
+#pragma GCC unroll 8
+        for (int i = 0; i < MRS; ++i) {
+            if (i < mr) {
+                float *ci = c + i * ldc;
+                __m256 r0 = _mm256_mul_ps(va, acc0[i]);
+                __m256 r1 = _mm256_mul_ps(va, acc1[i]);
+                if (beta != 0.0f) {
+                    r0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci), r0);
+                    if (NV == 2)
+                        r1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci + 8), r1);
+                }
+                _mm256_storeu_ps(ci, r0);
+                if (NV == 2)
+                    _mm256_storeu_ps(ci + 8, r1);
+            }
+        }
+    } else {
+        const __m256i m0 = lanes8(nr), m1 = lanes8(nr - 8);
+#pragma GCC unroll 8
+        for (int i = 0; i < MRS; ++i) {
+            if (i < mr) {
+                float *ci = c + i * ldc;
+                __m256 r0 = _mm256_mul_ps(va, acc0[i]);
+                __m256 r1 = _mm256_mul_ps(va, acc1[i]);
+                if (beta != 0.0f) {
+                    r0 = _mm256_fmadd_ps(vb, _mm256_maskload_ps(ci, m0), r0);
+                    if (NV == 2)
+                        r1 = _mm256_fmadd_ps(vb, _mm256_maskload_ps(ci + 8, m1), r1);
+                }
+                _mm256_maskstore_ps(ci, m0, r0);
+                if (NV == 2)
+                    _mm256_maskstore_ps(ci + 8, m1, r1);
+            }
+        }
+    }
+}
+
+#define TILE_CASE(R, V) \
+    case R: tile(R, V, c, ldc, pa, pb, kc, mr, nr, alpha, beta); return;
+#define TILE_SWITCH(V)                                                             \
+    switch (mr_stride) {                                                           \
+        TILE_CASE(1, V) TILE_CASE(2, V) TILE_CASE(3, V)                            \
+        TILE_CASE(4, V) TILE_CASE(5, V) TILE_CASE(6, V)                            \
+        default: return;                                                           \
+    }
+
+/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa (kc, mr_stride), pb (kc, nr_panel). */
+static AVX2_FN void kernel_avx2(float *c, int64_t ldc, const float *pa, const float *pb,
+                                int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
+                                float alpha, float beta)
+{
+    if (nr_panel == 16) {
+        TILE_SWITCH(2)
+    } else {
+        TILE_SWITCH(1)
+    }
+}
+
+/* In-register transpose of an 8 x 8 block: r[i][j] -> r[j][i]. */
+AVX2_INLINE void transpose8(__m256 r[8])
+{
+    /* r: 8 rows of 8 floats, transposed in place */
+    __m256 t[8], s[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int g = 0; g < 8; g += 4) {
+        s[g] = _mm256_shuffle_ps(t[g], t[g + 2], 0x44);
+        s[g + 1] = _mm256_shuffle_ps(t[g], t[g + 2], 0xEE);
+        s[g + 2] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+        s[g + 3] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+    }
+    for (int j = 0; j < 4; ++j) {
+        r[j] = _mm256_permute2f128_ps(s[j], s[4 + j], 0x20);
+        r[4 + j] = _mm256_permute2f128_ps(s[j], s[4 + j], 0x31);
+    }
+}
+
+/* dst (kc, width) = X(k0 + k, x0 + x), zero past nx ; see cnn_gemm_pack_fn. */
+static AVX2_FN void pack_avx2(float *dst, const float *src, int64_t ld, int xmajor,
+                              int64_t k0, int64_t kc, int64_t x0, int64_t nx, int width)
+{
+    if (!xmajor) {
+        /* Rows of X are contiguous: copy nx floats per k and zero the tail. */
+        const float *s = src + k0 * ld + x0;
+        if (nx == 16 && width == 16) {
+            for (int64_t k = 0; k < kc; ++k, s += ld, dst += 16) {
+                _mm256_storeu_ps(dst, _mm256_loadu_ps(s));
+                _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(s + 8));
+            }
+        } else if (nx == 8 && width == 8) {
+            for (int64_t k = 0; k < kc; ++k, s += ld, dst += 8)
+                _mm256_storeu_ps(dst, _mm256_loadu_ps(s));
+        } else {
+            cnn_gemm_pack_generic(dst, src, ld, xmajor, k0, kc, x0, nx, width);
+        }
+        return;
+    }
+    /* Columns of X are contiguous: transpose 8 x 8 blocks (8 x's by 8 k's). */
+    for (int g = 0; g < width; g += 8) {
+        const int64_t vx = nx - g < 0 ? 0 : (nx - g > 8 ? 8 : nx - g);
+        const int64_t wg = width - g < 8 ? width - g : 8;
+        if (vx == 0) {
+            for (int64_t k = 0; k < kc; ++k)
+                for (int64_t x = 0; x < wg; ++x)
+                    dst[k * width + g + x] = 0.0f;
+            continue;
+        }
+        const float *s = src + (x0 + g) * ld + k0;
+        int64_t k = 0;
+        for (; k + 8 <= kc; k += 8) {
+            __m256 r[8];
+            for (int v = 0; v < 8; ++v)
+                r[v] = v < vx ? _mm256_loadu_ps(s + v * ld + k) : _mm256_setzero_ps();
+            transpose8(r);
+            float *d = dst + k * width + g;
+            if (wg == 8) {
+                for (int kk = 0; kk < 8; ++kk)
+                    _mm256_storeu_ps(d + kk * width, r[kk]);
+            } else {
+                const __m256i sm = lanes8(wg);
+                for (int kk = 0; kk < 8; ++kk)
+                    _mm256_maskstore_ps(d + kk * width, sm, r[kk]);
+            }
+        }
+        for (; k < kc; ++k) {
+            for (int64_t x = 0; x < wg; ++x)
+                dst[k * width + g + x] = x < vx ? s[x * ld + k] : 0.0f;
+        }
+    }
+}
+
+static const cnn_gemm_family family_avx2 = {
+    CNN_KERNEL_AVX2, MR, NR, 8,
+    256, 144, 4096,
+    kernel_avx2, pack_avx2
+};
+
+const cnn_gemm_family *cnn_gemm_family_avx2(void) { return &family_avx2; }
+
+#else
+
+const cnn_gemm_family *cnn_gemm_family_avx2(void) { return 0; }
+
+#endif

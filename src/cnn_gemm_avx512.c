@@ -1,0 +1,224 @@
+/* cnn_gemm_avx512.c -- AVX-512F GEMM family: 14 x 32 register tile and 16 x 16
+   transposing packs.  Compiled with function-level target attributes, so the rest
+   of the library keeps the baseline ISA; callers check the CPU first. */
+#include "cnn_gemm_kernels.h"
+
+#ifdef CNN_GEMM_X86
+#include <immintrin.h>
+
+#define AVX512_FN __attribute__((target("avx512f")))
+#define AVX512_INLINE static inline __attribute__((always_inline, target("avx512f")))
+
+enum { MR = 14, NR = 32 };
+
+/* Mask of the low n lanes (n clamped to [0, 16]). */
+AVX512_INLINE __mmask16 lanes(int64_t n)
+{
+    /* n -> (16,) lane mask */
+    if (n <= 0)
+        return 0;
+    if (n >= 16)
+        return (__mmask16)0xFFFF;
+    return (__mmask16)((1u << n) - 1u);
+}
+
+/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 16 NV). */
+AVX512_INLINE void tile(const int MRS, const int NV, float *c, int64_t ldc,
+                        const float *CNN_RESTRICT pa, const float *CNN_RESTRICT pb,
+                        int64_t kc, int mr, int nr, float alpha, float beta)
+{
+    __m512 acc0[MR], acc1[MR];
+#pragma GCC unroll 16
+    for (int i = 0; i < MRS; ++i) {
+        acc0[i] = _mm512_setzero_ps();
+        acc1[i] = _mm512_setzero_ps();
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MRS; ++i) {
+        if (i < mr) {
+            _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
+            _mm_prefetch((const char *)(c + i * ldc + 16 * NV - 1), _MM_HINT_T0);
+        }
+    }
+    for (int64_t k = 0; k < kc; ++k) {
+        const __m512 b0 = _mm512_loadu_ps(pb);
+        const __m512 b1 = NV == 2 ? _mm512_loadu_ps(pb + 16) : b0;
+#pragma GCC unroll 16
+        for (int i = 0; i < MRS; ++i) {
+            const __m512 a = _mm512_set1_ps(pa[i]);
+            acc0[i] = _mm512_fmadd_ps(a, b0, acc0[i]);
+            if (NV == 2)
+                acc1[i] = _mm512_fmadd_ps(a, b1, acc1[i]);
+        }
+        pa += MRS;
+        pb += 16 * NV;
+    }
+    const __m512 va = _mm512_set1_ps(alpha);
+    const __m512 vb = _mm512_set1_ps(beta);
+    if (nr == 16 * NV) {
+#pragma GCC unroll 16
+        for (int i = 0; i < MRS; ++i) {
+            if (i < mr) {
+                float *ci = c + i * ldc;
+                __m512 r0 = _mm512_mul_ps(va, acc0[i]);
+                __m512 r1 = _mm512_mul_ps(va, acc1[i]);
+                if (beta != 0.0f) {
+                    r0 = _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci), r0);
+                    if (NV == 2)
+                        r1 = _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci + 16), r1);
+                }
+                _mm512_storeu_ps(ci, r0);
+                if (NV == 2)
+                    _mm512_storeu_ps(ci + 16, r1);
+            }
+        }
+    } else {
+        const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
+#pragma GCC unroll 16
+        for (int i = 0; i < MRS; ++i) {
+            if (i < mr) {
+                float *ci = c + i * ldc;
+                __m512 r0 = _mm512_mul_ps(va, acc0[i]);
+                __m512 r1 = _mm512_mul_ps(va, acc1[i]);
+                if (beta != 0.0f) {
+                    r0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, ci), r0);
+                    if (NV == 2)
+                        r1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, ci + 16), r1);
+                }
+                _mm512_mask_storeu_ps(ci, m0, r0);
+                if (NV == 2)
+                    _mm512_mask_storeu_ps(ci + 16, m1, r1);
+            }
+        }
+    }
+}
+
+#define TILE_CASE(R, V) \
+    case R: tile(R, V, c, ldc, pa, pb, kc, mr, nr, alpha, beta); return;
+#define TILE_SWITCH(V)                                                             \
+    switch (mr_stride) {                                                           \
+        TILE_CASE(1, V) TILE_CASE(2, V) TILE_CASE(3, V) TILE_CASE(4, V)            \
+        TILE_CASE(5, V) TILE_CASE(6, V) TILE_CASE(7, V) TILE_CASE(8, V)            \
+        TILE_CASE(9, V) TILE_CASE(10, V) TILE_CASE(11, V) TILE_CASE(12, V)         \
+        TILE_CASE(13, V) TILE_CASE(14, V)                                          \
+        default: return;                                                           \
+    }
+
+/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa (kc, mr_stride), pb (kc, nr_panel). */
+static AVX512_FN void kernel_avx512(float *c, int64_t ldc, const float *pa, const float *pb,
+                                    int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
+                                    float alpha, float beta)
+{
+    if (nr_panel == 32) {
+        TILE_SWITCH(2)
+    } else {
+        TILE_SWITCH(1)
+    }
+}
+
+/* In-register transpose of a 16 x 16 block: r[i][j] -> r[j][i]. */
+AVX512_INLINE void transpose16(__m512 r[16])
+{
+    /* r: 16 rows of 16 floats, transposed in place */
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) {
+        const __m512d t0 = _mm512_castps_pd(t[g]), t1 = _mm512_castps_pd(t[g + 1]);
+        const __m512d t2 = _mm512_castps_pd(t[g + 2]), t3 = _mm512_castps_pd(t[g + 3]);
+        r[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+        r[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+        r[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+        r[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+    }
+    /* r[4g + j] now holds, in 128-bit lane L, column 4L + j of rows 4g .. 4g + 3. */
+    for (int j = 0; j < 4; ++j) {
+        const __m512 u0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x44);
+        const __m512 u1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xEE);
+        const __m512 v0 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x44);
+        const __m512 v1 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xEE);
+        t[j] = _mm512_shuffle_f32x4(u0, v0, 0x88);
+        t[4 + j] = _mm512_shuffle_f32x4(u0, v0, 0xDD);
+        t[8 + j] = _mm512_shuffle_f32x4(u1, v1, 0x88);
+        t[12 + j] = _mm512_shuffle_f32x4(u1, v1, 0xDD);
+    }
+    for (int i = 0; i < 16; ++i)
+        r[i] = t[i];
+}
+
+/* dst (kc, width) = X(k0 + k, x0 + x), zero past nx ; see cnn_gemm_pack_fn. */
+static AVX512_FN void pack_avx512(float *dst, const float *src, int64_t ld, int xmajor,
+                                  int64_t k0, int64_t kc, int64_t x0, int64_t nx, int width)
+{
+    if (!xmajor) {
+        /* Rows of X are contiguous: copy nx floats per k and zero the tail. */
+        const float *s = src + k0 * ld + x0;
+        if (nx == 32 && width == 32) {
+            for (int64_t k = 0; k < kc; ++k, s += ld, dst += 32) {
+                _mm512_storeu_ps(dst, _mm512_loadu_ps(s));
+                _mm512_storeu_ps(dst + 16, _mm512_loadu_ps(s + 16));
+            }
+        } else if (nx == 16 && width == 16) {
+            for (int64_t k = 0; k < kc; ++k, s += ld, dst += 16)
+                _mm512_storeu_ps(dst, _mm512_loadu_ps(s));
+        } else {
+            const __mmask16 l0 = lanes(nx), l1 = lanes(nx - 16);
+            const __mmask16 s0 = lanes(width), s1 = lanes(width - 16);
+            for (int64_t k = 0; k < kc; ++k, s += ld, dst += width) {
+                _mm512_mask_storeu_ps(dst, s0, _mm512_maskz_loadu_ps(l0, s));
+                if (width > 16)
+                    _mm512_mask_storeu_ps(dst + 16, s1, _mm512_maskz_loadu_ps(l1, s + 16));
+            }
+        }
+        return;
+    }
+    /* Columns of X are contiguous: transpose 16 x 16 blocks. */
+    for (int g = 0; g < width; g += 16) {
+        const int64_t vx = nx - g < 0 ? 0 : (nx - g > 16 ? 16 : nx - g);
+        const __mmask16 sm = lanes(width - g);
+        if (vx == 0) {
+            for (int64_t k = 0; k < kc; ++k)
+                _mm512_mask_storeu_ps(dst + k * width + g, sm, _mm512_setzero_ps());
+            continue;
+        }
+        const float *s = src + (x0 + g) * ld + k0;
+        for (int64_t k = 0; k < kc; k += 16) {
+            const int64_t mk = kc - k < 16 ? kc - k : 16;
+            const __mmask16 km = lanes(mk);
+            __m512 r[16];
+            if (mk == 16) {
+                for (int v = 0; v < 16; ++v)
+                    r[v] = v < vx ? _mm512_loadu_ps(s + v * ld + k) : _mm512_setzero_ps();
+            } else {
+                for (int v = 0; v < 16; ++v)
+                    r[v] = v < vx ? _mm512_maskz_loadu_ps(km, s + v * ld + k)
+                                  : _mm512_setzero_ps();
+            }
+            transpose16(r);
+            float *d = dst + k * width + g;
+            if (sm == 0xFFFF) {
+                for (int64_t kk = 0; kk < mk; ++kk)
+                    _mm512_storeu_ps(d + kk * width, r[kk]);
+            } else {
+                for (int64_t kk = 0; kk < mk; ++kk)
+                    _mm512_mask_storeu_ps(d + kk * width, sm, r[kk]);
+            }
+        }
+    }
+}
+
+static const cnn_gemm_family family_avx512 = {
+    CNN_KERNEL_AVX512, MR, NR, 16,
+    384, 168, 4096,
+    kernel_avx512, pack_avx512
+};
+
+const cnn_gemm_family *cnn_gemm_family_avx512(void) { return &family_avx512; }
+
+#else
+
+const cnn_gemm_family *cnn_gemm_family_avx512(void) { return 0; }
+
+#endif

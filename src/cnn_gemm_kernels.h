@@ -1,0 +1,88 @@
+/* cnn_gemm_kernels.h -- the micro-kernel families behind the fast GEMM (internal).
+
+   A family is a register-blocked micro-kernel plus the packing routine that lays out
+   its operands, and the cache-block sizes tuned for it.  The driver in cnn_gemm.c runs
+   the GotoBLAS loops around it:
+
+     for each NC block of columns of C          (jc)
+       for each KC block of the reduction       (pc)   pack op(B) block -> B panels
+         for each MC block of rows of C         (ic)   pack op(A) block -> A panels
+           for each B panel (nr_panel columns)  (jr)
+             for each A panel (mr_stride rows)  (ir)   micro-kernel on one C tile
+
+   Packed layouts (all zero-padded past the valid part):
+     A panel: kc x mr_stride, element (k, r) at pa[k * mr_stride + r]
+     B panel: kc x nr_panel,  element (k, c) at pb[k * nr_panel + c]
+   mr_stride <= mr_max is chosen per MC block so the rows split into equal-height tiles;
+   nr_panel is nr for full panels and the last panel's width rounded up to nr_step.
+
+   Every family accumulates each element of a tile over k in increasing order with a
+   single accumulator that starts from zero, whatever the tile shape, so the result
+   does not depend on how C is split into tiles or threads. */
+#ifndef CNN_GEMM_KERNELS_H
+#define CNN_GEMM_KERNELS_H
+
+#include <stdint.h>
+#include "cnn_core.h"
+
+#if defined(_MSC_VER)
+#define CNN_RESTRICT __restrict
+#define CNN_INLINE static __inline
+#else
+#define CNN_RESTRICT restrict
+#define CNN_INLINE static inline
+#endif
+
+/* x86-64 SIMD families are compiled with function-level target attributes. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+#define CNN_GEMM_X86 1
+#endif
+/* aarch64 always has Advanced SIMD. */
+#if defined(__GNUC__) && defined(__aarch64__)
+#define CNN_GEMM_NEON 1
+#endif
+
+/* Upper bounds over every family, for workspace sizing. */
+#define CNN_GEMM_MR_LIMIT 16
+#define CNN_GEMM_NR_LIMIT 32
+
+/* C[0:mr, 0:nr] = alpha * (packed A panel . packed B panel) + beta * C[0:mr, 0:nr]
+   over kc steps; pa is (kc, mr_stride), pb is (kc, nr_panel), C has leading dimension
+   ldc.  beta == 0 never reads C.  1 <= mr <= mr_stride, 1 <= nr <= nr_panel. */
+typedef void (*cnn_gemm_kernel_fn)(float *c, int64_t ldc, const float *pa, const float *pb,
+                                   int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
+                                   float alpha, float beta);
+
+/* Pack one panel: dst[k * width + x] = X(k0 + k, x0 + x) for k < kc, x < nx, and 0 for
+   nx <= x < width.  X(k, x) is src[x * ld + k] when xmajor, else src[k * ld + x].
+   dst is (kc, width); 0 <= nx <= width <= CNN_GEMM_NR_LIMIT. */
+typedef void (*cnn_gemm_pack_fn)(float *dst, const float *src, int64_t ld, int xmajor,
+                                 int64_t k0, int64_t kc, int64_t x0, int64_t nx, int width);
+
+typedef struct cnn_gemm_family {
+    cnn_kernel id;
+    int mr_max;        /* tallest tile (rows of C) */
+    int nr;            /* widest tile (columns of C), a multiple of nr_step */
+    int nr_step;       /* SIMD width in floats: panel widths are multiples of it */
+    int64_t kc;        /* reduction block */
+    int64_t mc;        /* rows of C per packed A block */
+    int64_t nc;        /* columns of C per packed B block */
+    cnn_gemm_kernel_fn kernel;
+    cnn_gemm_pack_fn pack;
+} cnn_gemm_family;
+
+/* The family for a kernel id, or NULL when this build has no such family.
+   (Whether the CPU can run it is cnn_runtime.c's business.) */
+const cnn_gemm_family *cnn_gemm_family_for(cnn_kernel kernel);
+
+/* Per-ISA families; each returns NULL when its ISA is not compiled in. */
+const cnn_gemm_family *cnn_gemm_family_generic(void);
+const cnn_gemm_family *cnn_gemm_family_avx2(void);
+const cnn_gemm_family *cnn_gemm_family_avx512(void);
+const cnn_gemm_family *cnn_gemm_family_neon(void);
+
+/* Portable packing routine (any width up to CNN_GEMM_NR_LIMIT). */
+void cnn_gemm_pack_generic(float *dst, const float *src, int64_t ld, int xmajor,
+                           int64_t k0, int64_t kc, int64_t x0, int64_t nx, int width);
+
+#endif
