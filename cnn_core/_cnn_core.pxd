@@ -96,7 +96,7 @@ cdef extern from "cnn_core.h" nogil:
         int64_t step
 
     int cnn_optimizer_update(float *p, float *state1, float *state2, cnn_optimizer *opt,
-                             const float *g, int64_t n)
+                             const float *g, int64_t n, int n_threads)
 
     int cnn_gather_rows(float *out, const void *X, cnn_dtype dtype, const int64_t *index,
                         int64_t n_index, int64_t n_rows, int64_t n_cols)

@@ -48,7 +48,7 @@ cdef int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_
 cdef int cnn_optimizer_update(float *params, float *state1, float *state2, const float *grads,
                           int64_t n, int optimizer, float learning_rate, float momentum,
                           bint nesterov, float weight_decay, float beta1, float beta2,
-                          float eps, int64_t *step) noexcept nogil
+                          float eps, int64_t *step, int n_threads) noexcept nogil
 
 # out[r] = X[index[r]] as float32 ; X (n_rows, n_cols) of dtype code, out (n_index, n_cols).
 cdef int cnn_gather_rows(float *out, const void *X, int dtype, const int64_t *index,

@@ -9,7 +9,7 @@ below call them too.  ``_MLP`` and ``_Trainer`` are the private engine of
 """
 import numpy as np
 
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
 from cnn_core cimport _cnn_core as c
 
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4,
@@ -68,7 +68,7 @@ cdef int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_
 cdef int cnn_optimizer_update(float *params, float *state1, float *state2, const float *grads,
                           int64_t n, int optimizer, float learning_rate, float momentum,
                           bint nesterov, float weight_decay, float beta1, float beta2,
-                          float eps, int64_t *step) noexcept nogil:
+                          float eps, int64_t *step, int n_threads) noexcept nogil:
     cdef c.cnn_optimizer opt
     if optimizer < 0 or optimizer > 2:
         return c.CNN_ERR_ARG
@@ -81,7 +81,7 @@ cdef int cnn_optimizer_update(float *params, float *state1, float *state2, const
     opt.beta2 = beta2
     opt.eps = eps
     opt.step = step[0]
-    cdef int status = c.cnn_optimizer_update(params, state1, state2, &opt, grads, n)
+    cdef int status = c.cnn_optimizer_update(params, state1, state2, &opt, grads, n, n_threads)
     step[0] = opt.step
     return status
 
@@ -466,7 +466,7 @@ def dense_backward(X, dY, W, *, compute_dX=True, n_threads=None):
 
 def optimizer_update(params, grads, state1, state2=None, *, optimizer="sgd",
                      learning_rate=0.01, momentum=0.0, nesterov=False, weight_decay=0.0,
-                     beta1=0.9, beta2=0.999, eps=1e-8, step=0):
+                     beta1=0.9, beta2=0.999, eps=1e-8, step=0, n_threads=None):
     """Update float32 1-D `params` in place from `grads`; returns the new Adam step count.
 
     state1: SGD velocity or Adam first moment; state2: Adam second moment (Adam/AdamW
@@ -493,10 +493,11 @@ def optimizer_update(params, grads, state1, state2=None, *, optimizer="sgd",
     cdef float lr = learning_rate, mu = momentum, wd = weight_decay
     cdef float b1 = beta1, b2 = beta2, e = eps
     cdef bint nest = bool(nesterov)
+    cdef int threads = _threads(n_threads)
     cdef int status
     with nogil:
         status = cnn_optimizer_update(_ptr1(p), _ptr1(s1), _ptr1(s2), _cptr1(g), n, kind, lr, mu,
-                                  nest, wd, b1, b2, e, &t)
+                                  nest, wd, b1, b2, e, &t, threads)
     if status != c.CNN_OK:
         raise ValueError("invalid optimizer hyperparameters: learning_rate and weight_decay "
                          "must be >= 0, momentum and beta1/beta2 in [0, 1), eps > 0, and "
@@ -533,8 +534,57 @@ def gather_rows(X, index):
 def _workspace(int64_t n_floats):
     """A float32 buffer of n_floats whose data pointer is 64-byte aligned."""
     raw = np.empty(n_floats + 16, dtype=np.float32)
-    offset = (-raw.ctypes.data % 64) // 4
+    cdef float[::1] view = raw
+    cdef size_t offset = ((64 - (<size_t>&view[0]) % 64) % 64) // 4
     return raw[offset:offset + n_floats]
+
+
+_UINT8 = np.dtype(np.uint8)
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _as_input(X, int64_t n_features, str name="X"):
+    """X as a C-contiguous uint8 or float32 (n, n_features) array, n >= 1, all finite.
+
+    uint8 stays uint8 (the kernels scale it by 1/255); other floating types are converted
+    to float32 once.  Raises TypeError / ValueError naming `name` otherwise.
+    """
+    if type(X) is not np.ndarray:
+        try:
+            X = np.asarray(X)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} must be array-like: {exc}") from None
+    dtype = X.dtype
+    if dtype is not _UINT8 and dtype is not _FLOAT32 and dtype != _UINT8 and dtype.kind != "f":
+        raise TypeError(f"{name} must be uint8 (pixels, scaled by 1/255) or floating point, "
+                        f"got dtype {dtype.name}")
+    if X.ndim != 2 or X.shape[1] != n_features:
+        hint = " (flatten images with X.reshape(len(X), -1))" if X.ndim > 2 else ""
+        raise ValueError(f"{name} must have shape (n_samples, {n_features}), "
+                         f"got {X.shape}{hint}")
+    if X.shape[0] == 0:
+        raise ValueError(f"{name} is empty: it needs at least one sample")
+    if dtype is _UINT8 or dtype == _UINT8:
+        return X if X.flags.c_contiguous else np.ascontiguousarray(X)
+    if dtype is not _FLOAT32 or not X.flags.c_contiguous:
+        X = np.ascontiguousarray(X, dtype=np.float32)
+    cdef const float[:, ::1] v = X
+    cdef bint finite
+    with nogil:
+        finite = _all_finite(&v[0, 0], v.shape[0] * v.shape[1])
+    if not finite:
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return X
+
+
+cdef bint _all_finite(const float *x, int64_t n) noexcept nogil:
+    """True if no element of x (n,) is NaN or infinite (all exponent bits set)."""
+    cdef const uint32_t *bits = <const uint32_t *>x
+    cdef uint32_t bad = 0
+    cdef int64_t i
+    for i in range(n):
+        bad |= (bits[i] & 0x7f800000u) == 0x7f800000u
+    return bad == 0
 
 
 cdef const void *_data_pointer(X) except? NULL:
@@ -551,9 +601,14 @@ cdef const void *_data_pointer(X) except? NULL:
 
 
 cdef class _MLP:
-    """A C view (cnn_mlp) of a Network's sizes, activation and flat parameter vector."""
+    """A C view (cnn_mlp) of a Network's sizes, activation and flat parameter vector,
+    with a prediction workspace kept between calls."""
     cdef c.cnn_mlp net
     cdef readonly object params
+    cdef object _work
+    cdef int64_t _work_batch
+    cdef int _work_threads
+    cdef bint _work_busy
 
     def __cinit__(self, sizes, int activation, float alpha, params):
         if not 1 <= len(sizes) - 1 <= c.CNN_MAX_LAYERS:
@@ -570,25 +625,54 @@ cdef class _MLP:
         cdef float[::1] p = params
         self.net.params = &p[0]
 
+    cdef object _take_workspace(self, int64_t batch, int threads):
+        """The cached workspace when free and big enough, else a new one."""
+        if self._work_busy:
+            return _workspace(c.cnn_mlp_predict_workspace_floats(&self.net, batch, threads))
+        if self._work is None or batch > self._work_batch or threads != self._work_threads:
+            self._work = _workspace(c.cnn_mlp_predict_workspace_floats(&self.net, batch, threads))
+            self._work_batch = batch
+            self._work_threads = threads
+        self._work_busy = True
+        return self._work
+
     def predict(self, X, int64_t batch_size, bint logits, int n_threads):
-        """Probabilities (or logits) float32 (n, n_classes) for validated X (uint8/float32)."""
+        """Probabilities (or logits) float32 (n, n_classes) for X from _as_input."""
         cdef int64_t n = X.shape[0]
         cdef int64_t n_classes = self.net.sizes[self.net.n_layers]
         out = np.empty((n, n_classes), dtype=np.float32)
-        if n == 0:
-            return out
         batch_size = min(batch_size, n)
-        work = _workspace(c.cnn_mlp_predict_workspace_floats(&self.net, batch_size, n_threads))
+        work = self._take_workspace(batch_size, n_threads)
         cdef float[:, ::1] o = out
         cdef float[::1] wk = work
         cdef const void *xp = _data_pointer(X)
-        cdef c.cnn_dtype dtype = c.CNN_DTYPE_UINT8 if X.dtype == np.uint8 else c.CNN_DTYPE_FLOAT32
+        cdef c.cnn_dtype dtype = c.CNN_DTYPE_UINT8 if X.dtype == _UINT8 else c.CNN_DTYPE_FLOAT32
         cdef int status
-        with nogil:
-            status = c.cnn_mlp_predict(&o[0, 0], &self.net, xp, dtype, n, batch_size, logits,
-                                       &wk[0], n_threads)
+        try:
+            with nogil:
+                status = c.cnn_mlp_predict(&o[0, 0], &self.net, xp, dtype, n, batch_size,
+                                           logits, &wk[0], n_threads)
+        finally:
+            if work is self._work:
+                self._work_busy = False
         _raise_for(status)
         return out
+
+    def predict_labels(self, X, int64_t batch_size, int n_threads):
+        """Predicted classes int64 (n,) (first maximum on ties) for X from _as_input."""
+        logits = self.predict(X, batch_size, True, n_threads)
+        labels = np.empty(logits.shape[0], dtype=np.int64)
+        cdef const float[:, ::1] z = logits
+        cdef int64_t[::1] out = labels
+        cdef int64_t i, j, best
+        with nogil:
+            for i in range(z.shape[0]):
+                best = 0
+                for j in range(1, z.shape[1]):
+                    if z[i, j] > z[i, best]:
+                        best = j
+                out[i] = best
+        return labels
 
 
 cdef class _Trainer:

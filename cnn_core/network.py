@@ -142,25 +142,7 @@ class Network:
     # ---- argument checks --------------------------------------------------------------
     def _check_X(self, X, name="X"):
         """X as a C-contiguous uint8 or float32 (n, n_features) array with finite values."""
-        if not isinstance(X, np.ndarray):
-            try:
-                X = np.asarray(X)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"{name} must be array-like: {exc}") from None
-        if X.dtype != np.uint8 and X.dtype.kind != "f":
-            raise TypeError(f"{name} must be uint8 (pixels, scaled by 1/255) or floating "
-                            f"point, got dtype {X.dtype.name}")
-        if X.ndim != 2 or X.shape[1] != self.n_features:
-            hint = " (flatten images with X.reshape(len(X), -1))" if X.ndim > 2 else ""
-            raise ValueError(f"{name} must have shape (n_samples, {self.n_features}), "
-                             f"got {X.shape}{hint}")
-        if X.shape[0] == 0:
-            raise ValueError(f"{name} is empty: it needs at least one sample")
-        if X.dtype != np.uint8:
-            X = np.ascontiguousarray(X, dtype=np.float32)
-            if not np.isfinite(X).all():
-                raise ValueError(f"{name} contains NaN or infinite values")
-        return np.ascontiguousarray(X)
+        return kernels._as_input(X, self.layer_sizes[0], name)
 
     def _check_y(self, y, n, name="y"):
         y = np.asarray(y)
@@ -275,8 +257,8 @@ class Network:
 
     def predict(self, X, *, n_threads=None):
         """Predicted class labels, int64 (n,), for X (n, n_features)."""
-        logits = self._forward(self._check_X(X), True, kernels._threads(n_threads))
-        return logits.argmax(axis=1)
+        return self._mlp.predict_labels(self._check_X(X), _PREDICT_BATCH,
+                                        kernels._threads(n_threads))
 
     def _evaluate(self, X, y, w, n_threads):
         logits = self._forward(X, True, n_threads)

@@ -136,16 +136,18 @@ int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_t *n_
         float m = z[arg];
         double s = 0.0;
         for (int64_t j = 0; j < N; ++j)
-            s += exp((double)z[j] - m);
+            s += expf(z[j] - m);
         double log_s = log(s);
+        float inv_s = (float)(1.0 / s);
         double wi = w ? (double)w[i] : 1.0;
         total += wi * (log_s - ((double)z[y[i]] - m));
         correct += arg == y[i];
         float scale = (float)(wi * inv_w);
+        int64_t label = y[i];
         for (int64_t j = 0; j < N; ++j) {
-            float p = (float)exp((double)z[j] - m - log_s);
+            float p = expf(z[j] - m) * inv_s;
             if (probs) probs[i * N + j] = p;
-            if (dZ) dZ[i * N + j] = scale * (p - (j == y[i] ? 1.0f : 0.0f));
+            if (dZ) dZ[i * N + j] = scale * (p - (j == label ? 1.0f : 0.0f));
         }
     }
     if (loss) *loss = total * inv_w;

@@ -166,9 +166,10 @@ typedef struct cnn_optimizer {
 
 /* One update of n parameters p from gradients g.  state1 (n) is the SGD velocity or
    Adam's first moment; state2 (n) Adam's second moment (unused by SGD, may be NULL).
-   Adam increments opt->step.  CNN_ERR_ARG for a bad kind or hyperparameter. */
+   Adam increments opt->step.  CNN_ERR_ARG for a bad kind or hyperparameter.
+   Elementwise, so the result does not depend on n_threads (>= 1). */
 int cnn_optimizer_update(float *p, float *state1, float *state2, cnn_optimizer *opt,
-                         const float *g, int64_t n);
+                         const float *g, int64_t n, int n_threads);
 
 /* ---- batch gather ------------------------------------------------------- */
 /* out[r, :] = X[index[r], :] as float32, scaled by 1/255 for CNN_DTYPE_UINT8.

@@ -207,7 +207,7 @@ int cnn_mlp_train_batches(cnn_mlp *net, cnn_optimizer *opt, float *state1, float
             delta = delta_next;
             delta_next = t;
         }
-        status = cnn_optimizer_update(net->params, state1, state2, opt, grads, n_params);
+        status = cnn_optimizer_update(net->params, state1, state2, opt, grads, n_params, n_threads);
         if (status != CNN_OK)
             return status;
     }
