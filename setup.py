@@ -18,7 +18,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent
 C_SOURCES = sorted(str(p.relative_to(ROOT)).replace(os.sep, "/") for p in (ROOT / "src").glob("*.c"))
-PUBLIC_HEADERS = ["src/cnn_core.h"]
+PUBLIC_HEADERS = ["src/cnn_core.h", "src/cnn_model.h"]
 CYTHON_DIRECTIVES = dict(language_level=3, boundscheck=False, wraparound=False,
                          cdivision=True, initializedcheck=False, embedsignature=True)
 

@@ -1,0 +1,359 @@
+/* cnn_model.c -- reading cnn_core model files (see cnn_core/model_file.py) and running
+   inference on the loaded network.  Every byte of a file is checked before a model is
+   returned; memory grows only as bytes actually arrive, so a hostile header claiming
+   huge layers costs nothing before the file runs out. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "cnn_model.h"
+#include "cnn_internal.h"
+
+struct cnn_model {
+    cnn_mlp mlp;        /* params is owned by the model */
+};
+
+/* Rows per forward pass: the batch Network.predict uses, so results match it. */
+#define PREDICT_BATCH 256
+
+/* ---- format constants (cnn_core/model_file.py) ------------------------------- */
+static const unsigned char MAGIC[8] = { 0x89, 'C', 'N', 'N', 'M', 'L', 'P', '\n' };
+#define FORMAT_VERSION 1u
+#define HEADER_BYTES 24         /* magic, version, n_layers, activation, slope */
+#define MAX_LAYER_SIZE ((uint64_t)1 << 24)
+#define N_HIDDEN_ACTIVATIONS 5u /* identity, relu, leaky_relu, sigmoid, tanh */
+
+/* ---- a byte source: a FILE or a memory block --------------------------------- */
+typedef struct source {
+    FILE *file;                 /* NULL for memory */
+    const unsigned char *data;  /* memory source */
+    size_t size, pos;
+    int failed;                 /* a read error (not end of file) happened */
+    uint32_t crc;               /* running CRC-32 state of the bytes read so far */
+    uint32_t table[256];
+} source;
+
+static void crc_init(source *s)
+{
+    /* table = CRC-32 of every byte value (reflected polynomial 0xEDB88320, as zlib) */
+    for (uint32_t b = 0; b < 256; ++b) {
+        uint32_t c = b;
+        for (int k = 0; k < 8; ++k)
+            c = c & 1u ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        s->table[b] = c;
+    }
+    s->crc = 0xFFFFFFFFu;
+}
+
+static void crc_update(source *s, const unsigned char *p, size_t n)
+{
+    /* crc state += bytes p (n,) */
+    uint32_t c = s->crc;
+    for (size_t i = 0; i < n; ++i)
+        c = s->table[(c ^ p[i]) & 0xFFu] ^ (c >> 8);
+    s->crc = c;
+}
+
+static size_t source_read(source *s, unsigned char *p, size_t n)
+{
+    /* p (n,) = the next bytes; returns how many arrived (< n at the end or on error) */
+    size_t got;
+    if (s->file) {
+        got = fread(p, 1, n, s->file);
+        if (got < n && ferror(s->file))
+            s->failed = 1;
+    } else {
+        got = s->size - s->pos < n ? s->size - s->pos : n;
+        if (got)
+            memcpy(p, s->data + s->pos, got);
+        s->pos += got;
+    }
+    return got;
+}
+
+static int read_exact(source *s, unsigned char *p, size_t n)
+{
+    /* p (n,) = the next n bytes, added to the CRC; CNN_ERR_IO / CNN_ERR_FORMAT if short */
+    size_t got = source_read(s, p, n);
+    crc_update(s, p, got);
+    if (got == n)
+        return CNN_OK;
+    return s->failed ? CNN_ERR_IO : CNN_ERR_FORMAT;
+}
+
+static uint32_t le32(const unsigned char *p)
+{
+    /* little-endian uint32 at p (4,) */
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t le64(const unsigned char *p)
+{
+    /* little-endian uint64 at p (8,) */
+    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
+}
+
+static float le_float(const unsigned char *p)
+{
+    /* little-endian IEEE-754 float32 at p (4,) */
+    uint32_t u = le32(p);
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* ---- loading --------------------------------------------------------------------- */
+
+static int read_header(cnn_mlp *net, uint64_t *n_params, source *s)
+{
+    /* net (everything but params) and n_params from the header and sizes of a model file */
+    unsigned char h[HEADER_BYTES], b[8];
+    int status = read_exact(s, h, HEADER_BYTES);
+    if (status != CNN_OK)
+        return status;
+    uint32_t version = le32(h + 8), n_layers = le32(h + 12), code = le32(h + 16);
+    float slope = le_float(h + 20);
+    if (memcmp(h, MAGIC, sizeof MAGIC) != 0 || version != FORMAT_VERSION || n_layers < 1
+        || n_layers > CNN_MAX_LAYERS || code >= N_HIDDEN_ACTIVATIONS
+        || !(slope >= 0.0f && slope < 1.0f))
+        return CNN_ERR_FORMAT;
+    memset(net, 0, sizeof *net);
+    net->n_layers = (int32_t)n_layers;
+    net->activation = (cnn_activation)code;
+    net->alpha = slope;
+    for (uint32_t l = 0; l <= n_layers; ++l) {
+        status = read_exact(s, b, 8);
+        if (status != CNN_OK)
+            return status;
+        uint64_t size = le64(b);
+        if (size < 1 || size > MAX_LAYER_SIZE)
+            return CNN_ERR_FORMAT;
+        net->sizes[l] = (int64_t)size;
+    }
+    /* every size <= 2^24 and at most 32 layers: the sum stays below 2^54, no overflow */
+    uint64_t n = 0;
+    for (uint32_t l = 0; l < n_layers; ++l)
+        n += (uint64_t)net->sizes[l] * (uint64_t)net->sizes[l + 1] + (uint64_t)net->sizes[l + 1];
+    *n_params = n;
+    return CNN_OK;
+}
+
+static int read_params(float **out, source *s, uint64_t n_params)
+{
+    /* *out = n_params little-endian floats from s, in a buffer grown as bytes arrive */
+    unsigned char chunk[4096];
+    const uint64_t per_chunk = sizeof chunk / 4;
+    if (n_params > SIZE_MAX / sizeof(float))
+        return CNN_ERR_ALLOC;
+    float *params = NULL;
+    uint64_t capacity = 0, done = 0;
+    while (done < n_params) {
+        if (done == capacity) {
+            uint64_t grown = capacity ? 2 * capacity : 65536;
+            grown = grown < n_params ? grown : n_params;
+            float *p = (float *)realloc(params, (size_t)grown * sizeof(float));
+            if (!p) {
+                free(params);
+                return CNN_ERR_ALLOC;
+            }
+            params = p;
+            capacity = grown;
+        }
+        uint64_t k = n_params - done < per_chunk ? n_params - done : per_chunk;
+        k = capacity - done < k ? capacity - done : k;
+        int status = read_exact(s, chunk, (size_t)k * 4);
+        if (status != CNN_OK) {
+            free(params);
+            return status;
+        }
+        for (uint64_t i = 0; i < k; ++i)
+            params[done + i] = le_float(chunk + 4 * i);
+        done += k;
+    }
+    *out = params;
+    return CNN_OK;
+}
+
+static int load_from(cnn_model **out, source *s)
+{
+    /* *out = the model read from s, checked to its last byte; NULL on failure */
+    cnn_mlp net;
+    uint64_t n_params = 0;
+    float *params = NULL;
+    unsigned char tail[4], extra;
+    crc_init(s);
+    int status = read_header(&net, &n_params, s);
+    if (status == CNN_OK)
+        status = read_params(&params, s, n_params);
+    if (status != CNN_OK)
+        return status;
+    uint32_t crc = s->crc ^ 0xFFFFFFFFu;
+    status = read_exact(s, tail, 4);
+    if (status == CNN_OK && le32(tail) != crc)
+        status = CNN_ERR_FORMAT;
+    if (status == CNN_OK && source_read(s, &extra, 1) != 0)
+        status = CNN_ERR_FORMAT;      /* longer than its header says */
+    if (status == CNN_OK && s->failed)
+        status = CNN_ERR_IO;
+    cnn_model *m = status == CNN_OK ? (cnn_model *)malloc(sizeof *m) : NULL;
+    if (status == CNN_OK && !m)
+        status = CNN_ERR_ALLOC;
+    if (status != CNN_OK) {
+        free(params);
+        return status;
+    }
+    m->mlp = net;
+    m->mlp.params = params;
+    *out = m;
+    return CNN_OK;
+}
+
+int cnn_model_load(cnn_model **out, const char *path)
+{
+    /* *out = the model in file `path` ; NULL on failure */
+    if (!out)
+        return CNN_ERR_ARG;
+    *out = NULL;
+    if (!path)
+        return CNN_ERR_ARG;
+    source *s = (source *)calloc(1, sizeof *s);
+    if (!s)
+        return CNN_ERR_ALLOC;
+    s->file = fopen(path, "rb");
+    int status = s->file ? load_from(out, s) : CNN_ERR_IO;
+    if (s->file)
+        fclose(s->file);
+    free(s);
+    return status;
+}
+
+int cnn_model_load_memory(cnn_model **out, const void *data, size_t size)
+{
+    /* *out = the model in data (size,) ; NULL on failure */
+    if (!out)
+        return CNN_ERR_ARG;
+    *out = NULL;
+    if (!data && size > 0)
+        return CNN_ERR_ARG;
+    source *s = (source *)calloc(1, sizeof *s);
+    if (!s)
+        return CNN_ERR_ALLOC;
+    s->data = (const unsigned char *)data;
+    s->size = size;
+    int status = load_from(out, s);
+    free(s);
+    return status;
+}
+
+void cnn_model_free(cnn_model *m)
+{
+    /* release m and its parameters (NULL is fine) */
+    if (!m)
+        return;
+    free(m->mlp.params);
+    free(m);
+}
+
+/* ---- accessors ---------------------------------------------------------------- */
+
+int32_t cnn_model_n_layers(const cnn_model *m)
+{
+    /* L */
+    return m->mlp.n_layers;
+}
+
+int64_t cnn_model_layer_size(const cnn_model *m, int32_t i)
+{
+    /* sizes[i] for 0 <= i <= L, else -1 */
+    return i >= 0 && i <= m->mlp.n_layers ? m->mlp.sizes[i] : -1;
+}
+
+int64_t cnn_model_n_inputs(const cnn_model *m)
+{
+    /* sizes[0] */
+    return m->mlp.sizes[0];
+}
+
+int64_t cnn_model_n_classes(const cnn_model *m)
+{
+    /* sizes[L] */
+    return m->mlp.sizes[m->mlp.n_layers];
+}
+
+cnn_activation cnn_model_activation(const cnn_model *m)
+{
+    /* hidden activation code */
+    return m->mlp.activation;
+}
+
+float cnn_model_leaky_slope(const cnn_model *m)
+{
+    /* leaky_relu slope in [0, 1) */
+    return m->mlp.alpha;
+}
+
+const cnn_mlp *cnn_model_mlp(const cnn_model *m)
+{
+    /* the network, owned by m */
+    return &m->mlp;
+}
+
+/* ---- inference -------------------------------------------------------------------- */
+
+static int predict_rows(const cnn_model *m, float *out, int32_t *labels, const float *X,
+                        int64_t n, int logits)
+{
+    /* out (n, C) = net(X) (softmax or logits), or labels (n,) = argmax of the logits of
+       X (n, n_inputs) when labels != NULL (out is then ignored) */
+    if (!m || !X || n < 0 || (!out && !labels))
+        return CNN_ERR_ARG;
+    if (n == 0)
+        return CNN_OK;
+    const cnn_mlp *net = &m->mlp;
+    const int64_t C = net->sizes[net->n_layers], n_in = net->sizes[0];
+    const int64_t B = n < PREDICT_BATCH ? n : PREDICT_BATCH;
+    const int n_threads = cnn_max_threads() > 0 ? cnn_max_threads() : 1;
+    int64_t n_work = cnn_mlp_predict_workspace_floats(net, B, n_threads);
+    int64_t n_logits = labels ? cnn_round_up_floats(B * C) : 0;
+    float *work = cnn_aligned_alloc_floats(n_work + n_logits);
+    if (!work)
+        return CNN_ERR_ALLOC;
+    float *chunk = work + n_work;
+    int status = CNN_OK;
+    for (int64_t r0 = 0; r0 < n && status == CNN_OK; r0 += B) {
+        const int64_t rows = n - r0 < B ? n - r0 : B;
+        float *dst = labels ? chunk : out + r0 * C;
+        status = cnn_mlp_predict(dst, net, X + r0 * n_in, CNN_DTYPE_FLOAT32, rows, B,
+                                 logits, work, n_threads);
+        for (int64_t r = 0; labels && status == CNN_OK && r < rows; ++r) {
+            const float *z = chunk + r * C;
+            int64_t best = 0;
+            for (int64_t j = 0; j < C; ++j) {
+                if (z[j] != z[j]) {   /* NaN: numpy's argmax returns the first one */
+                    best = j;
+                    break;
+                }
+                if (z[j] > z[best])
+                    best = j;
+            }
+            labels[r0 + r] = (int32_t)best;
+        }
+    }
+    cnn_aligned_free(work);
+    return status;
+}
+
+int cnn_model_predict_proba(const cnn_model *m, float *probs, const float *X, int64_t n)
+{
+    /* probs (n, n_classes) = softmax(net(X)) ; X (n, n_inputs) */
+    if (!probs)
+        return CNN_ERR_ARG;
+    return predict_rows(m, probs, NULL, X, n, 0);
+}
+
+int cnn_model_predict(const cnn_model *m, int32_t *labels, const float *X, int64_t n)
+{
+    /* labels (n,) = argmax of net(X) per row ; X (n, n_inputs) */
+    if (!labels)
+        return CNN_ERR_ARG;
+    return predict_rows(m, NULL, labels, X, n, 1);
+}

@@ -1,0 +1,80 @@
+/*
+ * cnn_model.h -- load a cnn_core model file and run inference on it from C.
+ *
+ * One include gives the whole C API (this header includes cnn_core.h):
+ *
+ *     #include <cnn_model.h>
+ *
+ *     cnn_model *m = NULL;
+ *     int status = cnn_model_load(&m, "mnist.cnn");
+ *     if (status != CNN_OK) { fprintf(stderr, "%s\n", cnn_status_string(status)); ... }
+ *     int32_t labels[n];
+ *     status = cnn_model_predict(m, labels, X, n);   // X is (n, cnn_model_n_inputs(m))
+ *     cnn_model_free(m);
+ *
+ * A model is immutable once loaded: every function taking a `const cnn_model *` may be
+ * called from several threads at once on the same model.  The predict functions
+ * allocate their own workspace (CNN_ERR_ALLOC if that fails) and use the number of
+ * threads OpenMP would use (OMP_NUM_THREADS); their results are identical to
+ * Network.predict / Network.predict_proba in Python, bit for bit, for any thread count.
+ *
+ * The file format is described in cnn_core/model_file.py.  The loader checks the magic,
+ * version, layer count, activation code, leaky_relu slope, layer sizes, exact file length
+ * and CRC-32 before it returns a model, and accepts exactly the files Network.load does.
+ */
+#ifndef CNN_MODEL_H
+#define CNN_MODEL_H
+
+#include "cnn_core.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* An MLP read from a model file (opaque; use the accessors below). */
+typedef struct cnn_model cnn_model;
+
+/* *out = the model in file `path`, or NULL on failure.  Statuses: CNN_ERR_ARG for a
+   NULL argument, CNN_ERR_IO if the file cannot be opened or read, CNN_ERR_FORMAT if it is
+   truncated, longer than its header says, corrupted or not a version-1 model file,
+   CNN_ERR_ALLOC if memory runs out.  Never returns a partly loaded model. */
+int cnn_model_load(cnn_model **out, const char *path);
+
+/* *out = the model in the `size` bytes at `data` (the bytes of a model file), same
+   checks and statuses as cnn_model_load (CNN_ERR_ARG if data is NULL and size > 0).
+   The model keeps no reference to `data`. */
+int cnn_model_load_memory(cnn_model **out, const void *data, size_t size);
+
+/* Release a model (NULL is fine). */
+void cnn_model_free(cnn_model *m);
+
+/* Number of dense layers L (1 .. CNN_MAX_LAYERS). */
+int32_t cnn_model_n_layers(const cnn_model *m);
+
+/* Layer size n_i for 0 <= i <= L (n_0 inputs, n_L classes); -1 for any other i. */
+int64_t cnn_model_layer_size(const cnn_model *m, int32_t i);
+
+/* Number of input features n_0, and number of classes n_L. */
+int64_t cnn_model_n_inputs(const cnn_model *m);
+int64_t cnn_model_n_classes(const cnn_model *m);
+
+/* Hidden activation (CNN_ACT_IDENTITY .. CNN_ACT_TANH) and the leaky_relu slope. */
+cnn_activation cnn_model_activation(const cnn_model *m);
+float cnn_model_leaky_slope(const cnn_model *m);
+
+/* The network itself, for calling cnn_mlp_predict with a workspace of your own
+   (uint8 inputs, logits, a chosen thread count).  Owned by the model: do not modify. */
+const cnn_mlp *cnn_model_mlp(const cnn_model *m);
+
+/* probs (n, n_classes) = softmax of the network on X (n, n_inputs), float32 row-major.
+   n == 0 does nothing.  CNN_ERR_ARG for a NULL argument or n < 0. */
+int cnn_model_predict_proba(const cnn_model *m, float *probs, const float *X, int64_t n);
+
+/* labels (n,) = index of the largest output for each row of X (n, n_inputs): the first
+   one on ties, the first NaN if any (numpy's argmax).  Same statuses as predict_proba. */
+int cnn_model_predict(const cnn_model *m, int32_t *labels, const float *X, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CNN_MODEL_H */
