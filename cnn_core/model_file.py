@@ -87,6 +87,10 @@ def write_atomic(path, data):
         raise FileNotFoundError(f"cannot save to {path}: folder {folder} does not exist")
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "umask"):  # mkstemp makes 0600 files; follow the umask instead
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -13,7 +13,7 @@ from .model_file import ModelFileError
 __all__ = ["Network", "History", "ModelFileError"]
 
 _HIDDEN = model_file.HIDDEN_ACTIVATIONS
-_DEFAULT_LEARNING_RATE = {"sgd": 0.01, "adam": 0.001, "adamw": 0.001}
+DEFAULT_LEARNING_RATE = {"sgd": 0.05, "adam": 0.001, "adamw": 0.001}
 _PREDICT_BATCH = 256
 
 
@@ -163,7 +163,7 @@ class Network:
         X : (n, n_features) uint8 (scaled by 1/255 as batches are gathered) or floating
             point (converted to float32 once).  y : (n,) integer labels in [0, n_classes).
         optimizer : "sgd" (with ``momentum``, ``nesterov``), "adam" or "adamw"
-            (``beta1``, ``beta2``, ``eps``).  ``learning_rate`` defaults to 0.01 for SGD
+            (``beta1``, ``beta2``, ``eps``).  ``learning_rate`` defaults to 0.05 for SGD
             and 0.001 for Adam/AdamW.  ``weight_decay`` is L2 for SGD/Adam, decoupled
             for AdamW.
         validation_data : optional (X_val, y_val), evaluated after every epoch.
@@ -184,7 +184,7 @@ class Network:
             raise ValueError(f"optimizer must be one of {list(kernels.OPTIMIZERS)}, "
                              f"got {optimizer!r}")
         if learning_rate is None:
-            learning_rate = _DEFAULT_LEARNING_RATE[optimizer]
+            learning_rate = DEFAULT_LEARNING_RATE[optimizer]
         learning_rate = _check_float(learning_rate, "learning_rate", 0.0)
         momentum = _check_float(momentum, "momentum", 0.0, 1.0, high_open=True)
         if nesterov and (optimizer != "sgd" or momentum == 0.0):
