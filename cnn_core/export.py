@@ -22,7 +22,6 @@ output unit (or one per matrix with ``per_channel=False``): ``W ~= q * scale``, 
 are four times smaller and the results close to the float network's; ``X_check`` lets
 you measure how close.
 """
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +39,6 @@ _C_KEYWORDS = frozenset(
     "switch typedef union unsigned void volatile while main".split())
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _PER_LINE = 8       # values per line in the generated tables
-_UMASK = os.umask(0o022)   # read once, at import (reading it means setting it)
-os.umask(_UMASK)
 
 
 @dataclass(frozen=True)
@@ -334,12 +331,6 @@ int {name}_predict_proba(const float *x, float *probs)
 
 # ---- the public function ---------------------------------------------------------------
 
-def _make_readable(path):
-    """Give a freshly written file the permissions an ordinary new file gets (0666 less
-    the umask): the atomic writer's temporary files are private (0600)."""
-    os.chmod(path, 0o666 & ~_UMASK)
-
-
 def _network_parts(network):
     """(sizes, activation, slope, weights, biases) of a Network, checked."""
     try:
@@ -409,8 +400,6 @@ def export_c(network, folder, *, name="cnn_model", quantize=None, per_channel=Tr
     model_file.write_atomic(source, _source_text(name, sizes, activation, slope, layers,
                                                  kind).encode())
     model_file.write_atomic(header, _header_text(name, sizes, activation, kind).encode())
-    for path in (source, header):
-        _make_readable(path)
     return ExportReport(name=name, header=header, source=source, quantize=quantize,
                         per_channel=bool(per_channel) if quantize else False,
                         n_parameters=int(sum(W.size + b.size for W, b in zip(weights, biases))),
