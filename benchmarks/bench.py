@@ -192,6 +192,19 @@ class CpuWatch:
         return {"other": max(0.0, other) / capacity, "steal": (sys1[1] - sys0[1]) / capacity}
 
 
+def wait_until_idle(max_wait_s, threshold=0.05):
+    """Sleep in 2 s windows until other processes use under `threshold` of the CPUs, for
+    at most max_wait_s seconds; returns the last window's share (None if unknown)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        watch = CpuWatch()
+        time.sleep(2.0)
+        other = watch.shares()["other"]
+        if other is None or other < threshold or time.monotonic() >= deadline:
+            return other
+        log(f"  waiting: other processes use {100 * other:.0f}% of the CPUs")
+
+
 def fmt_contention(shares):
     if shares.get("other") is None:
         return "contention unknown"
@@ -527,10 +540,11 @@ def worker_predict(spec):
 
     X, _ = load_images(spec.get("data"))
     X = peers.scaled_float32(tile_rows(X, PREDICT_ROWS))
-    x1 = np.ascontiguousarray(X[:1])
-    weights = peers.mlp_weights(spec["sizes"], SEED)
+    convert, funcs = peers.PREDICTORS[spec["peer"]](peers.mlp_weights(spec["sizes"], SEED),
+                                                    spec["threads"])
+    x1, X = convert(np.ascontiguousarray(X[:1])), convert(X)
     rows = []
-    for name, f in peers.PREDICTORS[spec["peer"]](weights, spec["threads"]).items():
+    for name, f in funcs.items():
         one = per_call_median(f, x1, spec["calls"])
         f(X)
         batch = []
@@ -841,6 +855,9 @@ def parse_args(argv):
     p.add_argument("--data", default=None,
                    help="MNIST folder (default: ../shared/data/mnist-t10k-split beside the "
                         "checkout, else cnn_core's cache)")
+    p.add_argument("--wait-idle", metavar="SECONDS", type=float, default=0.0,
+                   help="first wait up to SECONDS for other processes to leave the CPUs "
+                        "idle (default 0: start at once)")
     p.add_argument("--json", metavar="PATH", default=None,
                    help="also write all results to PATH as JSON (default: print only)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -868,6 +885,14 @@ def main(argv=None):
         return 0
     sys.path.insert(0, str(HERE))
     settings = QUICK if args.quick else FULL
+    if set(args.only) - {"gemm"}:
+        try:
+            load_images(args.data)
+        except (OSError, ValueError) as exc:
+            print(f"bench.py: cannot load MNIST ({exc}); pass --data DIR", file=sys.stderr)
+            return 2
+    if args.wait_idle > 0:
+        wait_until_idle(args.wait_idle)
     started = time.perf_counter()
     results = {"machine": machine_info(), "args": vars(args), "settings": settings}
     print_machine(results["machine"], args)

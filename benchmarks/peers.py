@@ -7,8 +7,9 @@ shuffled epoch of minibatch SGD (learning rate 0.01, momentum 0.9, no weight dec
 hidden layers, softmax cross-entropy) over the first ``rows`` samples.
 
 Every prediction factory ``predict_<peer>(weights, n_threads)`` takes the same float32
-weights [(W (n_in, n_out), b (n_out,)), ...] and returns {label: f(X) -> result}, the
-ways that library predicts from Python.
+weights [(W (n_in, n_out), b (n_out,)), ...] and returns ``(convert, {label: f})``:
+``convert`` turns a float32 numpy array into that library's input once (outside the
+timing), and each ``f(converted X)`` is one way that library predicts from Python.
 
 Peers are imported lazily, inside the factories, so a missing one costs nothing.
 """
@@ -31,6 +32,10 @@ def available(peer):
         return importlib.util.find_spec(PEER_MODULES[peer]) is not None
     except (ImportError, ValueError):
         return False
+
+
+def _same(X):
+    return X
 
 
 def mlp_weights(sizes, seed):
@@ -76,7 +81,7 @@ def predict_cnn_core(weights, n_threads):
     for (W, b), W_net, b_net in zip(weights, net.weights, net.biases):
         W_net[...] = W
         b_net[...] = b
-    return {
+    return _same, {
         "cnn_core predict": lambda X: net.predict(X, n_threads=n_threads),
         "cnn_core predict_proba": lambda X: net.predict_proba(X, n_threads=n_threads),
         "cnn_core predict (n_threads=1)": lambda X: net.predict(X, n_threads=1),
@@ -137,14 +142,14 @@ def predict_torch(weights, n_threads):
 
     def no_grad(X):
         with torch.no_grad():
-            return model(torch.from_numpy(X))
+            return model(X)
 
     def inference_mode(X):
         with torch.inference_mode():
-            return model(torch.from_numpy(X))
+            return model(X)
 
-    return {"torch no_grad model(x)": no_grad,
-            "torch inference_mode model(x)": inference_mode}
+    return torch.from_numpy, {"torch no_grad model(x)": no_grad,
+                              "torch inference_mode model(x)": inference_mode}
 
 
 # ---- numpy from scratch --------------------------------------------------------------
@@ -244,7 +249,7 @@ def numpy_forward(weights, X):
 
 def predict_numpy(weights, n_threads):
     """The numpy forward pass (threads set by the caller's BLAS)."""
-    return {"numpy forward (logits)": lambda X: numpy_forward(weights, X)}
+    return _same, {"numpy forward (logits)": lambda X: numpy_forward(weights, X)}
 
 
 # ---- scikit-learn --------------------------------------------------------------------
