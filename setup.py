@@ -94,6 +94,10 @@ class BuildExtension(build_ext):
         library = self.compiler.library_filename("cnn_core")
         shutil.copy2(Path(clib.build_clib) / library, package / "lib" / library)
         (package / "lib" / "openmp.txt").write_text("1\n" if openmp else "0\n")
+        pkg_config = (ROOT / "src" / "cnn_core.pc.in").read_text()
+        pkg_config = pkg_config.replace("@VERSION@", self.distribution.get_version())
+        pkg_config = pkg_config.replace("@OPENMP_LIBS@", " " + " ".join(ldflags) if ldflags else "")
+        (package / "lib" / "cnn_core.pc").write_text(pkg_config)
 
 
 extension = Extension("cnn_core.kernels", ["cnn_core/kernels.pyx"], include_dirs=["src"],

@@ -659,7 +659,8 @@ cdef class _MLP:
         return out
 
     def predict_labels(self, X, int64_t batch_size, int n_threads):
-        """Predicted classes int64 (n,) (first maximum on ties) for X from _as_input."""
+        """Predicted classes int64 (n,) for X from _as_input: the first maximum, or the
+        first NaN, as numpy.argmax."""
         logits = self.predict(X, batch_size, True, n_threads)
         labels = np.empty(logits.shape[0], dtype=np.int64)
         cdef const float[:, ::1] z = logits
@@ -669,7 +670,9 @@ cdef class _MLP:
             for i in range(z.shape[0]):
                 best = 0
                 for j in range(1, z.shape[1]):
-                    if z[i, j] > z[i, best]:
+                    if z[i, best] != z[i, best]:
+                        break
+                    if z[i, j] > z[i, best] or z[i, j] != z[i, j]:
                         best = j
                 out[i] = best
         return labels

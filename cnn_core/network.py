@@ -276,6 +276,11 @@ class Network:
         return self._evaluate(X, y, w, kernels._threads(n_threads))
 
     # ---- files ------------------------------------------------------------------------
+    def export_c(self, folder, **options):
+        """Write dependency-free C99 source of this network; see cnn_core.export.export_c."""
+        from .export import export_c
+        return export_c(self, folder, **options)
+
     def save(self, path):
         """Write the model to `path` atomically (see cnn_core.model_file for the format)."""
         model_file.save(path, self.layer_sizes, self.activation, self.leaky_slope, self._params)

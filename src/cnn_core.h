@@ -5,8 +5,9 @@
  *   - float32, row-major; a matrix argument has an explicit leading dimension
  *     (elements between the starts of consecutive rows), ld >= its row length.
  *   - Arguments: outputs first, then inputs, then dimensions, then scalars/flags.
- *   - The caller owns all memory.  Only functions named *_alloc, cnn_sgemm and
- *     cnn_model_load allocate, and a failed allocation is a status, never an abort.
+ *   - The caller owns all memory.  Only cnn_sgemm and the model API of cnn_model.h
+ *     (cnn_model_load*, cnn_model_predict*) allocate, and a failed allocation is a
+ *     status, never an abort.
  *   - Fallible functions return an int status: CNN_OK (0) or a CNN_ERR_* code.
  *   - Weights are stored (n_in, n_out) so that Y = X W + b.
  *   - Accumulate vs overwrite: cnn_sgemm* follows BLAS (C = alpha op(A) op(B) + beta C;

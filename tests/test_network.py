@@ -348,3 +348,9 @@ def test_divergence_is_reported_and_weights_kept():
 def test_public_helpers():
     assert os.path.isfile(os.path.join(cnn_core.get_include(), "cnn_core.h"))
     assert os.path.isdir(cnn_core.get_library_dir())
+
+
+def test_export_c_method_writes_source(tmp_path):
+    report = Network([4, 3, 2], seed=0).export_c(tmp_path, name="tiny")
+    assert (tmp_path / "tiny.c").is_file() and (tmp_path / "tiny.h").is_file()
+    assert report.n_parameters == 4 * 3 + 3 + 3 * 2 + 2
