@@ -476,19 +476,22 @@ def peer_detail(peer, n_threads):
 def plan_rows(epoch, n, batch_size, cap_s):
     """How many rows one timed epoch may use so that it takes at most about cap_s seconds.
 
-    Probes epoch(rows) on growing prefixes (2, 8, 32, ... batches) until one takes 0.25 s;
-    returns (rows, estimated seconds for all n rows).  rows is n unless that estimate
-    exceeds cap_s, then a multiple of batch_size scaled down to fit.
+    After one untimed batch (first-call costs), times epoch(rows) on growing prefixes (2,
+    8, 32, ... batches) until one takes 0.25 s -- or, while the estimate for all n rows
+    still exceeds cap_s, until one takes cap_s / 4, so that a single stalled probe cannot
+    condemn a fast library.  Returns (rows, estimated seconds for all n rows): rows is n
+    unless the estimate exceeds cap_s, then a multiple of batch_size scaled down to fit.
     """
+    epoch(min(n, batch_size))
     rows = min(n, 2 * batch_size)
     while True:
         t0 = time.perf_counter()
         epoch(rows)
         elapsed = time.perf_counter() - t0
-        if elapsed >= 0.25 or rows >= n:
+        estimate = elapsed * n / rows
+        if rows >= n or (elapsed >= 0.25 and (estimate <= cap_s or elapsed >= cap_s / 4)):
             break
         rows = min(n, rows * 4)
-    estimate = elapsed * n / rows
     if estimate <= cap_s:
         return n, estimate
     fit = int(n * cap_s / estimate) // batch_size * batch_size
