@@ -834,6 +834,10 @@ def print_machine(m, args):
         print(f"  load:     {load} (1/5/15 min) at start")
     print(f"  cnn_core: {m['cnn_core_info']} from {m['cnn_core_location']}")
     print(f"  numpy BLAS: {m['numpy_blas']}")
+    if "avx512f" in cpu["simd"] and "(Haswell" in m["numpy_blas"]:
+        print("  note:     this CPU has AVX-512 but OpenBLAS chose its AVX2 (Haswell) kernels; "
+              "OPENBLAS_CORETYPE=SkylakeX\n            (set before the run) selects the "
+              "AVX-512 ones, so numpy-based peers here are not at their best.")
     versions = ", ".join(f"{k} {v or 'not installed'}" for k, v in m["versions"].items())
     print(f"  versions: {versions}")
     print(f"  run:      {' '.join(sys.argv[1:]) or '(defaults)'}; threads {args.threads}")
