@@ -437,15 +437,16 @@ def run_worker(spec, n_threads, timeout=3600):
 
 
 def blas_description():
-    """numpy's BLAS as 'openblas 0.3.x (Haswell, pthreads), N threads' when threadpoolctl
-    is installed, else the build-time BLAS name and version."""
+    """The BLAS libraries loaded in this process, e.g. 'openblas 0.3.x (Haswell, pthreads),
+    2 threads [numpy.libs]', from threadpoolctl; without it, numpy's build-time BLAS."""
     try:
         from threadpoolctl import threadpool_info
-        for lib in threadpool_info():
-            if lib.get("user_api") == "blas":
-                return (f"{lib.get('internal_api')} {lib.get('version')} "
-                        f"({lib.get('architecture')}, {lib.get('threading_layer')}), "
-                        f"{lib.get('num_threads')} threads")
+        libs = [f"{lib.get('internal_api')} {lib.get('version')} "
+                f"({lib.get('architecture')}, {lib.get('threading_layer')}), "
+                f"{lib.get('num_threads')} threads [{Path(lib.get('filepath', '')).parent.name}]"
+                for lib in threadpool_info() if lib.get("user_api") == "blas"]
+        if libs:
+            return "; ".join(libs)
     except ImportError:
         pass
     try:
