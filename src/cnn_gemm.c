@@ -165,25 +165,32 @@ static void kernel_generic(float *c, int64_t ldc, const float *pa, const float *
 }
 
 void cnn_gemm_pack_generic(float *dst, const float *src, int64_t ld, int xmajor,
-                           int64_t k0, int64_t kc, int64_t x0, int64_t nx, int width)
+                           int64_t k0, int64_t kc, int64_t x0, int64_t nx,
+                           int panel, int step)
 {
-    /* dst (kc, width) = X(k0 + k, x0 + x), zero past nx */
-    if (xmajor) {
-        for (int64_t k = 0; k < kc; ++k)
-            for (int64_t x = nx; x < width; ++x)
-                dst[k * width + x] = 0.0f;
-        for (int64_t x = 0; x < nx; ++x) {
-            const float *s = src + (x0 + x) * ld + k0;
+    /* X(k0 : k0 + kc, x0 : x0 + nx) -> ceil(nx / panel) panels (kc, w_p) */
+    const int64_t pstride = (int64_t)panel * kc;
+    for (int64_t p = 0; p * panel < nx; ++p) {
+        const int64_t rest = nx - p * panel, n = rest < panel ? rest : panel;
+        const int64_t w = rest >= panel ? panel : cnn_gemm_last_width(rest, panel, step);
+        float *d = dst + p * pstride;
+        if (xmajor) {
             for (int64_t k = 0; k < kc; ++k)
-                dst[k * width + x] = s[k];
-        }
-    } else {
-        const float *s = src + k0 * ld + x0;
-        for (int64_t k = 0; k < kc; ++k, s += ld, dst += width) {
-            for (int64_t x = 0; x < nx; ++x)
-                dst[x] = s[x];
-            for (int64_t x = nx; x < width; ++x)
-                dst[x] = 0.0f;
+                for (int64_t x = n; x < w; ++x)
+                    d[k * w + x] = 0.0f;
+            for (int64_t x = 0; x < n; ++x) {
+                const float *s = src + (x0 + p * panel + x) * ld + k0;
+                for (int64_t k = 0; k < kc; ++k)
+                    d[k * w + x] = s[k];
+            }
+        } else {
+            const float *s = src + k0 * ld + x0 + p * panel;
+            for (int64_t k = 0; k < kc; ++k, s += ld, d += w) {
+                for (int64_t x = 0; x < n; ++x)
+                    d[x] = s[x];
+                for (int64_t x = n; x < w; ++x)
+                    d[x] = 0.0f;
+            }
         }
     }
 }
@@ -196,7 +203,7 @@ static const cnn_gemm_family family_generic = {
 
 const cnn_gemm_family *cnn_gemm_family_generic(void) { return &family_generic; }
 
-const cnn_gemm_family *cnn_gemm_family_for(cnn_kernel kernel)
+static const cnn_gemm_family *family_lookup(cnn_kernel kernel)
 {
     /* kernel id -> family compiled into this build, or NULL */
     switch (kernel) {
@@ -207,88 +214,185 @@ const cnn_gemm_family *cnn_gemm_family_for(cnn_kernel kernel)
     }
     return NULL;
 }
+#ifdef CNN_GEMM_TUNE
+const cnn_gemm_family *cnn_gemm_family_for(cnn_kernel kernel)
+{
+    static cnn_gemm_family tuned[4];
+    static int ready[4];
+    const cnn_gemm_family *f = family_lookup(kernel);
+    if (!f) return NULL;
+    if (!ready[kernel]) {
+        tuned[kernel] = *f;
+        const char *e;
+        if ((e = getenv("TUNE_KC"))) tuned[kernel].kc = atoi(e);
+        if ((e = getenv("TUNE_MC"))) tuned[kernel].mc = atoi(e);
+        if ((e = getenv("TUNE_NC"))) tuned[kernel].nc = atoi(e);
+        ready[kernel] = 1;
+    }
+    return &tuned[kernel];
+}
+#else
+const cnn_gemm_family *cnn_gemm_family_for(cnn_kernel kernel) { return family_lookup(kernel); }
+#endif
 
-/* ---- blocking plan --------------------------------------------------------- */
+/* ---- plan: threads, blocks, workspace -------------------------------------- */
 
 CNN_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 CNN_INLINE int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 CNN_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+CNN_INLINE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* Below this many multiply-adds a GEMM runs on one thread. */
 #define CNN_GEMM_PARALLEL_MIN_FMAS 65536.0
+/* Columns of C are handed to threads in units of this many (one AVX-512 vector). */
+#define CNN_GEMM_COL_UNIT 16
 
-/* How C is split into independent parts, one per thread: a tm x tn grid of blocks of
-   ms rows and ns columns (the last row / column of blocks may be smaller). */
-typedef struct gemm_grid {
-    int tm, tn;
-    int64_t ms, ns;
-} gemm_grid;
+/* How the threads share a GEMM.  Each thread owns a range of rows of C (split_n == 0;
+   the packed op(B) blocks are then packed jointly and shared) or a range of columns
+   (split_n == 1; the packed op(A) blocks are shared).  K is never split, so every
+   element of C is computed by one thread in the same order for any thread count. */
+typedef struct gemm_plan {
+    int n_threads;
+    int split_n;
+    int64_t rows, cols;  /* most rows / columns of C one thread owns */
+} gemm_plan;
 
-/* Estimated cycles for one part of ms x ns x K: micro-tiles (with padding) at 32
-   multiply-adds per cycle, plus packing its slices of op(A) and op(B); transposing
-   packs cost about four times a straight copy. */
-static double part_cost(int64_t ms, int64_t ns, int64_t K, int a_xmajor, int b_xmajor)
+/* Rough cycles for one thread to compute an (m, n, K) block of C with 14 x 32 tiles,
+   counting padded tiles and short tiles as full ones. */
+static double tile_cycles(int64_t m, int64_t n, int64_t K)
 {
-    /* (ms, ns, K) -> cycles */
-    const int64_t n_tiles = ceil_div(ms, 14);
-    const int64_t mrs = ceil_div(ms, n_tiles);
-    const double rows = (double)n_tiles * (double)(mrs < 6 ? 6 : mrs);
-    const double cols = (double)round_up(ns, 16);
-    const double fma = rows * cols * (double)K / 32.0;
-    const double pack = (double)ms * (double)K * (a_xmajor ? 0.25 : 0.06)
-                      + (double)ns * (double)K * (b_xmajor ? 0.25 : 0.06);
-    return fma + pack + 64.0 * (double)(n_tiles * ceil_div(ns, 32));
+    /* (m, n, K) -> cycles */
+    if (m <= 0 || n <= 0)
+        return 0.0;
+    const int64_t tiles = ceil_div(m, 14);
+    const int64_t mrs = ceil_div(m, tiles);
+    const double rows = (double)tiles * (double)max64(mrs, 6);
+    return rows * (double)round_up(n, CNN_GEMM_COL_UNIT) * (double)K / 28.0
+         + 40.0 * (double)(tiles * ceil_div(n, 32));
 }
 
-/* Split (M, N) over at most n_threads parts, never splitting K. */
-static gemm_grid choose_grid(int64_t M, int64_t N, int64_t K, int n_threads,
-                             cnn_trans trans_a, cnn_trans trans_b)
+/* Split C over n_threads threads (or fewer, or one for small problems). */
+static gemm_plan make_plan(int64_t M, int64_t N, int64_t K, int n_threads)
 {
-    /* (M, N, K, threads) -> grid */
-    gemm_grid g = { 1, 1, M, N };
+    /* (M, N, K, threads) -> plan */
+    gemm_plan serial = { 1, 0, M, N };
     if (n_threads <= 1 || M <= 0 || N <= 0 || K <= 0 ||
         (double)M * (double)N * (double)K < CNN_GEMM_PARALLEL_MIN_FMAS)
-        return g;
-    const int a_x = trans_a == CNN_NO_TRANS, b_x = trans_b == CNN_TRANS;
-    double best = part_cost(M, N, K, a_x, b_x);
-    for (int tm = 1; tm <= n_threads; ++tm) {
-        const int tn = n_threads / tm;
-        if (tm * tn < 2)
-            continue;
-        const int64_t ms = ceil_div(M, tm);
-        const int64_t ns = round_up(ceil_div(N, tn), 16);
-        if (ms * (tm - 1) >= M || ns * (tn - 1) >= N)
-            continue; /* some part would be empty */
-        const double cost = part_cost(ms, ns, K, a_x, b_x) + 2000.0;
+        return serial;
+    const double pack = 0.4;       /* cycles per packed float */
+    const double overhead = 3000.0; /* entering a parallel region, barriers */
+    double best = tile_cycles(M, N, K) + pack * (double)(M + N) * (double)K;
+    gemm_plan plan = serial;
+    /* Rows: thread t owns rows [t M / T, (t + 1) M / T). */
+    const int tm = (int)min64(n_threads, M);
+    if (tm > 1) {
+        const int64_t rows = ceil_div(M, tm);
+        const double cost = tile_cycles(rows, N, K) +
+                            pack * ((double)rows + (double)N / tm) * (double)K + overhead;
         if (cost < best) {
             best = cost;
-            g.tm = tm;
-            g.tn = tn;
-            g.ms = ms;
-            g.ns = ns;
+            plan.n_threads = tm; plan.split_n = 0; plan.rows = rows; plan.cols = N;
         }
     }
-    return g;
+    /* Columns: thread t owns units [t U / T, (t + 1) U / T) of CNN_GEMM_COL_UNIT. */
+    const int64_t units = ceil_div(N, CNN_GEMM_COL_UNIT);
+    const int tn = (int)min64(n_threads, units);
+    if (tn > 1) {
+        const int64_t cols = ceil_div(units, tn) * CNN_GEMM_COL_UNIT;
+        const double cost = tile_cycles(M, cols, K) +
+                            pack * ((double)M / tn + (double)cols) * (double)K + overhead;
+        if (cost < best) {
+            best = cost;
+            plan.n_threads = tn; plan.split_n = 1; plan.rows = M; plan.cols = cols;
+        }
+    }
+    return plan;
 }
 
-/* Floats of packed A and packed B one part of (ms, ns, K) needs with family f. */
-static void part_buffers(const cnn_gemm_family *f, int64_t ms, int64_t ns, int64_t K,
-                         int64_t *a_floats, int64_t *b_floats)
+/* Rows [i0, i1) of C owned by thread t under `plan`. */
+static void thread_rows(const gemm_plan *plan, int64_t M, int t, int64_t *i0, int64_t *i1)
 {
-    /* (f, ms, ns, K) -> buffer sizes */
-    /* Upper bounds of the balanced block sizes gemm_part picks for any part of at
-       most ms x ns (kc <= K, kc <= f->kc; mc <= ms, mc <= f->mc; likewise nc). */
-    const int64_t kc = min64(K, f->kc);
-    const int64_t mc = min64(ms, f->mc);
-    const int64_t nc = round_up(min64(ns, f->nc), f->nr);
-    *a_floats = cnn_round_up_floats((mc + f->mr_max) * kc);
-    *b_floats = cnn_round_up_floats(nc * kc);
+    /* (plan, t) -> row range */
+    const int T = plan->n_threads;
+    if (plan->split_n) {
+        *i0 = 0;
+        *i1 = M;
+    } else {
+        *i0 = (int64_t)t * M / T;
+        *i1 = (int64_t)(t + 1) * M / T;
+    }
 }
 
-/* Floats of workspace per part: the most any compiled family needs. */
-static int64_t part_floats(int64_t ms, int64_t ns, int64_t K)
+/* Columns [j0, j1) of C owned by thread t under `plan`. */
+static void thread_cols(const gemm_plan *plan, int64_t N, int t, int64_t *j0, int64_t *j1)
 {
-    /* (ms, ns, K) -> floats */
+    /* (plan, t) -> column range */
+    const int T = plan->n_threads;
+    if (!plan->split_n) {
+        *j0 = 0;
+        *j1 = N;
+    } else {
+        const int64_t units = ceil_div(N, CNN_GEMM_COL_UNIT);
+        *j0 = min64(N, (int64_t)t * units / T * CNN_GEMM_COL_UNIT);
+        *j1 = min64(N, (int64_t)(t + 1) * units / T * CNN_GEMM_COL_UNIT);
+    }
+}
+
+/* How a range of m rows is cut into tiles of mrs rows (the last may be shorter),
+   grouped into blocks of at most tpb tiles that are packed together. */
+typedef struct row_tiling {
+    int64_t mrs, tiles, tpb, blocks;
+} row_tiling;
+
+static row_tiling tile_rows(const cnn_gemm_family *f, int64_t m)
+{
+    /* (f, m) -> tiling */
+    row_tiling r = { 1, 0, 1, 0 };
+    if (m <= 0)
+        return r;
+    r.tiles = ceil_div(m, f->mr_max);
+    r.mrs = ceil_div(m, r.tiles);
+    r.tiles = ceil_div(m, r.mrs);
+    r.tpb = max64(1, f->mc / r.mrs);
+    r.blocks = ceil_div(r.tiles, r.tpb);
+    r.tpb = ceil_div(r.tiles, r.blocks);
+    return r;
+}
+
+/* Floats of one packed op(A) block for m rows, and of one packed op(B) block for n
+   columns (upper bounds for any range of at most m rows / n columns). */
+static int64_t a_block_floats(const cnn_gemm_family *f, int64_t m, int64_t K)
+{
+    /* (f, m, K) -> floats; a block has tpb * mrs <= min(2 m, mc + mr_max) rows */
+    return cnn_round_up_floats(min64(2 * m, f->mc + f->mr_max) * min64(K, f->kc));
+}
+
+static int64_t b_block_floats(const cnn_gemm_family *f, int64_t n, int64_t K)
+{
+    /* (f, n, K) -> floats; a block has at most round_up(min(n, nc), nr) columns */
+    return cnn_round_up_floats(round_up(min64(n, f->nc), f->nr) * min64(K, f->kc));
+}
+
+/* Workspace layout of a plan: `shared` floats used by all threads (double-buffered
+   when there are several), then `priv` floats per thread. */
+static void plan_floats(const cnn_gemm_family *f, const gemm_plan *plan, int64_t M,
+                        int64_t N, int64_t K, int64_t *shared, int64_t *priv)
+{
+    /* (f, plan) -> sizes */
+    const int64_t copies = plan->n_threads > 1 ? 2 : 1;
+    if (plan->split_n) {
+        *shared = copies * a_block_floats(f, M, K);
+        *priv = b_block_floats(f, plan->cols, K);
+    } else {
+        *shared = copies * b_block_floats(f, N, K);
+        *priv = a_block_floats(f, plan->rows, K);
+    }
+}
+
+/* Floats a plan needs with the hungriest compiled family. */
+static int64_t plan_total(const gemm_plan *plan, int64_t M, int64_t N, int64_t K)
+{
+    /* plan -> floats */
     static const cnn_kernel ids[4] = { CNN_KERNEL_GENERIC, CNN_KERNEL_AVX2,
                                        CNN_KERNEL_AVX512, CNN_KERNEL_NEON };
     int64_t most = 0;
@@ -296,10 +400,9 @@ static int64_t part_floats(int64_t ms, int64_t ns, int64_t K)
         const cnn_gemm_family *f = cnn_gemm_family_for(ids[t]);
         if (!f)
             continue;
-        int64_t a, b;
-        part_buffers(f, ms, ns, K, &a, &b);
-        if (a + b > most)
-            most = a + b;
+        int64_t shared, priv;
+        plan_floats(f, plan, M, N, K, &shared, &priv);
+        most = max64(most, shared + plan->n_threads * priv);
     }
     return most;
 }
@@ -309,94 +412,205 @@ int64_t cnn_sgemm_workspace_floats(int64_t M, int64_t N, int64_t K, int n_thread
     /* (M, N, K, threads) -> floats of workspace for cnn_sgemm_ex */
     if (M <= 0 || N <= 0 || K <= 0)
         return 0;
-    /* The grid does not depend on the transposes enough to matter for sizing: take
-       the larger part over the four cases. */
-    int64_t most = 0;
-    for (int t = 0; t < 4; ++t) {
-        const gemm_grid g = choose_grid(M, N, K, n_threads < 1 ? 1 : n_threads,
-                                        (cnn_trans)(t & 1), (cnn_trans)(t >> 1));
-        const int64_t need = (int64_t)g.tm * g.tn * part_floats(g.ms, g.ns, K);
-        if (need > most)
-            most = need;
-    }
-    return most + CNN_ALIGN / (int64_t)sizeof(float); /* slack to align the start */
+    const gemm_plan plan = make_plan(M, N, K, n_threads < 1 ? 1 : n_threads);
+    const gemm_plan serial = make_plan(M, N, K, 1);
+    /* The serial plan is the fallback when OpenMP grants fewer threads; 16 floats of
+       slack let the start be aligned to 64 bytes. */
+    return max64(plan_total(&plan, M, N, K), plan_total(&serial, M, N, K)) +
+           CNN_ALIGN / (int64_t)sizeof(float);
 }
 
 /* ---- driver ---------------------------------------------------------------- */
 
-typedef struct gemm_args {
+typedef struct gemm_ctx {
+    const cnn_gemm_family *f;
+    gemm_plan plan;
     float *C;
     const float *A, *B;
     int64_t M, N, K, ldc, lda, ldb;
     int a_xmajor, b_xmajor;
     float alpha, beta;
     const cnn_epilogue *ep;
-} gemm_args;
+    float *shared[2];  /* shared packed blocks (the same buffer twice when serial) */
+    float *priv;       /* thread t's buffer is priv + t * priv_floats */
+    int64_t priv_floats;
+} gemm_ctx;
 
-/* The five loops over the block C[m0:m0+m, n0:n0+n], with packing buffers abuf
-   (packed op(A) block) and bbuf (packed op(B) block). */
-static void gemm_part(const cnn_gemm_family *f, const gemm_args *g, int64_t m0, int64_t m,
-                      int64_t n0, int64_t n, float *abuf, float *bbuf)
+/* Synchronise the threads of a parallel plan. */
+CNN_INLINE void plan_barrier(const gemm_ctx *x)
 {
-    /* C[m0:m0+m, n0:n0+n] = ep(alpha op(A)[m0:m0+m, :] op(B)[:, n0:n0+n] + beta C) */
-    const int64_t K = g->K, nr = f->nr;
+    /* () -> all threads past this point */
+#ifdef _OPENMP
+    if (x->plan.n_threads > 1) {
+#pragma omp barrier
+    }
+#else
+    (void)x;
+#endif
+}
+
+/* Pack panels [p0, p1) of the op(B) block (kc, nc) at column j, K offset k0. */
+CNN_INLINE void pack_b(const gemm_ctx *x, float *buf, int64_t p0, int64_t p1, int64_t j,
+                       int64_t nc, int64_t k0, int64_t kc)
+{
+    /* op(B)[k0 : k0 + kc, j + p0 nr : ...] -> buf panels p0 .. p1 - 1 */
+    const cnn_gemm_family *f = x->f;
+    const int64_t lo = p0 * f->nr, hi = min64(nc, p1 * f->nr);
+    if (hi > lo)
+        f->pack(buf + lo * kc, x->B, x->ldb, x->b_xmajor, k0, kc, j + lo, hi - lo, f->nr,
+                f->nr_step);
+}
+
+/* Pack tiles [q0, q1) of the op(A) block (mc rows, tiles of mrs) at row i, K offset k0. */
+CNN_INLINE void pack_a(const gemm_ctx *x, float *buf, int64_t q0, int64_t q1, int64_t mrs,
+                       int64_t i, int64_t mc, int64_t k0, int64_t kc)
+{
+    /* op(A)[i + q0 mrs : ..., k0 : k0 + kc] -> buf panels q0 .. q1 - 1 */
+    const int64_t lo = q0 * mrs, hi = min64(mc, q1 * mrs);
+    if (hi > lo)
+        x->f->pack(buf + lo * kc, x->A, x->lda, x->a_xmajor, k0, kc, i + lo, hi - lo,
+                   (int)mrs, (int)mrs);
+}
+
+/* Run the micro-kernel over every tile of C[i : i + mc, j : j + nc] from the packed
+   blocks abuf (tiles of mrs rows) and bbuf; ep is applied after the final K block. */
+static void macro_kernel(const gemm_ctx *x, const float *abuf, const float *bbuf,
+                         int64_t i, int64_t mc, int64_t mrs, int64_t j, int64_t nc,
+                         int64_t kc, float beta, const cnn_epilogue *ep)
+{
+    /* C[i : i + mc, j : j + nc] = alpha A_block B_block + beta C[...] */
+    const cnn_gemm_family *f = x->f;
+    const int64_t nr = f->nr, ldc = x->ldc;
+    for (int64_t jr = 0; jr < nc; jr += nr) {
+        const int64_t w = min64(nr, nc - jr);
+        const int width = w == nr ? (int)nr : cnn_gemm_last_width(w, (int)nr, f->nr_step);
+        const float *pb = bbuf + jr * kc;
+        for (int64_t ir = 0; ir < mc; ir += mrs) {
+            const int64_t h = min64(mrs, mc - ir);
+            float *c = x->C + (i + ir) * ldc + j + jr;
+            f->kernel(c, ldc, abuf + ir * kc, pb, kc, (int)mrs, (int)h, width, (int)w,
+                      x->alpha, beta);
+            if (ep)
+                for (int64_t r = 0; r < h; ++r)
+                    cnn_epilogue_row(c + r * ldc, ep, i + ir + r, j + jr, w);
+        }
+    }
+}
+
+/* K block b of nk: [k0, k0 + kc), sizes balanced and independent of threads. */
+CNN_INLINE void k_block(int64_t K, int64_t nk, int64_t b, int64_t *k0, int64_t *kc)
+{
+    /* (K, nk, b) -> range */
+    *k0 = b * K / nk;
+    *kc = (b + 1) * K / nk - *k0;
+}
+
+/* Thread t's share when it owns a range of rows: op(B) blocks are packed jointly into
+   the shared buffers (each thread packs some panels), op(A) privately. */
+static void run_rows(const gemm_ctx *x, int t)
+{
+    /* C[rows of t, :] */
+    const cnn_gemm_family *f = x->f;
+    const int T = x->plan.n_threads;
+    const int64_t N = x->N, K = x->K, nr = f->nr;
+    int64_t i0, i1;
+    thread_rows(&x->plan, x->M, t, &i0, &i1);
+    const row_tiling rt = tile_rows(f, i1 - i0);
     const int64_t nk = ceil_div(K, f->kc);
-    const int64_t mcb = ceil_div(m, ceil_div(m, f->mc));
-    const int64_t ncb = round_up(ceil_div(n, ceil_div(n, f->nc)), nr);
-    for (int64_t jc = 0; jc < n; jc += ncb) {
-        const int64_t nc = min64(ncb, n - jc);
+    const int64_t nj = ceil_div(N, f->nc);
+    const int64_t ncb = round_up(ceil_div(N, nj), nr);
+    float *abuf = x->priv + (int64_t)t * x->priv_floats;
+    int64_t step = 0;
+    for (int64_t jc = 0; jc < N; jc += ncb) {
+        const int64_t nc = min64(ncb, N - jc);
         const int64_t npb = ceil_div(nc, nr);
-        for (int64_t b = 0; b < nk; ++b) {
-            const int64_t k0 = b * K / nk, kc = (b + 1) * K / nk - k0;
-            for (int64_t p = 0; p < npb; ++p) {
-                const int64_t w = min64(nr, nc - p * nr);
-                f->pack(bbuf + p * nr * kc, g->B, g->ldb, g->b_xmajor, k0, kc,
-                        n0 + jc + p * nr, w, (int)round_up(w, f->nr_step));
+        for (int64_t b = 0; b < nk; ++b, ++step) {
+            int64_t k0, kc;
+            k_block(K, nk, b, &k0, &kc);
+            float *bbuf = x->shared[step & 1];
+            pack_b(x, bbuf, t * npb / T, (t + 1) * npb / T, jc, nc, k0, kc);
+            plan_barrier(x);
+            const float beta = b == 0 ? x->beta : 1.0f;
+            const cnn_epilogue *ep = b == nk - 1 ? x->ep : NULL;
+            for (int64_t blk = 0; blk < rt.blocks; ++blk) {
+                const int64_t i = i0 + blk * rt.tpb * rt.mrs;
+                const int64_t mc = min64(rt.tpb * rt.mrs, i1 - i);
+                pack_a(x, abuf, 0, rt.tpb, rt.mrs, i, mc, k0, kc);
+                macro_kernel(x, abuf, bbuf, i, mc, rt.mrs, jc, nc, kc, beta, ep);
             }
-            const float beta = b == 0 ? g->beta : 1.0f;
-            const cnn_epilogue *ep = b == nk - 1 ? g->ep : NULL;
-            for (int64_t ic = 0; ic < m; ic += mcb) {
-                const int64_t mc = min64(mcb, m - ic);
-                const int64_t mrs = ceil_div(mc, ceil_div(mc, f->mr_max));
-                const int64_t npa = ceil_div(mc, mrs);
-                for (int64_t q = 0; q < npa; ++q)
-                    f->pack(abuf + q * mrs * kc, g->A, g->lda, g->a_xmajor, k0, kc,
-                            m0 + ic + q * mrs, min64(mrs, mc - q * mrs), (int)mrs);
-                for (int64_t p = 0; p < npb; ++p) {
-                    const int64_t j = n0 + jc + p * nr;
-                    const int64_t w = min64(nr, nc - p * nr);
-                    const int width = (int)round_up(w, f->nr_step);
-                    const float *pb = bbuf + p * nr * kc;
-                    for (int64_t q = 0; q < npa; ++q) {
-                        const int64_t i = m0 + ic + q * mrs;
-                        const int64_t h = min64(mrs, mc - q * mrs);
-                        float *c = g->C + i * g->ldc + j;
-                        f->kernel(c, g->ldc, abuf + q * mrs * kc, pb, kc, (int)mrs, (int)h,
-                                  width, (int)w, g->alpha, beta);
-                        if (ep)
-                            for (int64_t r = 0; r < h; ++r)
-                                cnn_epilogue_row(c + r * g->ldc, ep, i + r, j, w);
-                    }
-                }
+        }
+    }
+}
+
+/* Thread t's share when it owns a range of columns: op(A) blocks are packed jointly
+   into the shared buffers, op(B) privately. */
+static void run_cols(const gemm_ctx *x, int t)
+{
+    /* C[:, columns of t] */
+    const cnn_gemm_family *f = x->f;
+    const int T = x->plan.n_threads;
+    const int64_t M = x->M, K = x->K, nr = f->nr;
+    int64_t j0, j1;
+    thread_cols(&x->plan, x->N, t, &j0, &j1);
+    const int64_t n = j1 - j0;
+    const row_tiling rt = tile_rows(f, M);
+    const int64_t nk = ceil_div(K, f->kc);
+    /* The same number of column blocks in every thread keeps the barriers matched. */
+    const int64_t nj = ceil_div(x->plan.cols, f->nc);
+    const int64_t ncb = round_up(ceil_div(n, nj), nr);
+    float *bbuf = x->priv + (int64_t)t * x->priv_floats;
+    int64_t step = 0;
+    for (int64_t c = 0; c < nj; ++c) {
+        const int64_t jc = j0 + c * ncb;
+        const int64_t nc = max64(0, min64(ncb, j1 - jc));
+        for (int64_t b = 0; b < nk; ++b) {
+            int64_t k0, kc;
+            k_block(K, nk, b, &k0, &kc);
+            if (nc > 0)
+                pack_b(x, bbuf, 0, ceil_div(nc, nr), jc, nc, k0, kc);
+            const float beta = b == 0 ? x->beta : 1.0f;
+            const cnn_epilogue *ep = b == nk - 1 ? x->ep : NULL;
+            for (int64_t blk = 0; blk < rt.blocks; ++blk, ++step) {
+                const int64_t i = blk * rt.tpb * rt.mrs;
+                const int64_t mc = min64(rt.tpb * rt.mrs, M - i);
+                const int64_t tiles = ceil_div(mc, rt.mrs);
+                float *abuf = x->shared[step & 1];
+                pack_a(x, abuf, t * tiles / T, (t + 1) * tiles / T, rt.mrs, i, mc, k0, kc);
+                plan_barrier(x);
+                if (nc > 0)
+                    macro_kernel(x, abuf, bbuf, i, mc, rt.mrs, jc, nc, kc, beta, ep);
             }
         }
     }
 }
 
 /* C = ep(beta C) when there is nothing to multiply (K == 0 or alpha == 0). */
-static void scale_only(const gemm_args *g)
+static void scale_only(const gemm_ctx *x)
 {
     /* C (M, N) */
-    for (int64_t i = 0; i < g->M; ++i) {
-        float *c = g->C + i * g->ldc;
-        if (g->beta == 0.0f)
-            memset(c, 0, (size_t)g->N * sizeof(float));
-        else if (g->beta != 1.0f)
-            for (int64_t j = 0; j < g->N; ++j)
-                c[j] *= g->beta;
-        if (g->ep)
-            cnn_epilogue_row(c, g->ep, i, 0, g->N);
+    for (int64_t i = 0; i < x->M; ++i) {
+        float *c = x->C + i * x->ldc;
+        if (x->beta == 0.0f)
+            memset(c, 0, (size_t)x->N * sizeof(float));
+        else if (x->beta != 1.0f)
+            for (int64_t j = 0; j < x->N; ++j)
+                c[j] *= x->beta;
+        if (x->ep)
+            cnn_epilogue_row(c, x->ep, i, 0, x->N);
     }
+}
+
+/* Point the context's buffers into the 64-byte aligned workspace for its plan. */
+static void layout_workspace(gemm_ctx *x, float *work)
+{
+    /* work -> x->shared, x->priv */
+    float *base = (float *)(((uintptr_t)work + CNN_ALIGN - 1) & ~(uintptr_t)(CNN_ALIGN - 1));
+    int64_t shared, priv;
+    plan_floats(x->f, &x->plan, x->M, x->N, x->K, &shared, &priv);
+    x->shared[0] = base;
+    x->shared[1] = x->plan.n_threads > 1 ? base + shared / 2 : base;
+    x->priv = base + shared;
+    x->priv_floats = priv;
 }
 
 int cnn_sgemm_ex(float *C, const float *A, const float *B,
@@ -419,42 +633,57 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
     if (!C)
         return CNN_ERR_ARG;
 
-    gemm_args g;
-    g.C = C; g.A = A; g.B = B;
-    g.M = M; g.N = N; g.K = K; g.ldc = ldc; g.lda = lda; g.ldb = ldb;
-    g.a_xmajor = trans_a == CNN_NO_TRANS;
-    g.b_xmajor = trans_b == CNN_TRANS;
-    g.alpha = alpha; g.beta = beta; g.ep = epilogue;
+    gemm_ctx x;
+    memset(&x, 0, sizeof x);
+    x.C = C; x.A = A; x.B = B;
+    x.M = M; x.N = N; x.K = K; x.ldc = ldc; x.lda = lda; x.ldb = ldb;
+    x.a_xmajor = trans_a == CNN_NO_TRANS;
+    x.b_xmajor = trans_b == CNN_TRANS;
+    x.alpha = alpha; x.beta = beta; x.ep = epilogue;
 
     if (K == 0 || alpha == 0.0f) {
-        scale_only(&g);
+        scale_only(&x);
         return CNN_OK;
     }
     if (!A || !B || !work)
         return CNN_ERR_ARG;
 
-    const cnn_gemm_family *f = cnn_gemm_family_for(cnn_get_kernel());
-    if (!f)
-        f = cnn_gemm_family_generic();
-    const gemm_grid grid = choose_grid(M, N, K, n_threads, trans_a, trans_b);
-    const int64_t per_part = part_floats(grid.ms, grid.ns, K);
-    float *base = (float *)(((uintptr_t)work + CNN_ALIGN - 1) & ~(uintptr_t)(CNN_ALIGN - 1));
-    const int n_parts = grid.tm * grid.tn;
-
+    x.f = cnn_gemm_family_for(cnn_get_kernel());
+    if (!x.f)
+        x.f = cnn_gemm_family_generic();
+    x.plan = make_plan(M, N, K, n_threads);
+    if (x.plan.n_threads == 1) {
+        layout_workspace(&x, work);
+        if (x.plan.split_n)
+            run_cols(&x, 0);
+        else
+            run_rows(&x, 0);
+        return CNN_OK;
+    }
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(n_parts) schedule(static, 1) if (n_parts > 1)
-#endif
-    for (int part = 0; part < n_parts; ++part) {
-        const int64_t m0 = (int64_t)(part / grid.tn) * grid.ms;
-        const int64_t n0 = (int64_t)(part % grid.tn) * grid.ns;
-        const int64_t m = min64(grid.ms, M - m0), n = min64(grid.ns, N - n0);
-        if (m > 0 && n > 0) {
-            int64_t a_floats, b_floats;
-            part_buffers(f, grid.ms, grid.ns, K, &a_floats, &b_floats);
-            float *abuf = base + (int64_t)part * per_part;
-            gemm_part(f, &g, m0, m, n0, n, abuf, abuf + a_floats);
+#pragma omp parallel num_threads(x.plan.n_threads)
+    {
+        if (omp_get_num_threads() == x.plan.n_threads) {
+            gemm_ctx y = x;
+            layout_workspace(&y, work);
+            const int t = omp_get_thread_num();
+            if (y.plan.split_n)
+                run_cols(&y, t);
+            else
+                run_rows(&y, t);
+        } else if (omp_get_thread_num() == 0) {
+            /* Fewer threads than planned (nested region, thread limit): run serially. */
+            gemm_ctx y = x;
+            y.plan = make_plan(M, N, K, 1);
+            layout_workspace(&y, work);
+            run_rows(&y, 0);
         }
     }
+#else
+    x.plan = make_plan(M, N, K, 1);
+    layout_workspace(&x, work);
+    run_rows(&x, 0);
+#endif
     return CNN_OK;
 }
 

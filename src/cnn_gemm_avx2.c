@@ -127,27 +127,12 @@ AVX2_INLINE void transpose8(__m256 r[8])
     }
 }
 
-/* dst (kc, width) = X(k0 + k, x0 + x), zero past nx ; see cnn_gemm_pack_fn. */
-static AVX2_FN void pack_avx2(float *dst, const float *src, int64_t ld, int xmajor,
-                              int64_t k0, int64_t kc, int64_t x0, int64_t nx, int width)
+/* One panel of columns-contiguous X: dst (kc, width) = X(k0 + k, x0 + x), zero past nx,
+   where X(k, x) = src[x * ld + k]; 8 x 8 blocks are transposed in registers. */
+static AVX2_FN void pack_xmajor(float *dst, const float *src, int64_t ld, int64_t k0,
+                                int64_t kc, int64_t x0, int64_t nx, int width)
 {
-    if (!xmajor) {
-        /* Rows of X are contiguous: copy nx floats per k and zero the tail. */
-        const float *s = src + k0 * ld + x0;
-        if (nx == 16 && width == 16) {
-            for (int64_t k = 0; k < kc; ++k, s += ld, dst += 16) {
-                _mm256_storeu_ps(dst, _mm256_loadu_ps(s));
-                _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(s + 8));
-            }
-        } else if (nx == 8 && width == 8) {
-            for (int64_t k = 0; k < kc; ++k, s += ld, dst += 8)
-                _mm256_storeu_ps(dst, _mm256_loadu_ps(s));
-        } else {
-            cnn_gemm_pack_generic(dst, src, ld, xmajor, k0, kc, x0, nx, width);
-        }
-        return;
-    }
-    /* Columns of X are contiguous: transpose 8 x 8 blocks (8 x's by 8 k's). */
+    /* src rows x0 .. x0 + nx - 1 -> dst (kc, width) */
     for (int g = 0; g < width; g += 8) {
         const int64_t vx = nx - g < 0 ? 0 : (nx - g > 8 ? 8 : nx - g);
         const int64_t wg = width - g < 8 ? width - g : 8;
@@ -158,6 +143,7 @@ static AVX2_FN void pack_avx2(float *dst, const float *src, int64_t ld, int xmaj
             continue;
         }
         const float *s = src + (x0 + g) * ld + k0;
+        const __m256i sm = lanes8(wg);
         int64_t k = 0;
         for (; k + 8 <= kc; k += 8) {
             __m256 r[8];
@@ -169,7 +155,6 @@ static AVX2_FN void pack_avx2(float *dst, const float *src, int64_t ld, int xmaj
                 for (int kk = 0; kk < 8; ++kk)
                     _mm256_storeu_ps(d + kk * width, r[kk]);
             } else {
-                const __m256i sm = lanes8(wg);
                 for (int kk = 0; kk < 8; ++kk)
                     _mm256_maskstore_ps(d + kk * width, sm, r[kk]);
             }
@@ -177,6 +162,65 @@ static AVX2_FN void pack_avx2(float *dst, const float *src, int64_t ld, int xmaj
         for (; k < kc; ++k) {
             for (int64_t x = 0; x < wg; ++x)
                 dst[k * width + g + x] = x < vx ? s[x * ld + k] : 0.0f;
+        }
+    }
+}
+
+/* Copy up to 16 floats from s to d (load masks l0, l1) and zero d up to its width
+   (store masks s0, s1; s1 all-zero when the width is at most 8). */
+AVX2_INLINE void copy_row(float *d, const float *s, __m256i l0, __m256i l1, __m256i s0,
+                          __m256i s1, int two)
+{
+    /* s (nx,) -> d (width,) */
+    _mm256_maskstore_ps(d, s0, _mm256_maskload_ps(s, l0));
+    if (two)
+        _mm256_maskstore_ps(d + 8, s1, _mm256_maskload_ps(s + 8, l1));
+}
+
+/* Panels of X(k0 : k0 + kc, x0 : x0 + nx) ; see cnn_gemm_pack_fn. */
+static AVX2_FN void pack_avx2(float *dst, const float *src, int64_t ld, int xmajor,
+                              int64_t k0, int64_t kc, int64_t x0, int64_t nx,
+                              int panel, int step)
+{
+    const int64_t n_full = nx / panel, rest = nx - n_full * panel;
+    const int last_w = rest ? cnn_gemm_last_width(rest, panel, step) : 0;
+    const int64_t pstride = (int64_t)panel * kc;
+    if (xmajor) {
+        for (int64_t p = 0; p < n_full; ++p)
+            pack_xmajor(dst + p * pstride, src, ld, k0, kc, x0 + p * panel, panel, panel);
+        if (rest)
+            pack_xmajor(dst + n_full * pstride, src, ld, k0, kc, x0 + n_full * panel, rest,
+                        last_w);
+        return;
+    }
+    if (panel > 16) {
+        cnn_gemm_pack_generic(dst, src, ld, xmajor, k0, kc, x0, nx, panel, step);
+        return;
+    }
+    /* Rows of X are contiguous: walk k outermost so each source row streams once. */
+    const float *s = src + k0 * ld + x0;
+    float *tail = dst + n_full * pstride;
+    const __m256i fl0 = lanes8(panel), fl1 = lanes8(panel - 8);
+    const __m256i tl0 = lanes8(rest), tl1 = lanes8(rest - 8);
+    const __m256i ts0 = lanes8(last_w), ts1 = lanes8(last_w - 8);
+    if (panel == 16) {
+        for (int64_t k = 0; k < kc; ++k, s += ld) {
+            for (int64_t p = 0; p < n_full; ++p) {
+                float *d = dst + p * pstride + k * 16;
+                _mm256_storeu_ps(d, _mm256_loadu_ps(s + p * 16));
+                _mm256_storeu_ps(d + 8, _mm256_loadu_ps(s + p * 16 + 8));
+            }
+            if (rest)
+                copy_row(tail + k * last_w, s + n_full * 16, tl0, tl1, ts0, ts1, last_w > 8);
+        }
+    } else {
+        for (int64_t k = 0; k < kc; ++k, s += ld) {
+            for (int64_t p = 0; p < n_full; ++p)
+                copy_row(dst + p * pstride + k * panel, s + p * panel, fl0, fl1, fl0, fl1,
+                         panel > 8);
+            if (rest)
+                copy_row(tail + k * last_w, s + n_full * panel, tl0, tl1, ts0, ts1,
+                         last_w > 8);
         }
     }
 }

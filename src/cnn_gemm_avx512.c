@@ -148,33 +148,12 @@ AVX512_INLINE void transpose16(__m512 r[16])
         r[i] = t[i];
 }
 
-/* dst (kc, width) = X(k0 + k, x0 + x), zero past nx ; see cnn_gemm_pack_fn. */
-static AVX512_FN void pack_avx512(float *dst, const float *src, int64_t ld, int xmajor,
-                                  int64_t k0, int64_t kc, int64_t x0, int64_t nx, int width)
+/* One panel of columns-contiguous X: dst (kc, width) = X(k0 + k, x0 + x), zero past nx,
+   where X(k, x) = src[x * ld + k]; 16 x 16 blocks are transposed in registers. */
+static AVX512_FN void pack_xmajor(float *dst, const float *src, int64_t ld, int64_t k0,
+                                  int64_t kc, int64_t x0, int64_t nx, int width)
 {
-    if (!xmajor) {
-        /* Rows of X are contiguous: copy nx floats per k and zero the tail. */
-        const float *s = src + k0 * ld + x0;
-        if (nx == 32 && width == 32) {
-            for (int64_t k = 0; k < kc; ++k, s += ld, dst += 32) {
-                _mm512_storeu_ps(dst, _mm512_loadu_ps(s));
-                _mm512_storeu_ps(dst + 16, _mm512_loadu_ps(s + 16));
-            }
-        } else if (nx == 16 && width == 16) {
-            for (int64_t k = 0; k < kc; ++k, s += ld, dst += 16)
-                _mm512_storeu_ps(dst, _mm512_loadu_ps(s));
-        } else {
-            const __mmask16 l0 = lanes(nx), l1 = lanes(nx - 16);
-            const __mmask16 s0 = lanes(width), s1 = lanes(width - 16);
-            for (int64_t k = 0; k < kc; ++k, s += ld, dst += width) {
-                _mm512_mask_storeu_ps(dst, s0, _mm512_maskz_loadu_ps(l0, s));
-                if (width > 16)
-                    _mm512_mask_storeu_ps(dst + 16, s1, _mm512_maskz_loadu_ps(l1, s + 16));
-            }
-        }
-        return;
-    }
-    /* Columns of X are contiguous: transpose 16 x 16 blocks. */
+    /* src rows x0 .. x0 + nx - 1 -> dst (kc, width) */
     for (int g = 0; g < width; g += 16) {
         const int64_t vx = nx - g < 0 ? 0 : (nx - g > 16 ? 16 : nx - g);
         const __mmask16 sm = lanes(width - g);
@@ -205,6 +184,58 @@ static AVX512_FN void pack_avx512(float *dst, const float *src, int64_t ld, int 
                 for (int64_t kk = 0; kk < mk; ++kk)
                     _mm512_mask_storeu_ps(d + kk * width, sm, r[kk]);
             }
+        }
+    }
+}
+
+/* Copy nx (<= 32) floats from s to d and zero d up to width (<= 32). */
+AVX512_INLINE void copy_row(float *d, const float *s, __mmask16 l0, __mmask16 l1,
+                            __mmask16 s0, __mmask16 s1)
+{
+    /* s (nx,) -> d (width,) with precomputed load masks l and store masks s */
+    _mm512_mask_storeu_ps(d, s0, _mm512_maskz_loadu_ps(l0, s));
+    if (s1)
+        _mm512_mask_storeu_ps(d + 16, s1, _mm512_maskz_loadu_ps(l1, s + 16));
+}
+
+/* Panels of X(k0 : k0 + kc, x0 : x0 + nx) ; see cnn_gemm_pack_fn. */
+static AVX512_FN void pack_avx512(float *dst, const float *src, int64_t ld, int xmajor,
+                                  int64_t k0, int64_t kc, int64_t x0, int64_t nx,
+                                  int panel, int step)
+{
+    const int64_t n_full = nx / panel, rest = nx - n_full * panel;
+    const int last_w = rest ? cnn_gemm_last_width(rest, panel, step) : 0;
+    const int64_t pstride = (int64_t)panel * kc;
+    if (xmajor) {
+        for (int64_t p = 0; p < n_full; ++p)
+            pack_xmajor(dst + p * pstride, src, ld, k0, kc, x0 + p * panel, panel, panel);
+        if (rest)
+            pack_xmajor(dst + n_full * pstride, src, ld, k0, kc, x0 + n_full * panel, rest,
+                        last_w);
+        return;
+    }
+    /* Rows of X are contiguous: walk k outermost so each source row streams once. */
+    const float *s = src + k0 * ld + x0;
+    float *tail = dst + n_full * pstride;
+    const __mmask16 fl0 = lanes(panel), fl1 = lanes(panel - 16);
+    const __mmask16 tl0 = lanes(rest), tl1 = lanes(rest - 16);
+    const __mmask16 ts0 = lanes(last_w), ts1 = lanes(last_w - 16);
+    if (panel == 32) {
+        for (int64_t k = 0; k < kc; ++k, s += ld) {
+            for (int64_t p = 0; p < n_full; ++p) {
+                float *d = dst + p * pstride + k * 32;
+                _mm512_storeu_ps(d, _mm512_loadu_ps(s + p * 32));
+                _mm512_storeu_ps(d + 16, _mm512_loadu_ps(s + p * 32 + 16));
+            }
+            if (rest)
+                copy_row(tail + k * last_w, s + n_full * 32, tl0, tl1, ts0, ts1);
+        }
+    } else {
+        for (int64_t k = 0; k < kc; ++k, s += ld) {
+            for (int64_t p = 0; p < n_full; ++p)
+                copy_row(dst + p * pstride + k * panel, s + p * panel, fl0, fl1, fl0, fl1);
+            if (rest)
+                copy_row(tail + k * last_w, s + n_full * panel, tl0, tl1, ts0, ts1);
         }
     }
 }

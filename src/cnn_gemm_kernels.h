@@ -53,11 +53,14 @@ typedef void (*cnn_gemm_kernel_fn)(float *c, int64_t ldc, const float *pa, const
                                    int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
                                    float alpha, float beta);
 
-/* Pack one panel: dst[k * width + x] = X(k0 + k, x0 + x) for k < kc, x < nx, and 0 for
-   nx <= x < width.  X(k, x) is src[x * ld + k] when xmajor, else src[k * ld + x].
-   dst is (kc, width); 0 <= nx <= width <= CNN_GEMM_NR_LIMIT. */
+/* Pack X(k0 : k0 + kc, x0 : x0 + nx) into ceil(nx / panel) panels: panel p starts at
+   dst + p * panel * kc and is (kc, w_p) with w_p = panel, except the last one, whose
+   width is min(panel, round_up(nx - p * panel, step)); entries past nx are zero.
+   X(k, x) is src[x * ld + k] when xmajor, else src[k * ld + x].
+   1 <= step <= panel <= CNN_GEMM_NR_LIMIT. */
 typedef void (*cnn_gemm_pack_fn)(float *dst, const float *src, int64_t ld, int xmajor,
-                                 int64_t k0, int64_t kc, int64_t x0, int64_t nx, int width);
+                                 int64_t k0, int64_t kc, int64_t x0, int64_t nx,
+                                 int panel, int step);
 
 typedef struct cnn_gemm_family {
     cnn_kernel id;
@@ -81,8 +84,18 @@ const cnn_gemm_family *cnn_gemm_family_avx2(void);
 const cnn_gemm_family *cnn_gemm_family_avx512(void);
 const cnn_gemm_family *cnn_gemm_family_neon(void);
 
-/* Portable packing routine (any width up to CNN_GEMM_NR_LIMIT). */
+/* Portable packing routine (a cnn_gemm_pack_fn). */
 void cnn_gemm_pack_generic(float *dst, const float *src, int64_t ld, int xmajor,
-                           int64_t k0, int64_t kc, int64_t x0, int64_t nx, int width);
+                           int64_t k0, int64_t kc, int64_t x0, int64_t nx,
+                           int panel, int step);
+
+/* Width of the last of the panels of cnn_gemm_pack_fn holding the final `rest`
+   (1 <= rest <= panel) entries. */
+CNN_INLINE int cnn_gemm_last_width(int64_t rest, int panel, int step)
+{
+    /* (rest, panel, step) -> width */
+    const int64_t w = (rest + step - 1) / step * step;
+    return (int)(w < panel ? w : panel);
+}
 
 #endif

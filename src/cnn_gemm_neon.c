@@ -71,9 +71,10 @@ static void kernel_neon(float *c, int64_t ldc, const float *pa, const float *pb,
     }
 }
 
-/* dst (kc, width) = X(k0 + k, x0 + x), zero past nx ; see cnn_gemm_pack_fn. */
-static void pack_neon(float *dst, const float *src, int64_t ld, int xmajor,
-                      int64_t k0, int64_t kc, int64_t x0, int64_t nx, int width)
+/* One panel: dst (kc, width) = X(k0 + k, x0 + x), zero past nx ; X as in
+   cnn_gemm_pack_fn. */
+static void pack_panel(float *dst, const float *src, int64_t ld, int xmajor,
+                       int64_t k0, int64_t kc, int64_t x0, int64_t nx, int width)
 {
     if (!xmajor && nx == width && (width & 3) == 0) {
         const float *s = src + k0 * ld + x0;
@@ -117,7 +118,20 @@ static void pack_neon(float *dst, const float *src, int64_t ld, int xmajor,
         }
         return;
     }
-    cnn_gemm_pack_generic(dst, src, ld, xmajor, k0, kc, x0, nx, width);
+    cnn_gemm_pack_generic(dst, src, ld, xmajor, k0, kc, x0, nx, width, width);
+}
+
+/* Panels of X(k0 : k0 + kc, x0 : x0 + nx) ; see cnn_gemm_pack_fn. */
+static void pack_neon(float *dst, const float *src, int64_t ld, int xmajor,
+                      int64_t k0, int64_t kc, int64_t x0, int64_t nx, int panel, int step)
+{
+    const int64_t pstride = (int64_t)panel * kc;
+    for (int64_t p = 0; p * panel < nx; ++p) {
+        const int64_t rest = nx - p * panel;
+        const int w = rest >= panel ? panel : cnn_gemm_last_width(rest, panel, step);
+        pack_panel(dst + p * pstride, src, ld, xmajor, k0, kc, x0 + p * panel,
+                   rest < panel ? rest : panel, w);
+    }
 }
 
 static const cnn_gemm_family family_neon = {
