@@ -4,6 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#ifdef CNN_GEMM_TUNE
+#include <stdio.h>
+#endif
 #include "cnn_core.h"
 #include "cnn_internal.h"
 #include "cnn_gemm_kernels.h"
@@ -198,7 +201,7 @@ void cnn_gemm_pack_generic(float *dst, const float *src, int64_t ld, int xmajor,
 static const cnn_gemm_family family_generic = {
     CNN_KERNEL_GENERIC, GEN_MR, GEN_NR, GEN_NR,
     256, 128, 2048,
-    kernel_generic, cnn_gemm_pack_generic
+    kernel_generic, cnn_gemm_pack_generic, 0
 };
 
 const cnn_gemm_family *cnn_gemm_family_generic(void) { return &family_generic; }
@@ -271,36 +274,61 @@ static double tile_cycles(int64_t m, int64_t n, int64_t K)
          + 40.0 * (double)(tiles * ceil_div(n, 32));
 }
 
-/* Split C over n_threads threads (or fewer, or one for small problems). */
-static gemm_plan make_plan(int64_t M, int64_t N, int64_t K, int n_threads)
+/* What the plan needs to know about the operands: whether packing op(A) / op(B)
+   transposes (the source is x-major), and whether a thread that owns its B panels
+   can have the micro-kernel pack them on the fly (fused). */
+typedef struct gemm_shape {
+    int64_t M, N, K;
+    int a_xmajor, b_xmajor, b_fused;
+} gemm_shape;
+
+/* Rough cycles for packing n floats: a transposing pack, a straight copy, or a copy
+   folded into the first tile of a panel. */
+static double pack_cycles(double n, int xmajor, int fused)
 {
-    /* (M, N, K, threads) -> plan */
+    /* (floats, kind) -> cycles */
+    return n * (fused ? 0.05 : (xmajor ? 0.4 : 0.3));
+}
+
+/* Split C over n_threads threads (or fewer, or one for small problems). */
+static gemm_plan make_plan(const gemm_shape *sh, int n_threads)
+{
+    /* (shape, threads) -> plan */
+    const int64_t M = sh->M, N = sh->N, K = sh->K;
     gemm_plan serial = { 1, 0, M, N };
     if (n_threads <= 1 || M <= 0 || N <= 0 || K <= 0 ||
         (double)M * (double)N * (double)K < CNN_GEMM_PARALLEL_MIN_FMAS)
         return serial;
-    const double pack = 0.4;       /* cycles per packed float */
-    const double overhead = 3000.0; /* entering a parallel region, barriers */
-    double best = tile_cycles(M, N, K) + pack * (double)(M + N) * (double)K;
+    const double dK = (double)K;
+    const double overhead = 3000.0; /* entering a parallel region */
+    const double barrier = 300.0;
+    const int64_t nk = ceil_div(K, 384);
+    double best = tile_cycles(M, N, K) + pack_cycles((double)M * dK, sh->a_xmajor, 0) +
+                  pack_cycles((double)N * dK, sh->b_xmajor, sh->b_fused);
     gemm_plan plan = serial;
-    /* Rows: thread t owns rows [t M / T, (t + 1) M / T). */
+    /* Rows: thread t owns rows [t M / T, (t + 1) M / T); B blocks are packed jointly. */
     const int tm = (int)min64(n_threads, M);
     if (tm > 1) {
         const int64_t rows = ceil_div(M, tm);
         const double cost = tile_cycles(rows, N, K) +
-                            pack * ((double)rows + (double)N / tm) * (double)K + overhead;
+                            pack_cycles((double)rows * dK, sh->a_xmajor, 0) +
+                            pack_cycles((double)N * dK / tm, sh->b_xmajor, 0) +
+                            overhead + barrier * (double)nk;
         if (cost < best) {
             best = cost;
             plan.n_threads = tm; plan.split_n = 0; plan.rows = rows; plan.cols = N;
         }
     }
-    /* Columns: thread t owns units [t U / T, (t + 1) U / T) of CNN_GEMM_COL_UNIT. */
+    /* Columns: thread t owns units [t U / T, (t + 1) U / T) of CNN_GEMM_COL_UNIT;
+       A blocks are packed jointly, B privately. */
     const int64_t units = ceil_div(N, CNN_GEMM_COL_UNIT);
     const int tn = (int)min64(n_threads, units);
     if (tn > 1) {
         const int64_t cols = ceil_div(units, tn) * CNN_GEMM_COL_UNIT;
         const double cost = tile_cycles(M, cols, K) +
-                            pack * ((double)M / tn + (double)cols) * (double)K + overhead;
+                            pack_cycles((double)M * dK / tn, sh->a_xmajor, 0) +
+                            pack_cycles((double)cols * dK, sh->b_xmajor, sh->b_fused) +
+                            overhead + barrier * (double)nk * (double)ceil_div(M, 168);
         if (cost < best) {
             best = cost;
             plan.n_threads = tn; plan.split_n = 1; plan.rows = M; plan.cols = cols;
@@ -412,12 +440,17 @@ int64_t cnn_sgemm_workspace_floats(int64_t M, int64_t N, int64_t K, int n_thread
     /* (M, N, K, threads) -> floats of workspace for cnn_sgemm_ex */
     if (M <= 0 || N <= 0 || K <= 0)
         return 0;
-    const gemm_plan plan = make_plan(M, N, K, n_threads < 1 ? 1 : n_threads);
-    const gemm_plan serial = make_plan(M, N, K, 1);
-    /* The serial plan is the fallback when OpenMP grants fewer threads; 16 floats of
-       slack let the start be aligned to 64 bytes. */
-    return max64(plan_total(&plan, M, N, K), plan_total(&serial, M, N, K)) +
-           CNN_ALIGN / (int64_t)sizeof(float);
+    /* Enough for the plan of every transpose case and kernel family, and for the
+       serial plan, the fallback when OpenMP grants fewer threads than asked. */
+    int64_t most = 0;
+    for (int c = 0; c < 8; ++c) {
+        const gemm_shape sh = { M, N, K, c & 1, (c >> 1) & 1, c >> 2 };
+        const gemm_plan plan = make_plan(&sh, n_threads < 1 ? 1 : n_threads);
+        const gemm_plan serial = make_plan(&sh, 1);
+        most = max64(most, max64(plan_total(&plan, M, N, K), plan_total(&serial, M, N, K)));
+    }
+    /* 16 floats of slack let the start be aligned to 64 bytes. */
+    return most + CNN_ALIGN / (int64_t)sizeof(float);
 }
 
 /* ---- driver ---------------------------------------------------------------- */
@@ -449,13 +482,17 @@ CNN_INLINE void plan_barrier(const gemm_ctx *x)
 #endif
 }
 
-/* Pack panels [p0, p1) of the op(B) block (kc, nc) at column j, K offset k0. */
+/* Pack panels [p0, p1) of the op(B) block (kc, nc) at column j, K offset k0; with
+   fused, only the last panel if it is partial (the kernel packs the full ones). */
 CNN_INLINE void pack_b(const gemm_ctx *x, float *buf, int64_t p0, int64_t p1, int64_t j,
-                       int64_t nc, int64_t k0, int64_t kc)
+                       int64_t nc, int64_t k0, int64_t kc, int fused)
 {
     /* op(B)[k0 : k0 + kc, j + p0 nr : ...] -> buf panels p0 .. p1 - 1 */
     const cnn_gemm_family *f = x->f;
-    const int64_t lo = p0 * f->nr, hi = min64(nc, p1 * f->nr);
+    int64_t lo = p0 * f->nr;
+    const int64_t hi = min64(nc, p1 * f->nr);
+    if (fused)
+        lo = max64(lo, nc / f->nr * f->nr);
     if (hi > lo)
         f->pack(buf + lo * kc, x->B, x->ldb, x->b_xmajor, k0, kc, j + lo, hi - lo, f->nr,
                 f->nr_step);
@@ -474,22 +511,27 @@ CNN_INLINE void pack_a(const gemm_ctx *x, float *buf, int64_t q0, int64_t q1, in
 
 /* Run the micro-kernel over every tile of C[i : i + mc, j : j + nc] from the packed
    blocks abuf (tiles of mrs rows) and bbuf; ep is applied after the final K block. */
-static void macro_kernel(const gemm_ctx *x, const float *abuf, const float *bbuf,
-                         int64_t i, int64_t mc, int64_t mrs, int64_t j, int64_t nc,
-                         int64_t kc, float beta, const cnn_epilogue *ep)
+static void macro_kernel(const gemm_ctx *x, const float *abuf, float *bbuf,
+                         const float *bsrc, int64_t i, int64_t mc, int64_t mrs, int64_t j,
+                         int64_t nc, int64_t kc, float beta, const cnn_epilogue *ep)
 {
-    /* C[i : i + mc, j : j + nc] = alpha A_block B_block + beta C[...] */
+    /* C[i : i + mc, j : j + nc] = alpha A_block B_block + beta C[...]; when bsrc is set
+       (op(B) rows at column j), full B panels are packed by their first tile */
     const cnn_gemm_family *f = x->f;
     const int64_t nr = f->nr, ldc = x->ldc;
     for (int64_t jr = 0; jr < nc; jr += nr) {
         const int64_t w = min64(nr, nc - jr);
         const int width = w == nr ? (int)nr : cnn_gemm_last_width(w, (int)nr, f->nr_step);
-        const float *pb = bbuf + jr * kc;
+        float *pb = bbuf + jr * kc;
         for (int64_t ir = 0; ir < mc; ir += mrs) {
             const int64_t h = min64(mrs, mc - ir);
             float *c = x->C + (i + ir) * ldc + j + jr;
-            f->kernel(c, ldc, abuf + ir * kc, pb, kc, (int)mrs, (int)h, width, (int)w,
-                      x->alpha, beta);
+            if (bsrc && ir == 0 && w == nr)
+                f->kernel_packb(c, ldc, abuf, bsrc + jr, x->ldb, pb, kc, (int)mrs, (int)h,
+                                x->alpha, beta);
+            else
+                f->kernel(c, ldc, abuf + ir * kc, pb, kc, (int)mrs, (int)h, width, (int)w,
+                          x->alpha, beta);
             if (ep)
                 for (int64_t r = 0; r < h; ++r)
                     cnn_epilogue_row(c + r * ldc, ep, i + ir + r, j + jr, w);
@@ -520,6 +562,8 @@ static void run_rows(const gemm_ctx *x, int t)
     const int64_t nj = ceil_div(N, f->nc);
     const int64_t ncb = round_up(ceil_div(N, nj), nr);
     float *abuf = x->priv + (int64_t)t * x->priv_floats;
+    /* With one thread the first tile of each B panel can pack it. */
+    const int fuse = T == 1 && x->f->kernel_packb && !x->b_xmajor;
     int64_t step = 0;
     for (int64_t jc = 0; jc < N; jc += ncb) {
         const int64_t nc = min64(ncb, N - jc);
@@ -528,15 +572,16 @@ static void run_rows(const gemm_ctx *x, int t)
             int64_t k0, kc;
             k_block(K, nk, b, &k0, &kc);
             float *bbuf = x->shared[step & 1];
-            pack_b(x, bbuf, t * npb / T, (t + 1) * npb / T, jc, nc, k0, kc);
+            pack_b(x, bbuf, t * npb / T, (t + 1) * npb / T, jc, nc, k0, kc, fuse);
             plan_barrier(x);
             const float beta = b == 0 ? x->beta : 1.0f;
             const cnn_epilogue *ep = b == nk - 1 ? x->ep : NULL;
             for (int64_t blk = 0; blk < rt.blocks; ++blk) {
                 const int64_t i = i0 + blk * rt.tpb * rt.mrs;
                 const int64_t mc = min64(rt.tpb * rt.mrs, i1 - i);
+                const float *bsrc = fuse && blk == 0 ? x->B + k0 * x->ldb + jc : NULL;
                 pack_a(x, abuf, 0, rt.tpb, rt.mrs, i, mc, k0, kc);
-                macro_kernel(x, abuf, bbuf, i, mc, rt.mrs, jc, nc, kc, beta, ep);
+                macro_kernel(x, abuf, bbuf, bsrc, i, mc, rt.mrs, jc, nc, kc, beta, ep);
             }
         }
     }
@@ -559,6 +604,8 @@ static void run_cols(const gemm_ctx *x, int t)
     const int64_t nj = ceil_div(x->plan.cols, f->nc);
     const int64_t ncb = round_up(ceil_div(n, nj), nr);
     float *bbuf = x->priv + (int64_t)t * x->priv_floats;
+    /* The first tile of each (private) B panel packs it. */
+    const int fuse = x->f->kernel_packb && !x->b_xmajor;
     int64_t step = 0;
     for (int64_t c = 0; c < nj; ++c) {
         const int64_t jc = j0 + c * ncb;
@@ -567,7 +614,7 @@ static void run_cols(const gemm_ctx *x, int t)
             int64_t k0, kc;
             k_block(K, nk, b, &k0, &kc);
             if (nc > 0)
-                pack_b(x, bbuf, 0, ceil_div(nc, nr), jc, nc, k0, kc);
+                pack_b(x, bbuf, 0, ceil_div(nc, nr), jc, nc, k0, kc, fuse);
             const float beta = b == 0 ? x->beta : 1.0f;
             const cnn_epilogue *ep = b == nk - 1 ? x->ep : NULL;
             for (int64_t blk = 0; blk < rt.blocks; ++blk, ++step) {
@@ -577,8 +624,9 @@ static void run_cols(const gemm_ctx *x, int t)
                 float *abuf = x->shared[step & 1];
                 pack_a(x, abuf, t * tiles / T, (t + 1) * tiles / T, rt.mrs, i, mc, k0, kc);
                 plan_barrier(x);
+                const float *bsrc = fuse && blk == 0 ? x->B + k0 * x->ldb + jc : NULL;
                 if (nc > 0)
-                    macro_kernel(x, abuf, bbuf, i, mc, rt.mrs, jc, nc, kc, beta, ep);
+                    macro_kernel(x, abuf, bbuf, bsrc, i, mc, rt.mrs, jc, nc, kc, beta, ep);
             }
         }
     }
@@ -651,7 +699,19 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
     x.f = cnn_gemm_family_for(cnn_get_kernel());
     if (!x.f)
         x.f = cnn_gemm_family_generic();
-    x.plan = make_plan(M, N, K, n_threads);
+    const gemm_shape sh = { M, N, K, x.a_xmajor, x.b_xmajor,
+                            x.f->kernel_packb != NULL && !x.b_xmajor };
+    x.plan = make_plan(&sh, n_threads);
+#ifdef CNN_GEMM_TUNE
+    if (getenv("TUNE_PLAN"))
+        fprintf(stderr, "plan T=%d split_n=%d rows=%ld cols=%ld\n", x.plan.n_threads,
+                x.plan.split_n, (long)x.plan.rows, (long)x.plan.cols);
+    if (getenv("TUNE_FORCE")) {
+        x.plan.split_n = atoi(getenv("TUNE_FORCE"));
+        x.plan.rows = x.plan.split_n ? M : ceil_div(M, x.plan.n_threads);
+        x.plan.cols = x.plan.split_n ? ceil_div(ceil_div(N, 16), x.plan.n_threads) * 16 : N;
+    }
+#endif
     if (x.plan.n_threads == 1) {
         layout_workspace(&x, work);
         if (x.plan.split_n)
@@ -674,13 +734,13 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
         } else if (omp_get_thread_num() == 0) {
             /* Fewer threads than planned (nested region, thread limit): run serially. */
             gemm_ctx y = x;
-            y.plan = make_plan(M, N, K, 1);
+            y.plan = make_plan(&sh, 1);
             layout_workspace(&y, work);
             run_rows(&y, 0);
         }
     }
 #else
-    x.plan = make_plan(M, N, K, 1);
+    x.plan = make_plan(&sh, 1);
     layout_workspace(&x, work);
     run_rows(&x, 0);
 #endif

@@ -228,7 +228,7 @@ static AVX2_FN void pack_avx2(float *dst, const float *src, int64_t ld, int xmaj
 static const cnn_gemm_family family_avx2 = {
     CNN_KERNEL_AVX2, MR, NR, 8,
     256, 144, 4096,
-    kernel_avx2, pack_avx2
+    kernel_avx2, pack_avx2, 0
 };
 
 const cnn_gemm_family *cnn_gemm_family_avx2(void) { return &family_avx2; }

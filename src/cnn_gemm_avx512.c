@@ -22,9 +22,12 @@ AVX512_INLINE __mmask16 lanes(int64_t n)
     return (__mmask16)((1u << n) - 1u);
 }
 
-/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 16 NV). */
-AVX512_INLINE void tile(const int MRS, const int NV, float *c, int64_t ldc,
+/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 16 NV) with
+   rows ldpb apart.  With FUSE, pb is the unpacked source and each row is also stored
+   to the packed panel pbo (kc, 16 NV), so the first tile of a panel packs it. */
+AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int64_t ldc,
                         const float *CNN_RESTRICT pa, const float *CNN_RESTRICT pb,
+                        int64_t ldpb, float *CNN_RESTRICT pbo,
                         int64_t kc, int mr, int nr, float alpha, float beta)
 {
     __m512 acc0[MR], acc1[MR];
@@ -43,6 +46,12 @@ AVX512_INLINE void tile(const int MRS, const int NV, float *c, int64_t ldc,
     for (int64_t k = 0; k < kc; ++k) {
         const __m512 b0 = _mm512_loadu_ps(pb);
         const __m512 b1 = NV == 2 ? _mm512_loadu_ps(pb + 16) : b0;
+        if (FUSE) {
+            _mm512_storeu_ps(pbo, b0);
+            if (NV == 2)
+                _mm512_storeu_ps(pbo + 16, b1);
+            pbo += 16 * NV;
+        }
 #pragma GCC unroll 16
         for (int i = 0; i < MRS; ++i) {
             const __m512 a = _mm512_set1_ps(pa[i]);
@@ -51,7 +60,7 @@ AVX512_INLINE void tile(const int MRS, const int NV, float *c, int64_t ldc,
                 acc1[i] = _mm512_fmadd_ps(a, b1, acc1[i]);
         }
         pa += MRS;
-        pb += 16 * NV;
+        pb += FUSE ? ldpb : 16 * NV;
     }
     const __m512 va = _mm512_set1_ps(alpha);
     const __m512 vb = _mm512_set1_ps(beta);
@@ -93,14 +102,15 @@ AVX512_INLINE void tile(const int MRS, const int NV, float *c, int64_t ldc,
     }
 }
 
-#define TILE_CASE(R, V) \
-    case R: tile(R, V, c, ldc, pa, pb, kc, mr, nr, alpha, beta); return;
-#define TILE_SWITCH(V)                                                             \
+#define TILE_CASE(R, V, F) \
+    case R: tile(R, V, F, c, ldc, pa, pb, ldpb, pbo, kc, mr, nr, alpha, beta); return;
+#define TILE_SWITCH(V, F)                                                          \
     switch (mr_stride) {                                                           \
-        TILE_CASE(1, V) TILE_CASE(2, V) TILE_CASE(3, V) TILE_CASE(4, V)            \
-        TILE_CASE(5, V) TILE_CASE(6, V) TILE_CASE(7, V) TILE_CASE(8, V)            \
-        TILE_CASE(9, V) TILE_CASE(10, V) TILE_CASE(11, V) TILE_CASE(12, V)         \
-        TILE_CASE(13, V) TILE_CASE(14, V)                                          \
+        TILE_CASE(1, V, F) TILE_CASE(2, V, F) TILE_CASE(3, V, F)                   \
+        TILE_CASE(4, V, F) TILE_CASE(5, V, F) TILE_CASE(6, V, F)                   \
+        TILE_CASE(7, V, F) TILE_CASE(8, V, F) TILE_CASE(9, V, F)                   \
+        TILE_CASE(10, V, F) TILE_CASE(11, V, F) TILE_CASE(12, V, F)                \
+        TILE_CASE(13, V, F) TILE_CASE(14, V, F)                                    \
         default: return;                                                           \
     }
 
@@ -109,11 +119,26 @@ static AVX512_FN void kernel_avx512(float *c, int64_t ldc, const float *pa, cons
                                     int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
                                     float alpha, float beta)
 {
+    const int64_t ldpb = nr_panel;
+    float *pbo = 0;
     if (nr_panel == 32) {
-        TILE_SWITCH(2)
+        TILE_SWITCH(2, 0)
     } else {
-        TILE_SWITCH(1)
+        TILE_SWITCH(1, 0)
     }
+}
+
+/* As kernel_avx512 on a full 32-column panel read from the source rows bsrc (ldb apart),
+   storing the packed panel to pbo (kc, 32) on the way. */
+static AVX512_FN void kernel_packb_avx512(float *c, int64_t ldc, const float *pa,
+                                          const float *bsrc, int64_t ldb, float *pbo,
+                                          int64_t kc, int mr_stride, int mr, float alpha,
+                                          float beta)
+{
+    const float *pb = bsrc;
+    const int64_t ldpb = ldb;
+    const int nr = NR;
+    TILE_SWITCH(2, 1)
 }
 
 /* In-register transpose of a 16 x 16 block: r[i][j] -> r[j][i]. */
@@ -243,7 +268,7 @@ static AVX512_FN void pack_avx512(float *dst, const float *src, int64_t ld, int 
 static const cnn_gemm_family family_avx512 = {
     CNN_KERNEL_AVX512, MR, NR, 16,
     384, 168, 4096,
-    kernel_avx512, pack_avx512
+    kernel_avx512, pack_avx512, kernel_packb_avx512
 };
 
 const cnn_gemm_family *cnn_gemm_family_avx512(void) { return &family_avx512; }

@@ -62,6 +62,14 @@ typedef void (*cnn_gemm_pack_fn)(float *dst, const float *src, int64_t ld, int x
                                  int64_t k0, int64_t kc, int64_t x0, int64_t nx,
                                  int panel, int step);
 
+/* Optional: the kernel on a full nr-column B panel read straight from row-contiguous
+   op(B) rows (bsrc, rows ldb apart) that also writes the packed panel pbo (kc, nr), so
+   the first tile of each panel does the packing while it computes. */
+typedef void (*cnn_gemm_kernel_packb_fn)(float *c, int64_t ldc, const float *pa,
+                                         const float *bsrc, int64_t ldb, float *pbo,
+                                         int64_t kc, int mr_stride, int mr,
+                                         float alpha, float beta);
+
 typedef struct cnn_gemm_family {
     cnn_kernel id;
     int mr_max;        /* tallest tile (rows of C) */
@@ -72,6 +80,7 @@ typedef struct cnn_gemm_family {
     int64_t nc;        /* columns of C per packed B block */
     cnn_gemm_kernel_fn kernel;
     cnn_gemm_pack_fn pack;
+    cnn_gemm_kernel_packb_fn kernel_packb;  /* NULL when the family has none */
 } cnn_gemm_family;
 
 /* The family for a kernel id, or NULL when this build has no such family.
