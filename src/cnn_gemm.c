@@ -230,6 +230,7 @@ const cnn_gemm_family *cnn_gemm_family_for(cnn_kernel kernel)
         if ((e = getenv("TUNE_KC"))) tuned[kernel].kc = atoi(e);
         if ((e = getenv("TUNE_MC"))) tuned[kernel].mc = atoi(e);
         if ((e = getenv("TUNE_NC"))) tuned[kernel].nc = atoi(e);
+        if ((e = getenv("TUNE_NOFUSE"))) tuned[kernel].kernel_packb = NULL;
         ready[kernel] = 1;
     }
     return &tuned[kernel];

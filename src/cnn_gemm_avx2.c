@@ -1,4 +1,4 @@
-/* cnn_gemm_avx2.c -- AVX2 + FMA GEMM family: 6 x 16 register tile and 8 x 8
+/* cnn_gemm_avx2.c -- AVX2 + FMA GEMM family: 5 x 16 register tile and 8 x 8
    transposing packs.  Compiled with function-level target attributes, so the rest
    of the library keeps the baseline ISA; callers check the CPU first. */
 #include "cnn_gemm_kernels.h"
@@ -9,7 +9,9 @@
 #define AVX2_FN __attribute__((target("avx2,fma")))
 #define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
 
-enum { MR = 6, NR = 16 };
+/* Five rows: 10 accumulators, 2 B vectors and a broadcast fit the 16 ymm registers
+   without spilling (six rows leave the compiler one register short). */
+enum { MR = 5, NR = 16 };
 
 /* Load mask of the low n lanes of 8 (n clamped to [0, 8]). */
 AVX2_INLINE __m256i lanes8(int64_t n)
@@ -21,9 +23,12 @@ AVX2_INLINE __m256i lanes8(int64_t n)
                               _mm256_loadu_si256((const __m256i *)ramp));
 }
 
-/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 8 NV). */
-AVX2_INLINE void tile(const int MRS, const int NV, float *c, int64_t ldc,
+/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 8 NV) with
+   rows ldpb apart.  With FUSE, pb is the unpacked source and each row is also stored
+   to the packed panel pbo (kc, 8 NV), so the first tile of a panel packs it. */
+AVX2_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int64_t ldc,
                       const float *CNN_RESTRICT pa, const float *CNN_RESTRICT pb,
+                      int64_t ldpb, float *CNN_RESTRICT pbo,
                       int64_t kc, int mr, int nr, float alpha, float beta)
 {
     __m256 acc0[MR], acc1[MR];
@@ -35,6 +40,12 @@ AVX2_INLINE void tile(const int MRS, const int NV, float *c, int64_t ldc,
     for (int64_t k = 0; k < kc; ++k) {
         const __m256 b0 = _mm256_loadu_ps(pb);
         const __m256 b1 = NV == 2 ? _mm256_loadu_ps(pb + 8) : b0;
+        if (FUSE) {
+            _mm256_storeu_ps(pbo, b0);
+            if (NV == 2)
+                _mm256_storeu_ps(pbo + 8, b1);
+            pbo += 8 * NV;
+        }
 #pragma GCC unroll 8
         for (int i = 0; i < MRS; ++i) {
             const __m256 a = _mm256_broadcast_ss(pa + i);
@@ -43,7 +54,7 @@ AVX2_INLINE void tile(const int MRS, const int NV, float *c, int64_t ldc,
                 acc1[i] = _mm256_fmadd_ps(a, b1, acc1[i]);
         }
         pa += MRS;
-        pb += 8 * NV;
+        pb += FUSE ? ldpb : 8 * NV;
     }
     const __m256 va = _mm256_set1_ps(alpha);
     const __m256 vb = _mm256_set1_ps(beta);
@@ -85,12 +96,12 @@ AVX2_INLINE void tile(const int MRS, const int NV, float *c, int64_t ldc,
     }
 }
 
-#define TILE_CASE(R, V) \
-    case R: tile(R, V, c, ldc, pa, pb, kc, mr, nr, alpha, beta); return;
-#define TILE_SWITCH(V)                                                             \
+#define TILE_CASE(R, V, F) \
+    case R: tile(R, V, F, c, ldc, pa, pb, ldpb, pbo, kc, mr, nr, alpha, beta); return;
+#define TILE_SWITCH(V, F)                                                          \
     switch (mr_stride) {                                                           \
-        TILE_CASE(1, V) TILE_CASE(2, V) TILE_CASE(3, V)                            \
-        TILE_CASE(4, V) TILE_CASE(5, V) TILE_CASE(6, V)                            \
+        TILE_CASE(1, V, F) TILE_CASE(2, V, F) TILE_CASE(3, V, F)                   \
+        TILE_CASE(4, V, F) TILE_CASE(5, V, F)                                      \
         default: return;                                                           \
     }
 
@@ -99,11 +110,26 @@ static AVX2_FN void kernel_avx2(float *c, int64_t ldc, const float *pa, const fl
                                 int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
                                 float alpha, float beta)
 {
+    const int64_t ldpb = nr_panel;
+    float *pbo = 0;
     if (nr_panel == 16) {
-        TILE_SWITCH(2)
+        TILE_SWITCH(2, 0)
     } else {
-        TILE_SWITCH(1)
+        TILE_SWITCH(1, 0)
     }
+}
+
+/* As kernel_avx2 on a full 16-column panel read from the source rows bsrc (ldb apart),
+   storing the packed panel to pbo (kc, 16) on the way. */
+static AVX2_FN void kernel_packb_avx2(float *c, int64_t ldc, const float *pa,
+                                      const float *bsrc, int64_t ldb, float *pbo,
+                                      int64_t kc, int mr_stride, int mr, float alpha,
+                                      float beta)
+{
+    const float *pb = bsrc;
+    const int64_t ldpb = ldb;
+    const int nr = NR;
+    TILE_SWITCH(2, 1)
 }
 
 /* In-register transpose of an 8 x 8 block: r[i][j] -> r[j][i]. */
@@ -228,7 +254,7 @@ static AVX2_FN void pack_avx2(float *dst, const float *src, int64_t ld, int xmaj
 static const cnn_gemm_family family_avx2 = {
     CNN_KERNEL_AVX2, MR, NR, 8,
     256, 144, 4096,
-    kernel_avx2, pack_avx2, 0
+    kernel_avx2, pack_avx2, kernel_packb_avx2
 };
 
 const cnn_gemm_family *cnn_gemm_family_avx2(void) { return &family_avx2; }
