@@ -1,0 +1,182 @@
+"""The fast GEMM (cnn_sgemm_ex behind kernels.gemm) against a float64 numpy oracle, for
+every kernel family this CPU can run: odd shapes, all four transpose cases, alpha/beta,
+strided operands, NaN garbage in C, kernel selection, and bit-identical results for any
+thread count."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cnn_core import kernels
+
+KERNELS = kernels.available_kernels()
+TRANSPOSES = [(False, False), (True, False), (False, True), (True, True)]
+DIMS = [0, 1, 2, 3, 7, 13, 17, 31, 33, 63, 65, 97, 129, 257, 300]
+# A spread of (M, N, K) over DIMS: every size appears as M, N and K, paired with small,
+# prime, power-of-two-adjacent and large partners (not the full cube, to stay fast).
+SHAPES = sorted({(m, DIMS[(i + step) % len(DIMS)], DIMS[(i + 2 * step + 1) % len(DIMS)])
+                 for i, m in enumerate(DIMS) for step in (4, 9)})
+
+
+@pytest.fixture(autouse=True)
+def restore_kernel():
+    """Leave the kernel selection as each test found it."""
+    saved = kernels.get_kernel()
+    yield
+    kernels.set_kernel(saved)
+
+
+def operands(rng, M, N, K, trans_a, trans_b, pad_a=0, pad_b=0):
+    """A and B as stored for op(A) (M, K) and op(B) (K, N); pad_x > 0 makes the stored
+    array a column slice of a wider one (leading dimension larger than the row)."""
+    a_shape = (K, M) if trans_a else (M, K)
+    b_shape = (N, K) if trans_b else (K, N)
+    A = rng.standard_normal((a_shape[0], a_shape[1] + pad_a)).astype(np.float32)
+    B = rng.standard_normal((b_shape[0], b_shape[1] + pad_b)).astype(np.float32)
+    return A[:, :a_shape[1]], B[:, :b_shape[1]]
+
+
+def assert_gemm_close(C, A, B, trans_a, trans_b, alpha=1.0, beta=0.0, C0=None):
+    """C must equal alpha op(A) op(B) + beta C0 within 1e-4 of sum |alpha a b| + |beta c|."""
+    a = (A.T if trans_a else A).astype(np.float64)
+    b = (B.T if trans_b else B).astype(np.float64)
+    expected = alpha * (a @ b)
+    scale = abs(alpha) * (np.abs(a) @ np.abs(b))
+    if beta != 0.0:
+        expected = expected + beta * C0.astype(np.float64)
+        scale = scale + abs(beta) * np.abs(C0.astype(np.float64))
+    assert C.dtype == np.float32 and C.shape == expected.shape
+    assert np.all(np.isfinite(C))
+    err = np.abs(C.astype(np.float64) - expected)
+    assert np.all(err <= 1e-4 * scale + 1e-30), f"max error {err.max()}"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("trans_a,trans_b", TRANSPOSES)
+def test_shapes_against_float64(kernel, trans_a, trans_b):
+    kernels.set_kernel(kernel)
+    rng = np.random.default_rng(4 * KERNELS.index(kernel) + 2 * trans_a + trans_b)
+    for M, N, K in SHAPES:
+        A, B = operands(rng, M, N, K, trans_a, trans_b)
+        C = kernels.gemm(A, B, trans_a=trans_a, trans_b=trans_b)
+        assert C.flags.c_contiguous
+        assert_gemm_close(C, A, B, trans_a, trans_b)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.5, 0.0), (-1.5, 0.25), (2.0, -1.0),
+                                        (0.0, 0.5), (0.0, 0.0)])
+def test_alpha_beta_in_place(kernel, alpha, beta):
+    kernels.set_kernel(kernel)
+    rng = np.random.default_rng(7)
+    for (M, N, K), (trans_a, trans_b) in zip([(65, 97, 33), (13, 300, 129), (257, 17, 63),
+                                             (31, 33, 0)], TRANSPOSES):
+        A, B = operands(rng, M, N, K, trans_a, trans_b)
+        C0 = rng.standard_normal((M, N)).astype(np.float32)
+        C = C0.copy()
+        out = kernels.gemm(A, B, C, trans_a=trans_a, trans_b=trans_b, alpha=alpha, beta=beta)
+        assert out is C
+        assert_gemm_close(C, A, B, trans_a, trans_b, alpha, beta, C0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_beta_zero_ignores_nan_in_c(kernel):
+    kernels.set_kernel(kernel)
+    rng = np.random.default_rng(11)
+    for (M, N, K), (trans_a, trans_b) in zip([(63, 65, 129), (7, 257, 31), (300, 3, 17),
+                                             (33, 31, 0)], TRANSPOSES):
+        A, B = operands(rng, M, N, K, trans_a, trans_b)
+        C = np.full((M, N), np.nan, dtype=np.float32)
+        kernels.gemm(A, B, C, trans_a=trans_a, trans_b=trans_b, alpha=0.75, beta=0.0)
+        assert_gemm_close(C, A, B, trans_a, trans_b, alpha=0.75)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("trans_a,trans_b", TRANSPOSES)
+def test_leading_dimensions(kernel, trans_a, trans_b):
+    """Operands that are column slices of wider arrays (lda, ldb > row length)."""
+    kernels.set_kernel(kernel)
+    rng = np.random.default_rng(13)
+    for (M, N, K), (pad_a, pad_b) in zip([(97, 65, 129), (17, 300, 33), (129, 31, 257)],
+                                         [(1, 7), (16, 3), (5, 32)]):
+        A, B = operands(rng, M, N, K, trans_a, trans_b, pad_a, pad_b)
+        assert A.strides[0] > A.shape[1] * 4 and B.strides[0] > B.shape[1] * 4
+        C0 = rng.standard_normal((M, N)).astype(np.float32)
+        C = kernels.gemm(A, B, C0.copy(), trans_a=trans_a, trans_b=trans_b, beta=0.5)
+        assert_gemm_close(C, A, B, trans_a, trans_b, beta=0.5, C0=C0)
+        # The same values stored contiguously give the same bits.
+        C2 = kernels.gemm(np.ascontiguousarray(A), np.ascontiguousarray(B), C0.copy(),
+                          trans_a=trans_a, trans_b=trans_b, beta=0.5)
+        assert np.array_equal(C, C2)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_thread_count_is_bit_identical(kernel):
+    kernels.set_kernel(kernel)
+    rng = np.random.default_rng(17)
+    cases = [((64, 128, 784), (False, False)), ((784, 128, 64), (True, False)),
+             ((64, 784, 128), (False, True)), ((300, 257, 129), (True, True)),
+             ((97, 1000, 65), (False, False)), ((1000, 33, 97), (True, True)),
+             ((2, 3000, 31), (False, True))]
+    for (M, N, K), (trans_a, trans_b) in cases:
+        A, B = operands(rng, M, N, K, trans_a, trans_b, pad_a=3)
+        C0 = rng.standard_normal((M, N)).astype(np.float32)
+        results = [kernels.gemm(A, B, C0.copy(), trans_a=trans_a, trans_b=trans_b,
+                                alpha=1.25, beta=0.5, n_threads=n) for n in (1, 2, 3, 4)]
+        for other in results[1:]:
+            assert np.array_equal(results[0], other)
+        assert_gemm_close(results[0], A, B, trans_a, trans_b, 1.25, 0.5, C0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_agrees_with_reference(kernel):
+    kernels.set_kernel(kernel)
+    rng = np.random.default_rng(19)
+    for trans_a, trans_b in TRANSPOSES:
+        A, B = operands(rng, 33, 65, 257, trans_a, trans_b)
+        fast = kernels.gemm(A, B, trans_a=trans_a, trans_b=trans_b)
+        ref = kernels.gemm_reference(A, B, trans_a=trans_a, trans_b=trans_b)
+        np.testing.assert_allclose(fast, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_selection():
+    assert "generic" in KERNELS
+    assert kernels.get_kernel() in KERNELS
+    for name in KERNELS:
+        kernels.set_kernel(name)
+        assert kernels.get_kernel() == name
+    before = kernels.get_kernel()
+    for name in {"generic", "avx2", "avx512", "neon"} - set(KERNELS):
+        with pytest.raises(ValueError):
+            kernels.set_kernel(name)
+        assert kernels.get_kernel() == before
+    with pytest.raises(ValueError):
+        kernels.set_kernel("sse9")
+    assert kernels.get_kernel() == before
+
+
+def kernel_in_subprocess(value):
+    """get_kernel() in a fresh interpreter with CNN_CORE_KERNEL=value (None: unset)."""
+    env = dict(os.environ)
+    env.pop("CNN_CORE_KERNEL", None)
+    if value is not None:
+        env["CNN_CORE_KERNEL"] = value
+    code = "from cnn_core import kernels; print(kernels.get_kernel())"
+    # Run beside this file, where cnn_core is not importable as source.
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env,
+                         capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_environment_override():
+    best = kernel_in_subprocess(None)
+    assert best in KERNELS
+    assert kernel_in_subprocess("generic") == "generic"
+    # Unknown or unsupported values keep the best kernel.
+    assert kernel_in_subprocess("no-such-kernel") == best
+    unsupported = sorted({"avx2", "avx512", "neon"} - set(KERNELS))
+    if unsupported:
+        assert kernel_in_subprocess(unsupported[0]) == best
