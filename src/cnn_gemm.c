@@ -55,10 +55,11 @@ void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, i
         for (int64_t j = 0; j < n; ++j)
             c[j] += b[j];
     }
+    /* Activations written exactly as cnn_activation_forward. */
     switch (ep->act) {
     case CNN_ACT_RELU:
         for (int64_t j = 0; j < n; ++j)
-            c[j] = c[j] < 0.0f ? 0.0f : c[j];
+            c[j] = c[j] > 0.0f ? c[j] : 0.0f;
         break;
     case CNN_ACT_LEAKY_RELU: {
         const float a = ep->alpha;
@@ -80,23 +81,25 @@ void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, i
     if (ep->grad_of && ep->grad_act != CNN_ACT_IDENTITY) {
         const float *y = ep->grad_of + i * ep->ld_grad_of + j0;
         switch (ep->grad_act) {
+        /* Written exactly as cnn_activation_backward, so the fused and the separate
+           paths give the same bits. */
         case CNN_ACT_RELU:
             for (int64_t j = 0; j < n; ++j)
-                c[j] *= y[j] > 0.0f ? 1.0f : 0.0f;
+                c[j] = y[j] > 0.0f ? c[j] : 0.0f;
             break;
         case CNN_ACT_LEAKY_RELU: {
             const float a = ep->alpha;
             for (int64_t j = 0; j < n; ++j)
-                c[j] *= y[j] > 0.0f ? 1.0f : a;
+                c[j] = y[j] > 0.0f ? c[j] : a * c[j];
             break;
         }
         case CNN_ACT_SIGMOID:
             for (int64_t j = 0; j < n; ++j)
-                c[j] *= y[j] * (1.0f - y[j]);
+                c[j] = c[j] * y[j] * (1.0f - y[j]);
             break;
         case CNN_ACT_TANH:
             for (int64_t j = 0; j < n; ++j)
-                c[j] *= 1.0f - y[j] * y[j];
+                c[j] = c[j] * (1.0f - y[j] * y[j]);
             break;
         default:
             break;
