@@ -241,16 +241,16 @@ def _gemm(A, B, C, trans_a, trans_b, alpha, beta, n_threads, bint reference):
     cdef c.cnn_trans cta = c.CNN_TRANS if ta else c.CNN_NO_TRANS
     cdef c.cnn_trans ctb = c.CNN_TRANS if tb else c.CNN_NO_TRANS
     cdef int64_t n_work = c.cnn_sgemm_workspace_floats(M, N, K, threads)
-    work = np.empty(n_work + 16, dtype=np.float32)
+    work = _WorkspaceCache.gemm.take(n_work)
     cdef float[::1] w = work
     cdef float *wp = _ptr1(w)
-    wp = <float *>((<size_t>wp + 63) & ~(<size_t>63))
     with nogil:
         if reference:
             c.cnn_sgemm_ref(_ptr(cm), _cptr(a), _cptr(b), M, N, K, ldc, lda, ldb, cta, ctb, al, be)
         else:
             status = c.cnn_sgemm_ex(_ptr(cm), _cptr(a), _cptr(b), M, N, K, ldc, lda, ldb,
                                     cta, ctb, al, be, NULL, wp, threads)
+    _WorkspaceCache.gemm.give_back(work)
     _raise_for(status)
     return C
 
@@ -539,6 +539,30 @@ def _workspace(int64_t n_floats):
     return raw[offset:offset + n_floats]
 
 
+class _WorkspaceCache:
+    """One reusable aligned workspace: `take` lends it (or a fresh one if it is lent out
+    or too small), `give_back` returns it.  Runs with the GIL held, so it is thread-safe."""
+
+    def __init__(self):
+        self.buffer = None
+        self.lent = False
+
+    def take(self, int64_t n_floats):
+        if self.lent:
+            return _workspace(n_floats)
+        if self.buffer is None or self.buffer.shape[0] < n_floats:
+            self.buffer = _workspace(max(n_floats, 16))
+        self.lent = True
+        return self.buffer
+
+    def give_back(self, buffer):
+        if buffer is self.buffer:
+            self.lent = False
+
+
+_WorkspaceCache.gemm = _WorkspaceCache()
+
+
 _UINT8 = np.dtype(np.uint8)
 _FLOAT32 = np.dtype(np.float32)
 
@@ -606,9 +630,6 @@ cdef class _MLP:
     cdef c.cnn_mlp net
     cdef readonly object params
     cdef object _work
-    cdef int64_t _work_batch
-    cdef int _work_threads
-    cdef bint _work_busy
 
     def __cinit__(self, sizes, int activation, float alpha, params):
         if not 1 <= len(sizes) - 1 <= c.CNN_MAX_LAYERS:
@@ -622,19 +643,9 @@ cdef class _MLP:
         if c.cnn_mlp_param_count(&self.net) != params.shape[0]:
             raise ValueError("params has the wrong length for these layer sizes")
         self.params = params
+        self._work = _WorkspaceCache()
         cdef float[::1] p = params
         self.net.params = &p[0]
-
-    cdef object _take_workspace(self, int64_t batch, int threads):
-        """The cached workspace when free and big enough, else a new one."""
-        if self._work_busy:
-            return _workspace(c.cnn_mlp_predict_workspace_floats(&self.net, batch, threads))
-        if self._work is None or batch > self._work_batch or threads != self._work_threads:
-            self._work = _workspace(c.cnn_mlp_predict_workspace_floats(&self.net, batch, threads))
-            self._work_batch = batch
-            self._work_threads = threads
-        self._work_busy = True
-        return self._work
 
     def predict(self, X, int64_t batch_size, bint logits, int n_threads):
         """Probabilities (or logits) float32 (n, n_classes) for X from _as_input."""
@@ -642,7 +653,8 @@ cdef class _MLP:
         cdef int64_t n_classes = self.net.sizes[self.net.n_layers]
         out = np.empty((n, n_classes), dtype=np.float32)
         batch_size = min(batch_size, n)
-        work = self._take_workspace(batch_size, n_threads)
+        work = self._work.take(c.cnn_mlp_predict_workspace_floats(&self.net, batch_size,
+                                                                  n_threads))
         cdef float[:, ::1] o = out
         cdef float[::1] wk = work
         cdef const void *xp = _data_pointer(X)
@@ -653,8 +665,7 @@ cdef class _MLP:
                 status = c.cnn_mlp_predict(&o[0, 0], &self.net, xp, dtype, n, batch_size,
                                            logits, &wk[0], n_threads)
         finally:
-            if work is self._work:
-                self._work_busy = False
+            self._work.give_back(work)
         _raise_for(status)
         return out
 
