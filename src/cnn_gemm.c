@@ -251,6 +251,8 @@ CNN_INLINE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* Below this many multiply-adds a GEMM runs on one thread. */
 #define CNN_GEMM_PARALLEL_MIN_FMAS 65536.0
+/* op(B) rows at least this many floats apart are packed separately, not in the kernel. */
+#define CNN_GEMM_FUSE_MAX_LDB 1024
 /* Columns of C are handed to threads in units of this many (one AVX-512 vector). */
 #define CNN_GEMM_COL_UNIT 16
 
@@ -466,6 +468,7 @@ typedef struct gemm_ctx {
     const float *A, *B;
     int64_t M, N, K, ldc, lda, ldb;
     int a_xmajor, b_xmajor;
+    int b_fused;       /* the kernel may pack full B panels (kernel_packb) */
     float alpha, beta;
     const cnn_epilogue *ep;
     float *shared[2];  /* shared packed blocks (the same buffer twice when serial) */
@@ -567,7 +570,7 @@ static void run_rows(const gemm_ctx *x, int t)
     const int64_t ncb = round_up(ceil_div(N, nj), nr);
     float *abuf = x->priv + (int64_t)t * x->priv_floats;
     /* With one thread the first tile of each B panel can pack it. */
-    const int fuse = T == 1 && x->f->kernel_packb && !x->b_xmajor;
+    const int fuse = T == 1 && x->b_fused;
     int64_t step = 0;
     for (int64_t jc = 0; jc < N; jc += ncb) {
         const int64_t nc = min64(ncb, N - jc);
@@ -609,7 +612,7 @@ static void run_cols(const gemm_ctx *x, int t)
     const int64_t ncb = round_up(ceil_div(n, nj), nr);
     float *bbuf = x->priv + (int64_t)t * x->priv_floats;
     /* The first tile of each (private) B panel packs it. */
-    const int fuse = x->f->kernel_packb && !x->b_xmajor;
+    const int fuse = x->b_fused;
     int64_t step = 0;
     for (int64_t c = 0; c < nj; ++c) {
         const int64_t jc = j0 + c * ncb;
@@ -703,8 +706,13 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
     x.f = cnn_gemm_family_for(cnn_get_kernel());
     if (!x.f)
         x.f = cnn_gemm_family_generic();
-    const gemm_shape sh = { M, N, K, x.a_xmajor, x.b_xmajor,
-                            x.f->kernel_packb != NULL && !x.b_xmajor };
+    /* Fuse B packing into the kernel for row-contiguous op(B) whose rows are less than
+       a page apart; farther apart, every row is a new page for the kernel and the
+       separate pack, which streams along each row, is faster. */
+    const int fuse = x.f->kernel_packb != NULL && !x.b_xmajor &&
+                     ldb < CNN_GEMM_FUSE_MAX_LDB;
+    const gemm_shape sh = { M, N, K, x.a_xmajor, x.b_xmajor, fuse };
+    x.b_fused = fuse;
     x.plan = make_plan(&sh, n_threads);
 #ifdef CNN_GEMM_TUNE
     if (getenv("TUNE_PLAN"))

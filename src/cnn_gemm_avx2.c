@@ -11,7 +11,7 @@
 
 /* Five rows: 10 accumulators, 2 B vectors and a broadcast fit the 16 ymm registers
    without spilling (six rows leave the compiler one register short). */
-enum { MR = 5, NR = 16 };
+enum { MR = 5, NR = 16, PACK_GROUP = 8 };
 
 /* Load mask of the low n lanes of 8 (n clamped to [0, 8]). */
 AVX2_INLINE __m256i lanes8(int64_t n)
@@ -223,30 +223,32 @@ static AVX2_FN void pack_avx2(float *dst, const float *src, int64_t ld, int xmaj
         cnn_gemm_pack_generic(dst, src, ld, xmajor, k0, kc, x0, nx, panel, step);
         return;
     }
-    /* Rows of X are contiguous: walk k outermost so each source row streams once. */
-    const float *s = src + k0 * ld + x0;
-    float *tail = dst + n_full * pstride;
+    /* Rows of X are contiguous: walk k outermost over groups of a few panels, so each
+       source row streams in long runs while only a few destination streams are open
+       (panels can be a multiple of 4 KiB apart and would share cache sets). */
     const __m256i fl0 = lanes8(panel), fl1 = lanes8(panel - 8);
     const __m256i tl0 = lanes8(rest), tl1 = lanes8(rest - 8);
     const __m256i ts0 = lanes8(last_w), ts1 = lanes8(last_w - 8);
-    if (panel == 16) {
+    const int64_t n_panels = n_full + (rest ? 1 : 0);
+    for (int64_t p0 = 0; p0 < n_panels; p0 += PACK_GROUP) {
+        const int64_t p1 = p0 + PACK_GROUP < n_full ? p0 + PACK_GROUP : n_full;
+        const int tail = p0 + PACK_GROUP >= n_panels && rest;
+        const float *s = src + k0 * ld + x0;
+        float *dt = dst + n_full * pstride;
         for (int64_t k = 0; k < kc; ++k, s += ld) {
-            for (int64_t p = 0; p < n_full; ++p) {
-                float *d = dst + p * pstride + k * 16;
-                _mm256_storeu_ps(d, _mm256_loadu_ps(s + p * 16));
-                _mm256_storeu_ps(d + 8, _mm256_loadu_ps(s + p * 16 + 8));
+            if (panel == 16) {
+                for (int64_t p = p0; p < p1; ++p) {
+                    float *d = dst + p * pstride + k * 16;
+                    _mm256_storeu_ps(d, _mm256_loadu_ps(s + p * 16));
+                    _mm256_storeu_ps(d + 8, _mm256_loadu_ps(s + p * 16 + 8));
+                }
+            } else {
+                for (int64_t p = p0; p < p1; ++p)
+                    copy_row(dst + p * pstride + k * panel, s + p * panel, fl0, fl1, fl0, fl1,
+                             panel > 8);
             }
-            if (rest)
-                copy_row(tail + k * last_w, s + n_full * 16, tl0, tl1, ts0, ts1, last_w > 8);
-        }
-    } else {
-        for (int64_t k = 0; k < kc; ++k, s += ld) {
-            for (int64_t p = 0; p < n_full; ++p)
-                copy_row(dst + p * pstride + k * panel, s + p * panel, fl0, fl1, fl0, fl1,
-                         panel > 8);
-            if (rest)
-                copy_row(tail + k * last_w, s + n_full * panel, tl0, tl1, ts0, ts1,
-                         last_w > 8);
+            if (tail)
+                copy_row(dt + k * last_w, s + n_full * panel, tl0, tl1, ts0, ts1, last_w > 8);
         }
     }
 }

@@ -9,7 +9,8 @@
 #define AVX512_FN __attribute__((target("avx512f")))
 #define AVX512_INLINE static inline __attribute__((always_inline, target("avx512f")))
 
-enum { MR = 14, NR = 32 };
+/* Panels packed together by the row-contiguous pack (see pack_avx512). */
+enum { MR = 14, NR = 32, PACK_GROUP = 8 };
 
 /* Mask of the low n lanes (n clamped to [0, 16]). */
 AVX512_INLINE __mmask16 lanes(int64_t n)
@@ -47,6 +48,10 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
         const __m512 b0 = _mm512_loadu_ps(pb);
         const __m512 b1 = NV == 2 ? _mm512_loadu_ps(pb + 16) : b0;
         if (FUSE) {
+            /* The source rows are ldpb apart: fetch the 128 bytes of the row 8 ahead. */
+            _mm_prefetch((const char *)(pb + 8 * ldpb), _MM_HINT_T0);
+            _mm_prefetch((const char *)(pb + 8 * ldpb + 16), _MM_HINT_T0);
+            _mm_prefetch((const char *)(pb + 8 * ldpb + 31), _MM_HINT_T0);
             _mm512_storeu_ps(pbo, b0);
             if (NV == 2)
                 _mm512_storeu_ps(pbo + 16, b1);
@@ -239,28 +244,31 @@ static AVX512_FN void pack_avx512(float *dst, const float *src, int64_t ld, int 
                         last_w);
         return;
     }
-    /* Rows of X are contiguous: walk k outermost so each source row streams once. */
-    const float *s = src + k0 * ld + x0;
-    float *tail = dst + n_full * pstride;
+    /* Rows of X are contiguous: walk k outermost over groups of a few panels, so each
+       source row streams in long runs while only a few destination streams are open
+       (panels can be a multiple of 4 KiB apart and would share cache sets). */
     const __mmask16 fl0 = lanes(panel), fl1 = lanes(panel - 16);
     const __mmask16 tl0 = lanes(rest), tl1 = lanes(rest - 16);
     const __mmask16 ts0 = lanes(last_w), ts1 = lanes(last_w - 16);
-    if (panel == 32) {
+    const int64_t n_panels = n_full + (rest ? 1 : 0);
+    for (int64_t p0 = 0; p0 < n_panels; p0 += PACK_GROUP) {
+        const int64_t p1 = p0 + PACK_GROUP < n_full ? p0 + PACK_GROUP : n_full;
+        const int tail = p0 + PACK_GROUP >= n_panels && rest;
+        const float *s = src + k0 * ld + x0;
+        float *dt = dst + n_full * pstride;
         for (int64_t k = 0; k < kc; ++k, s += ld) {
-            for (int64_t p = 0; p < n_full; ++p) {
-                float *d = dst + p * pstride + k * 32;
-                _mm512_storeu_ps(d, _mm512_loadu_ps(s + p * 32));
-                _mm512_storeu_ps(d + 16, _mm512_loadu_ps(s + p * 32 + 16));
+            if (panel == 32) {
+                for (int64_t p = p0; p < p1; ++p) {
+                    float *d = dst + p * pstride + k * 32;
+                    _mm512_storeu_ps(d, _mm512_loadu_ps(s + p * 32));
+                    _mm512_storeu_ps(d + 16, _mm512_loadu_ps(s + p * 32 + 16));
+                }
+            } else {
+                for (int64_t p = p0; p < p1; ++p)
+                    copy_row(dst + p * pstride + k * panel, s + p * panel, fl0, fl1, fl0, fl1);
             }
-            if (rest)
-                copy_row(tail + k * last_w, s + n_full * 32, tl0, tl1, ts0, ts1);
-        }
-    } else {
-        for (int64_t k = 0; k < kc; ++k, s += ld) {
-            for (int64_t p = 0; p < n_full; ++p)
-                copy_row(dst + p * pstride + k * panel, s + p * panel, fl0, fl1, fl0, fl1);
-            if (rest)
-                copy_row(tail + k * last_w, s + n_full * panel, tl0, tl1, ts0, ts1);
+            if (tail)
+                copy_row(dt + k * last_w, s + n_full * panel, tl0, tl1, ts0, ts1);
         }
     }
 }
