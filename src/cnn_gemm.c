@@ -4,9 +4,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
-#ifdef CNN_GEMM_TUNE
-#include <stdio.h>
-#endif
 #include "cnn_core.h"
 #include "cnn_internal.h"
 #include "cnn_gemm_kernels.h"
@@ -209,7 +206,7 @@ static const cnn_gemm_family family_generic = {
 
 const cnn_gemm_family *cnn_gemm_family_generic(void) { return &family_generic; }
 
-static const cnn_gemm_family *family_lookup(cnn_kernel kernel)
+const cnn_gemm_family *cnn_gemm_family_for(cnn_kernel kernel)
 {
     /* kernel id -> family compiled into this build, or NULL */
     switch (kernel) {
@@ -220,27 +217,6 @@ static const cnn_gemm_family *family_lookup(cnn_kernel kernel)
     }
     return NULL;
 }
-#ifdef CNN_GEMM_TUNE
-const cnn_gemm_family *cnn_gemm_family_for(cnn_kernel kernel)
-{
-    static cnn_gemm_family tuned[4];
-    static int ready[4];
-    const cnn_gemm_family *f = family_lookup(kernel);
-    if (!f) return NULL;
-    if (!ready[kernel]) {
-        tuned[kernel] = *f;
-        const char *e;
-        if ((e = getenv("TUNE_KC"))) tuned[kernel].kc = atoi(e);
-        if ((e = getenv("TUNE_MC"))) tuned[kernel].mc = atoi(e);
-        if ((e = getenv("TUNE_NC"))) tuned[kernel].nc = atoi(e);
-        if ((e = getenv("TUNE_NOFUSE"))) tuned[kernel].kernel_packb = NULL;
-        ready[kernel] = 1;
-    }
-    return &tuned[kernel];
-}
-#else
-const cnn_gemm_family *cnn_gemm_family_for(cnn_kernel kernel) { return family_lookup(kernel); }
-#endif
 
 /* ---- plan: threads, blocks, workspace -------------------------------------- */
 
@@ -308,7 +284,7 @@ static gemm_plan make_plan(const gemm_shape *sh, int n_threads)
     const double dK = (double)K;
     const double overhead = 3000.0; /* entering a parallel region */
     const double barrier = 300.0;
-    const int64_t nk = ceil_div(K, 384);
+    const int64_t nk = ceil_div(K, 512);
     double best = tile_cycles(M, N, K) + pack_cycles((double)M * dK, sh->a_xmajor, 0) +
                   pack_cycles((double)N * dK, sh->b_xmajor, sh->b_fused);
     gemm_plan plan = serial;
@@ -714,16 +690,6 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
     const gemm_shape sh = { M, N, K, x.a_xmajor, x.b_xmajor, fuse };
     x.b_fused = fuse;
     x.plan = make_plan(&sh, n_threads);
-#ifdef CNN_GEMM_TUNE
-    if (getenv("TUNE_PLAN"))
-        fprintf(stderr, "plan T=%d split_n=%d rows=%ld cols=%ld\n", x.plan.n_threads,
-                x.plan.split_n, (long)x.plan.rows, (long)x.plan.cols);
-    if (getenv("TUNE_FORCE")) {
-        x.plan.split_n = atoi(getenv("TUNE_FORCE"));
-        x.plan.rows = x.plan.split_n ? M : ceil_div(M, x.plan.n_threads);
-        x.plan.cols = x.plan.split_n ? ceil_div(ceil_div(N, 16), x.plan.n_threads) * 16 : N;
-    }
-#endif
     if (x.plan.n_threads == 1) {
         layout_workspace(&x, work);
         if (x.plan.split_n)

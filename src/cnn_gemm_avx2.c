@@ -32,7 +32,7 @@ AVX2_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int
                       int64_t kc, int mr, int nr, float alpha, float beta)
 {
     __m256 acc0[MR], acc1[MR];
-#pragma GCC unroll 8
+    CNN_UNROLL
     for (int i = 0; i < MRS; ++i) {
         acc0[i] = _mm256_setzero_ps();
         acc1[i] = _mm256_setzero_ps();
@@ -46,7 +46,7 @@ AVX2_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int
                 _mm256_storeu_ps(pbo + 8, b1);
             pbo += 8 * NV;
         }
-#pragma GCC unroll 8
+        CNN_UNROLL
         for (int i = 0; i < MRS; ++i) {
             const __m256 a = _mm256_broadcast_ss(pa + i);
             acc0[i] = _mm256_fmadd_ps(a, b0, acc0[i]);
@@ -59,7 +59,7 @@ AVX2_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int
     const __m256 va = _mm256_set1_ps(alpha);
     const __m256 vb = _mm256_set1_ps(beta);
     if (nr == 8 * NV) {
-#pragma GCC unroll 8
+        CNN_UNROLL
         for (int i = 0; i < MRS; ++i) {
             if (i < mr) {
                 float *ci = c + i * ldc;
@@ -77,7 +77,7 @@ AVX2_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int
         }
     } else {
         const __m256i m0 = lanes8(nr), m1 = lanes8(nr - 8);
-#pragma GCC unroll 8
+        CNN_UNROLL
         for (int i = 0; i < MRS; ++i) {
             if (i < mr) {
                 float *ci = c + i * ldc;

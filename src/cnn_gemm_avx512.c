@@ -32,12 +32,12 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
                         int64_t kc, int mr, int nr, float alpha, float beta)
 {
     __m512 acc0[MR], acc1[MR];
-#pragma GCC unroll 16
+    CNN_UNROLL
     for (int i = 0; i < MRS; ++i) {
         acc0[i] = _mm512_setzero_ps();
         acc1[i] = _mm512_setzero_ps();
     }
-#pragma GCC unroll 16
+    CNN_UNROLL
     for (int i = 0; i < MRS; ++i) {
         if (i < mr) {
             _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
@@ -57,7 +57,7 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
                 _mm512_storeu_ps(pbo + 16, b1);
             pbo += 16 * NV;
         }
-#pragma GCC unroll 16
+        CNN_UNROLL
         for (int i = 0; i < MRS; ++i) {
             const __m512 a = _mm512_set1_ps(pa[i]);
             acc0[i] = _mm512_fmadd_ps(a, b0, acc0[i]);
@@ -70,7 +70,7 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
     const __m512 va = _mm512_set1_ps(alpha);
     const __m512 vb = _mm512_set1_ps(beta);
     if (nr == 16 * NV) {
-#pragma GCC unroll 16
+        CNN_UNROLL
         for (int i = 0; i < MRS; ++i) {
             if (i < mr) {
                 float *ci = c + i * ldc;
@@ -88,7 +88,7 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
         }
     } else {
         const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
-#pragma GCC unroll 16
+        CNN_UNROLL
         for (int i = 0; i < MRS; ++i) {
             if (i < mr) {
                 float *ci = c + i * ldc;
@@ -275,7 +275,7 @@ static AVX512_FN void pack_avx512(float *dst, const float *src, int64_t ld, int 
 
 static const cnn_gemm_family family_avx512 = {
     CNN_KERNEL_AVX512, MR, NR, 16,
-    384, 168, 4096,
+    512, 168, 4096,
     kernel_avx512, pack_avx512, kernel_packb_avx512
 };
 

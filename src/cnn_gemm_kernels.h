@@ -33,6 +33,15 @@
 #define CNN_INLINE static inline
 #endif
 
+/* Fully unroll a short loop with a constant trip count (register-tile rows). */
+#if defined(__clang__)
+#define CNN_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define CNN_UNROLL _Pragma("GCC unroll 16")
+#else
+#define CNN_UNROLL
+#endif
+
 /* x86-64 SIMD families are compiled with function-level target attributes. */
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
 #define CNN_GEMM_X86 1
