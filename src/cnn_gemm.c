@@ -128,6 +128,7 @@ CNN_INLINE void generic_tile(const int MRS, float *c, int64_t ldc,
                              const float *CNN_RESTRICT pa, const float *CNN_RESTRICT pb,
                              int64_t kc, int mr, int nr, float alpha, float beta)
 {
+    /* pa (kc, MRS), pb (kc, GEN_NR) -> C (mr, nr), rows ldc apart */
     float acc[GEN_MR][GEN_NR];
     for (int i = 0; i < MRS; ++i)
         for (int j = 0; j < GEN_NR; ++j)
@@ -158,6 +159,7 @@ static void kernel_generic(float *c, int64_t ldc, const float *pa, const float *
                            int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
                            float alpha, float beta)
 {
+    /* pa (kc, mr_stride), pb (kc, GEN_NR) -> C (mr, nr) */
     (void)nr_panel;
     switch (mr_stride) {
     case 1: generic_tile(1, c, ldc, pa, pb, kc, mr, nr, alpha, beta); break;

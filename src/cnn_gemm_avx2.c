@@ -31,6 +31,7 @@ AVX2_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int
                       int64_t ldpb, float *CNN_RESTRICT pbo,
                       int64_t kc, int mr, int nr, float alpha, float beta)
 {
+    /* pa (kc, MRS), pb (kc, 8 NV) rows ldpb apart -> C (mr, nr), rows ldc apart */
     __m256 acc0[MR], acc1[MR];
     CNN_UNROLL
     for (int i = 0; i < MRS; ++i) {
@@ -110,6 +111,7 @@ static AVX2_FN void kernel_avx2(float *c, int64_t ldc, const float *pa, const fl
                                 int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
                                 float alpha, float beta)
 {
+    /* pa (kc, mr_stride), pb (kc, nr_panel) -> C (mr, nr) */
     const int64_t ldpb = nr_panel;
     float *pbo = 0;
     if (nr_panel == 16) {
@@ -126,6 +128,7 @@ static AVX2_FN void kernel_packb_avx2(float *c, int64_t ldc, const float *pa,
                                       int64_t kc, int mr_stride, int mr, float alpha,
                                       float beta)
 {
+    /* pa (kc, mr_stride), bsrc (kc, 16) rows ldb apart -> C (mr, 16), pbo (kc, 16) */
     const float *pb = bsrc;
     const int64_t ldpb = ldb;
     const int nr = NR;
@@ -208,6 +211,7 @@ static AVX2_FN void pack_avx2(float *dst, const float *src, int64_t ld, int xmaj
                               int64_t k0, int64_t kc, int64_t x0, int64_t nx,
                               int panel, int step)
 {
+    /* X (kc, nx) -> ceil(nx / panel) panels (kc, panel), the last (kc, last_w) */
     const int64_t n_full = nx / panel, rest = nx - n_full * panel;
     const int last_w = rest ? cnn_gemm_last_width(rest, panel, step) : 0;
     const int64_t pstride = (int64_t)panel * kc;

@@ -12,6 +12,7 @@ static inline __attribute__((always_inline)) void
 tile(const int MRS, const int NV, float *c, int64_t ldc, const float *CNN_RESTRICT pa,
      const float *CNN_RESTRICT pb, int64_t kc, int mr, int nr, float alpha, float beta)
 {
+    /* pa (kc, MRS), pb (kc, 4 NV) -> C (mr, nr), rows ldc apart */
     float32x4_t acc[MR][3];
     for (int i = 0; i < MRS; ++i)
         for (int v = 0; v < NV; ++v)
@@ -62,6 +63,7 @@ static void kernel_neon(float *c, int64_t ldc, const float *pa, const float *pb,
                         int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
                         float alpha, float beta)
 {
+    /* pa (kc, mr_stride), pb (kc, nr_panel) -> C (mr, nr) */
     if (nr_panel == 12) {
         TILE_SWITCH(3)
     } else if (nr_panel == 8) {
@@ -76,6 +78,7 @@ static void kernel_neon(float *c, int64_t ldc, const float *pa, const float *pb,
 static void pack_panel(float *dst, const float *src, int64_t ld, int xmajor,
                        int64_t k0, int64_t kc, int64_t x0, int64_t nx, int width)
 {
+    /* X (kc, nx) -> dst (kc, width) */
     if (!xmajor && nx == width && (width & 3) == 0) {
         const float *s = src + k0 * ld + x0;
         for (int64_t k = 0; k < kc; ++k, s += ld, dst += width)
@@ -125,6 +128,7 @@ static void pack_panel(float *dst, const float *src, int64_t ld, int xmajor,
 static void pack_neon(float *dst, const float *src, int64_t ld, int xmajor,
                       int64_t k0, int64_t kc, int64_t x0, int64_t nx, int panel, int step)
 {
+    /* X (kc, nx) -> ceil(nx / panel) panels (kc, panel), the last narrower */
     const int64_t pstride = (int64_t)panel * kc;
     for (int64_t p = 0; p * panel < nx; ++p) {
         const int64_t rest = nx - p * panel;
