@@ -40,10 +40,16 @@ tile(const int MRS, const int NV, float *c, int64_t ldc, const float *CNN_RESTRI
                     r = vfmaq_n_f32(r, vld1q_f32(ci + 4 * v), beta);
                 vst1q_f32(ci + 4 * v, r);
             } else {
-                float tmp[4];
+                /* Partial vector: the same arithmetic through a bounce buffer. */
+                float tmp[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+                if (beta != 0.0f) {
+                    for (int j = 4 * v; j < nr; ++j)
+                        tmp[j - 4 * v] = ci[j];
+                    r = vfmaq_n_f32(r, vld1q_f32(tmp), beta);
+                }
                 vst1q_f32(tmp, r);
                 for (int j = 4 * v; j < nr; ++j)
-                    ci[j] = beta != 0.0f ? tmp[j - 4 * v] + beta * ci[j] : tmp[j - 4 * v];
+                    ci[j] = tmp[j - 4 * v];
             }
         }
     }
