@@ -1,6 +1,9 @@
 """Shared fixtures: the real MNIST files beside the repository (../shared/data)."""
+import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -14,3 +17,29 @@ def mnist_split():
         pytest.skip(f"real MNIST data not found at {MNIST_SPLIT}")
     from cnn_core.datasets import load_mnist
     return load_mnist(MNIST_SPLIT, download=False, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_split):
+    """Real MNIST rows: (X_train uint8, y_train, X_test float32 in [0, 1], y_test)."""
+    (X_train, y_train), (X_test, y_test) = mnist_split
+    return X_train, y_train, (X_test / np.float32(255)).astype(np.float32), y_test
+
+
+@pytest.fixture(scope="session")
+def trained(mnist):
+    """A [784, 64, 10] relu network after two short epochs on real data."""
+    from cnn_core import Network
+    X_train, y_train, _, _ = mnist
+    net = Network([784, 64, 10], seed=0)
+    net.fit(X_train, y_train, epochs=2, batch_size=64, learning_rate=0.05)
+    return net
+
+
+@pytest.fixture(scope="session")
+def cc():
+    """Path of the system C compiler ($CC, cc, gcc or clang), or skip the test."""
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    pytest.skip("no C compiler (cc, gcc or clang) on PATH")

@@ -23,42 +23,18 @@ import cnn_core
 from cnn_core import Network, model_file
 
 DOWNSTREAM = Path(__file__).resolve().parent / "downstream"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k-split"
 CNN_ERR_IO = 3
 CNN_ERR_FORMAT = 4
 FORMAT_MESSAGE = "not a valid cnn_core model file"
 
 
-# ---- shared fixtures ---------------------------------------------------------------
-
 @pytest.fixture(scope="module")
-def mnist():
-    """Real MNIST rows: (X_train uint8, y_train, X_test float32 in [0, 1], y_test)."""
-    if not DATA.is_dir():
-        pytest.skip(f"real MNIST data not found at {DATA}")
-    (X_train, y_train), (X_test, y_test) = cnn_core.load_mnist(DATA, download=False,
-                                                               verbose=False)
-    return X_train, y_train, (X_test / np.float32(255)).astype(np.float32), y_test
-
-
-@pytest.fixture(scope="module")
-def trained(mnist):
-    """A [784, 64, 10] relu network after one short epoch on real data."""
-    X_train, y_train, _, _ = mnist
-    net = Network([784, 64, 10], seed=0)
-    net.fit(X_train[:4000], y_train[:4000], epochs=1, batch_size=64, learning_rate=0.05)
-    return net
-
-
-def c_compiler():
-    """The system C compiler, or skip."""
+def c_compiler(cc):
+    """The system C compiler for linking the shipped library, or skip."""
     if sys.platform == "win32":
         pytest.skip("the shipped cnn_core.lib is built by MSVC; linking it with cc/gcc/clang "
                     "is not supported")
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    pytest.skip("no C compiler (cc, gcc or clang) on PATH")
+    return cc
 
 
 def openmp_flags():
@@ -83,10 +59,9 @@ def build(cmd, **kw):
 # ---- Cython downstream ---------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def dense_ops(tmp_path_factory):
+def dense_ops(tmp_path_factory, cc):
     """tests/downstream/cython built in a temporary folder and imported."""
     pytest.importorskip("Cython")
-    c_compiler()
     folder = tmp_path_factory.mktemp("cython") / "project"
     shutil.copytree(DOWNSTREAM / "cython", folder)
     env = {k: v for k, v in os.environ.items() if k not in ("CFLAGS", "LDFLAGS", "PYTHONPATH")}
@@ -162,10 +137,10 @@ def test_cython_kernel_status_reaches_the_caller(dense_ops):
 # ---- C downstream ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def predict_exe(tmp_path_factory):
+def predict_exe(tmp_path_factory, c_compiler):
     """tests/downstream/c/predict.c compiled with only cnn_core's include and library dirs,
     with every warning an error (the public headers must be clean C99)."""
-    cc = c_compiler()
+    cc = c_compiler
     out = tmp_path_factory.mktemp("c") / "predict"
     build([cc, "-std=c99", "-O2", "-Wall", "-Wextra", "-pedantic", "-Werror",
            str(DOWNSTREAM / "c" / "predict.c"), "-I", cnn_core.get_include(),
@@ -320,8 +295,8 @@ def test_c_rejects_input_of_the_wrong_size(predict_exe, trained, tmp_path):
 
 # ---- pkg-config -------------------------------------------------------------------------
 
-def test_c_program_builds_with_pkg_config(tmp_path, trained, mnist):
-    cc = c_compiler()
+def test_c_program_builds_with_pkg_config(tmp_path, trained, mnist, c_compiler):
+    cc = c_compiler
     if not shutil.which("pkg-config"):
         pytest.skip("pkg-config is not installed")
     lib = Path(cnn_core.get_library_dir())

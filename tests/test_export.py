@@ -14,35 +14,7 @@ from cnn_core import Network, model_file
 from cnn_core.export import ExportReport, export_c
 
 DOWNSTREAM = Path(__file__).resolve().parent / "downstream"
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k-split"
 WARNINGS = ["-Wall", "-Wextra", "-pedantic", "-Werror", "-Wshadow", "-Wconversion"]
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    """(X_train uint8, y_train, X_test float32 in [0, 1], y_test) of real MNIST."""
-    if not DATA.is_dir():
-        pytest.skip(f"real MNIST data not found at {DATA}")
-    (X_train, y_train), (X_test, y_test) = cnn_core.load_mnist(DATA, download=False,
-                                                               verbose=False)
-    return X_train, y_train, (X_test / np.float32(255)).astype(np.float32), y_test
-
-
-@pytest.fixture(scope="module")
-def trained(mnist):
-    """A [784, 64, 10] relu network after a short training on real data."""
-    X_train, y_train, _, _ = mnist
-    net = Network([784, 64, 10], seed=0)
-    net.fit(X_train, y_train, epochs=2, batch_size=64, learning_rate=0.05)
-    return net
-
-
-@pytest.fixture(scope="module")
-def cc():
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    pytest.skip("no C compiler (cc, gcc or clang) on PATH")
 
 
 def compile_and_run(cc, report, X, folder):
