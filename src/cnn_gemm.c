@@ -497,11 +497,13 @@ CNN_INLINE void pack_a(const gemm_ctx *x, float *buf, int64_t q0, int64_t q1, in
 /* Run the micro-kernel over every tile of C[i : i + mc, j : j + nc] from the packed
    blocks abuf (tiles of mrs rows) and bbuf; ep is applied after the final K block. */
 static void macro_kernel(const gemm_ctx *x, const float *abuf, float *bbuf,
-                         const float *bsrc, int64_t i, int64_t mc, int64_t mrs, int64_t j,
-                         int64_t nc, int64_t kc, float beta, const cnn_epilogue *ep)
+                         const float *bsrc, int direct, int64_t i, int64_t mc, int64_t mrs,
+                         int64_t j, int64_t nc, int64_t kc, float beta,
+                         const cnn_epilogue *ep)
 {
     /* C[i : i + mc, j : j + nc] = alpha A_block B_block + beta C[...]; when bsrc is set
-       (op(B) rows at column j), full B panels are packed by their first tile */
+       (op(B) rows at column j), full B panels are packed by their first tile, or only
+       read from bsrc when direct (a single tile uses them) */
     const cnn_gemm_family *f = x->f;
     const int64_t nr = f->nr, ldc = x->ldc;
     for (int64_t jr = 0; jr < nc; jr += nr) {
@@ -512,8 +514,8 @@ static void macro_kernel(const gemm_ctx *x, const float *abuf, float *bbuf,
             const int64_t h = min64(mrs, mc - ir);
             float *c = x->C + (i + ir) * ldc + j + jr;
             if (bsrc && ir == 0 && w == nr)
-                f->kernel_packb(c, ldc, abuf, bsrc + jr, x->ldb, pb, kc, (int)mrs, (int)h,
-                                x->alpha, beta);
+                f->kernel_packb(c, ldc, abuf, bsrc + jr, x->ldb, direct ? NULL : pb, kc,
+                                (int)mrs, (int)h, x->alpha, beta);
             else
                 f->kernel(c, ldc, abuf + ir * kc, pb, kc, (int)mrs, (int)h, width, (int)w,
                           x->alpha, beta);
@@ -547,8 +549,10 @@ static void run_rows(const gemm_ctx *x, int t)
     const int64_t nj = ceil_div(N, f->nc);
     const int64_t ncb = round_up(ceil_div(N, nj), nr);
     float *abuf = x->priv + (int64_t)t * x->priv_floats;
-    /* With one thread the first tile of each B panel can pack it. */
+    /* With one thread the first tile of each B panel can pack it, and when there is
+       only one tile of rows, that tile can read the panel where it is. */
     const int fuse = T == 1 && x->b_fused;
+    const int direct = fuse && rt.tiles == 1;
     int64_t step = 0;
     for (int64_t jc = 0; jc < N; jc += ncb) {
         const int64_t nc = min64(ncb, N - jc);
@@ -566,7 +570,8 @@ static void run_rows(const gemm_ctx *x, int t)
                 const int64_t mc = min64(rt.tpb * rt.mrs, i1 - i);
                 const float *bsrc = fuse && blk == 0 ? x->B + k0 * x->ldb + jc : NULL;
                 pack_a(x, abuf, 0, rt.tpb, rt.mrs, i, mc, k0, kc);
-                macro_kernel(x, abuf, bbuf, bsrc, i, mc, rt.mrs, jc, nc, kc, beta, ep);
+                macro_kernel(x, abuf, bbuf, bsrc, direct, i, mc, rt.mrs, jc, nc, kc, beta,
+                             ep);
             }
         }
     }
@@ -589,8 +594,10 @@ static void run_cols(const gemm_ctx *x, int t)
     const int64_t nj = ceil_div(x->plan.cols, f->nc);
     const int64_t ncb = round_up(ceil_div(n, nj), nr);
     float *bbuf = x->priv + (int64_t)t * x->priv_floats;
-    /* The first tile of each (private) B panel packs it. */
+    /* The first tile of each (private) B panel packs it, or reads it in place when
+       there is only one tile of rows. */
     const int fuse = x->b_fused;
+    const int direct = fuse && rt.tiles == 1;
     int64_t step = 0;
     for (int64_t c = 0; c < nj; ++c) {
         const int64_t jc = j0 + c * ncb;
@@ -611,7 +618,8 @@ static void run_cols(const gemm_ctx *x, int t)
                 plan_barrier(x);
                 const float *bsrc = fuse && blk == 0 ? x->B + k0 * x->ldb + jc : NULL;
                 if (nc > 0)
-                    macro_kernel(x, abuf, bbuf, bsrc, i, mc, rt.mrs, jc, nc, kc, beta, ep);
+                    macro_kernel(x, abuf, bbuf, bsrc, direct, i, mc, rt.mrs, jc, nc, kc,
+                                 beta, ep);
             }
         }
     }

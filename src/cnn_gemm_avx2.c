@@ -23,9 +23,10 @@ AVX2_INLINE __m256i lanes8(int64_t n)
                               _mm256_loadu_si256((const __m256i *)ramp));
 }
 
-/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 8 NV) with
-   rows ldpb apart.  With FUSE, pb is the unpacked source and each row is also stored
-   to the packed panel pbo (kc, 8 NV), so the first tile of a panel packs it. */
+/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 8 NV).
+   FUSE 0: pb is a packed panel.  FUSE 1: pb is the unpacked source, rows ldpb apart,
+   and each row is also stored to the packed panel pbo (kc, 8 NV), so the first tile
+   of a panel packs it.  FUSE 2: pb is the unpacked source and nothing is stored. */
 AVX2_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int64_t ldc,
                       const float *CNN_RESTRICT pa, const float *CNN_RESTRICT pb,
                       int64_t ldpb, float *CNN_RESTRICT pbo,
@@ -42,6 +43,11 @@ AVX2_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int
         const __m256 b0 = _mm256_loadu_ps(pb);
         const __m256 b1 = NV == 2 ? _mm256_loadu_ps(pb + 8) : b0;
         if (FUSE) {
+            /* The source rows are ldpb apart: fetch the 64 bytes of the row 8 ahead. */
+            _mm_prefetch((const char *)(pb + 8 * ldpb), _MM_HINT_T0);
+            _mm_prefetch((const char *)(pb + 8 * ldpb + 15), _MM_HINT_T0);
+        }
+        if (FUSE == 1) {
             _mm256_storeu_ps(pbo, b0);
             if (NV == 2)
                 _mm256_storeu_ps(pbo + 8, b1);
@@ -122,7 +128,7 @@ static AVX2_FN void kernel_avx2(float *c, int64_t ldc, const float *pa, const fl
 }
 
 /* As kernel_avx2 on a full 16-column panel read from the source rows bsrc (ldb apart),
-   storing the packed panel to pbo (kc, 16) on the way. */
+   storing the packed panel to pbo (kc, 16) on the way unless pbo is NULL. */
 static AVX2_FN void kernel_packb_avx2(float *c, int64_t ldc, const float *pa,
                                       const float *bsrc, int64_t ldb, float *pbo,
                                       int64_t kc, int mr_stride, int mr, float alpha,
@@ -132,7 +138,11 @@ static AVX2_FN void kernel_packb_avx2(float *c, int64_t ldc, const float *pa,
     const float *pb = bsrc;
     const int64_t ldpb = ldb;
     const int nr = NR;
-    TILE_SWITCH(2, 1)
+    if (pbo) {
+        TILE_SWITCH(2, 1)
+    } else {
+        TILE_SWITCH(2, 2)
+    }
 }
 
 /* In-register transpose of an 8 x 8 block: r[i][j] -> r[j][i]. */

@@ -23,9 +23,10 @@ AVX512_INLINE __mmask16 lanes(int64_t n)
     return (__mmask16)((1u << n) - 1u);
 }
 
-/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 16 NV) with
-   rows ldpb apart.  With FUSE, pb is the unpacked source and each row is also stored
-   to the packed panel pbo (kc, 16 NV), so the first tile of a panel packs it. */
+/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 16 NV).
+   FUSE 0: pb is a packed panel.  FUSE 1: pb is the unpacked source, rows ldpb apart,
+   and each row is also stored to the packed panel pbo (kc, 16 NV), so the first tile
+   of a panel packs it.  FUSE 2: pb is the unpacked source and nothing is stored. */
 AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int64_t ldc,
                         const float *CNN_RESTRICT pa, const float *CNN_RESTRICT pb,
                         int64_t ldpb, float *CNN_RESTRICT pbo,
@@ -53,6 +54,8 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
             _mm_prefetch((const char *)(pb + 8 * ldpb), _MM_HINT_T0);
             _mm_prefetch((const char *)(pb + 8 * ldpb + 16), _MM_HINT_T0);
             _mm_prefetch((const char *)(pb + 8 * ldpb + 31), _MM_HINT_T0);
+        }
+        if (FUSE == 1) {
             _mm512_storeu_ps(pbo, b0);
             if (NV == 2)
                 _mm512_storeu_ps(pbo + 16, b1);
@@ -136,7 +139,7 @@ static AVX512_FN void kernel_avx512(float *c, int64_t ldc, const float *pa, cons
 }
 
 /* As kernel_avx512 on a full 32-column panel read from the source rows bsrc (ldb apart),
-   storing the packed panel to pbo (kc, 32) on the way. */
+   storing the packed panel to pbo (kc, 32) on the way unless pbo is NULL. */
 static AVX512_FN void kernel_packb_avx512(float *c, int64_t ldc, const float *pa,
                                           const float *bsrc, int64_t ldb, float *pbo,
                                           int64_t kc, int mr_stride, int mr, float alpha,
@@ -146,7 +149,11 @@ static AVX512_FN void kernel_packb_avx512(float *c, int64_t ldc, const float *pa
     const float *pb = bsrc;
     const int64_t ldpb = ldb;
     const int nr = NR;
-    TILE_SWITCH(2, 1)
+    if (pbo) {
+        TILE_SWITCH(2, 1)
+    } else {
+        TILE_SWITCH(2, 2)
+    }
 }
 
 /* In-register transpose of a 16 x 16 block: r[i][j] -> r[j][i]. */
@@ -187,6 +194,16 @@ static AVX512_FN void pack_xmajor(float *dst, const float *src, int64_t ld, int6
                                   int64_t kc, int64_t x0, int64_t nx, int width)
 {
     /* src rows x0 .. x0 + nx - 1 -> dst (kc, width) */
+    if (width == 1) {
+        /* A single row is already in the packed order. */
+        const float *s = src + x0 * ld + k0;
+        for (int64_t k = 0; k < kc; k += 16) {
+            const __mmask16 km = lanes(kc - k);
+            const __m512 v = nx ? _mm512_maskz_loadu_ps(km, s + k) : _mm512_setzero_ps();
+            _mm512_mask_storeu_ps(dst + k, km, v);
+        }
+        return;
+    }
     for (int g = 0; g < width; g += 16) {
         const int64_t vx = nx - g < 0 ? 0 : (nx - g > 16 ? 16 : nx - g);
         const __mmask16 sm = lanes(width - g);

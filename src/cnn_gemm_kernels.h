@@ -73,7 +73,8 @@ typedef void (*cnn_gemm_pack_fn)(float *dst, const float *src, int64_t ld, int x
 
 /* Optional: the kernel on a full nr-column B panel read straight from row-contiguous
    op(B) rows (bsrc, rows ldb apart) that also writes the packed panel pbo (kc, nr), so
-   the first tile of each panel does the packing while it computes. */
+   the first tile of each panel does the packing while it computes.  With pbo NULL the
+   panel is only read (for panels that a single tile uses). */
 typedef void (*cnn_gemm_kernel_packb_fn)(float *c, int64_t ldc, const float *pa,
                                          const float *bsrc, int64_t ldb, float *pbo,
                                          int64_t kc, int mr_stride, int mr,
