@@ -13,8 +13,10 @@
    Packed layouts (all zero-padded past the valid part):
      A panel: kc x mr_stride, element (k, r) at pa[k * mr_stride + r]
      B panel: kc x nr_panel,  element (k, c) at pb[k * nr_panel + c]
-   mr_stride <= mr_max is chosen per MC block so the rows split into equal-height tiles;
-   nr_panel is nr for full panels and the last panel's width rounded up to nr_step.
+   mr_stride <= mr_max is chosen per range of rows so they split into tiles of nearly
+   equal height; nr_panel is nr for full panels and the last panel's width rounded up
+   to nr_step.  Families with kernel_packb let the first tile of a full B panel read
+   row-contiguous op(B) in place and write the packed panel as it goes.
 
    Every family accumulates each element of a tile over k in increasing order with a
    single accumulator that starts from zero, whatever the tile shape, so the result
@@ -51,8 +53,7 @@
 #define CNN_GEMM_NEON 1
 #endif
 
-/* Upper bounds over every family, for workspace sizing. */
-#define CNN_GEMM_MR_LIMIT 16
+/* Widest panel any family packs (floats). */
 #define CNN_GEMM_NR_LIMIT 32
 
 /* C[0:mr, 0:nr] = alpha * (packed A panel . packed B panel) + beta * C[0:mr, 0:nr]
