@@ -1,6 +1,12 @@
 /* cnn_gemm.c -- single-precision GEMM: the plain reference, the epilogue, the portable
    micro-kernel family, and the blocked, packed, threaded driver (GotoBLAS/BLIS loops)
-   that runs whichever family cnn_get_kernel() selects. */
+   that runs whichever family cnn_get_kernel() selects.
+
+   Families (see cnn_gemm_kernels.h): AVX-512F 14 x 32 tiles, AVX2+FMA 5 x 16, NEON
+   8 x 12, portable C 4 x 8.  Threads split C into row ranges (op(B) blocks packed
+   jointly) or column ranges (op(A) blocks packed jointly), whichever a small cost
+   model prefers; K is blocked the same way for every thread count, so results are
+   bit-identical for any n_threads.  Problems below 64k multiply-adds run serially. */
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
