@@ -10,6 +10,7 @@ cdef extern from "cnn_core.h" nogil:
     int CNN_ERR_ARG
     int CNN_ERR_IO
     int CNN_ERR_FORMAT
+    int CNN_ERR_NONFINITE
 
     const char *cnn_status_string(int status)
 

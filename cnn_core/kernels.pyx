@@ -101,6 +101,8 @@ cdef int _raise_for(int status) except -1:
     message = c.cnn_status_string(status).decode()
     if status == c.CNN_ERR_ALLOC:
         raise MemoryError(message)
+    if status == c.CNN_ERR_NONFINITE:
+        raise ValueError("X contains NaN or infinite values")
     raise ValueError(f"kernel rejected its arguments: {message}")
 
 
@@ -567,11 +569,13 @@ _UINT8 = np.dtype(np.uint8)
 _FLOAT32 = np.dtype(np.float32)
 
 
-def _as_input(X, int64_t n_features, str name="X"):
+def _as_input(X, int64_t n_features, str name="X", bint check_finite=True):
     """X as a C-contiguous uint8 or float32 (n, n_features) array, n >= 1, all finite.
 
     uint8 stays uint8 (the kernels scale it by 1/255); other floating types are converted
-    to float32 once.  Raises TypeError / ValueError naming `name` otherwise.
+    to float32 once.  Raises TypeError / ValueError naming `name` otherwise.  With
+    check_finite false the caller leaves the NaN/infinity check to the kernel
+    (_MLP.predict does it chunk by chunk, while the rows are in cache).
     """
     if type(X) is not np.ndarray:
         try:
@@ -592,6 +596,8 @@ def _as_input(X, int64_t n_features, str name="X"):
         return X if X.flags.c_contiguous else np.ascontiguousarray(X)
     if dtype is not _FLOAT32 or not X.flags.c_contiguous:
         X = np.ascontiguousarray(X, dtype=np.float32)
+    if not check_finite:
+        return X
     cdef const float[:, ::1] v = X
     cdef bint finite
     with nogil:
@@ -629,7 +635,10 @@ cdef class _MLP:
     with a prediction workspace kept between calls."""
     cdef c.cnn_mlp net
     cdef readonly object params
-    cdef object _work
+    cdef object _work            # cached predict workspace (float32, 64-byte aligned)
+    cdef int64_t _work_batch     # the (batch, threads) it was last sized for
+    cdef int _work_threads
+    cdef bint _work_lent         # in use by a call that released the GIL
 
     def __cinit__(self, sizes, int activation, float alpha, params):
         if not 1 <= len(sizes) - 1 <= c.CNN_MAX_LAYERS:
@@ -643,9 +652,27 @@ cdef class _MLP:
         if c.cnn_mlp_param_count(&self.net) != params.shape[0]:
             raise ValueError("params has the wrong length for these layer sizes")
         self.params = params
-        self._work = _WorkspaceCache()
         cdef float[::1] p = params
         self.net.params = &p[0]
+
+    cdef object _take_workspace(self, int64_t batch, int threads):
+        """The cached workspace when free (resized for a new batch or thread count), else
+        a fresh one; give it back with _give_back."""
+        cdef int64_t n
+        if self._work_lent:
+            return _workspace(c.cnn_mlp_predict_workspace_floats(&self.net, batch, threads))
+        if batch != self._work_batch or threads != self._work_threads or self._work is None:
+            n = c.cnn_mlp_predict_workspace_floats(&self.net, batch, threads)
+            if self._work is None or self._work.shape[0] < n:
+                self._work = _workspace(n)
+            self._work_batch = batch
+            self._work_threads = threads
+        self._work_lent = True
+        return self._work
+
+    cdef void _give_back(self, work):
+        if work is self._work:
+            self._work_lent = False
 
     def predict(self, X, int64_t batch_size, bint logits, int n_threads):
         """Probabilities (or logits) float32 (n, n_classes) for X from _as_input."""
@@ -653,8 +680,7 @@ cdef class _MLP:
         cdef int64_t n_classes = self.net.sizes[self.net.n_layers]
         out = np.empty((n, n_classes), dtype=np.float32)
         batch_size = min(batch_size, n)
-        work = self._work.take(c.cnn_mlp_predict_workspace_floats(&self.net, batch_size,
-                                                                  n_threads))
+        work = self._take_workspace(batch_size, n_threads)
         cdef float[:, ::1] o = out
         cdef float[::1] wk = work
         cdef const void *xp = _data_pointer(X)
@@ -665,7 +691,7 @@ cdef class _MLP:
                 status = c.cnn_mlp_predict(&o[0, 0], &self.net, xp, dtype, n, batch_size,
                                            logits, &wk[0], n_threads)
         finally:
-            self._work.give_back(work)
+            self._give_back(work)
         _raise_for(status)
         return out
 

@@ -140,9 +140,10 @@ class Network:
                 f"seed={self.seed}) with {n:,} parameters")
 
     # ---- argument checks --------------------------------------------------------------
-    def _check_X(self, X, name="X"):
-        """X as a C-contiguous uint8 or float32 (n, n_features) array with finite values."""
-        return kernels._as_input(X, self.layer_sizes[0], name)
+    def _check_X(self, X, name="X", check_finite=True):
+        """X as a C-contiguous uint8 or float32 (n, n_features) array with finite values
+        (with check_finite false, inference kernels check finiteness on the fly)."""
+        return kernels._as_input(X, self.layer_sizes[0], name, check_finite)
 
     def _check_y(self, y, n, name="y"):
         y = np.asarray(y)
@@ -253,11 +254,12 @@ class Network:
 
     def predict_proba(self, X, *, n_threads=None):
         """Class probabilities, float32 (n, n_classes), for X (n, n_features)."""
-        return self._forward(self._check_X(X), False, kernels._threads(n_threads))
+        return self._forward(self._check_X(X, check_finite=False), False,
+                             kernels._threads(n_threads))
 
     def predict(self, X, *, n_threads=None):
         """Predicted class labels, int64 (n,), for X (n, n_features)."""
-        return self._mlp.predict_labels(self._check_X(X), _PREDICT_BATCH,
+        return self._mlp.predict_labels(self._check_X(X, check_finite=False), _PREDICT_BATCH,
                                         kernels._threads(n_threads))
 
     def _evaluate(self, X, y, w, n_threads):
@@ -270,7 +272,7 @@ class Network:
 
     def evaluate(self, X, y, *, sample_weight=None, n_threads=None):
         """(mean cross-entropy loss, accuracy) on X (n, n_features) and labels y (n,)."""
-        X = self._check_X(X)
+        X = self._check_X(X, check_finite=False)
         y = self._check_y(y, X.shape[0])
         w = kernels._sample_weight(sample_weight, X.shape[0])
         return self._evaluate(X, y, w, kernels._threads(n_threads))

@@ -35,6 +35,7 @@ extern "C" {
 #define CNN_ERR_ARG 2      /* an argument broke a documented precondition */
 #define CNN_ERR_IO 3       /* a file could not be opened or read */
 #define CNN_ERR_FORMAT 4   /* a model file is truncated, corrupted or foreign */
+#define CNN_ERR_NONFINITE 5 /* an input holds NaN or infinity where it must not */
 
 /* Human-readable text for a status code (static storage, never NULL). */
 const char *cnn_status_string(int status);
@@ -202,7 +203,9 @@ int64_t cnn_mlp_train_workspace_floats(const cnn_mlp *net, int64_t batch_size, i
 
 /* probs (n, n_classes) = softmax of the network on X (n, sizes[0]) of dtype; rows are
    processed in chunks of batch_size with `work` as workspace.  When logits != 0 the
-   raw last-layer outputs are written instead of probabilities. */
+   raw last-layer outputs are written instead of probabilities.  Float input holding
+   NaN or infinity gives CNN_ERR_NONFINITE (checked chunk by chunk, while it is hot in
+   cache; earlier rows of probs are then already written). */
 int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
                     int64_t n, int64_t batch_size, int logits, float *work, int n_threads);
 

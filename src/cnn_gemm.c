@@ -206,10 +206,32 @@ void cnn_gemm_pack_generic(float *dst, const float *src, int64_t ld, int xmajor,
     }
 }
 
+/* One row of C: alpha * a . B (+ beta C), 64 columns at a time (see cnn_gemm_row_fn). */
+static void row_generic(float *c, const float *a, int64_t a_step, const float *b,
+                        int64_t ldb, int64_t N, int64_t K, float alpha, float beta)
+{
+    /* a (K,) stride a_step, B (K, N) rows ldb apart -> c (N,) */
+    enum { W = 64 };
+    for (int64_t j0 = 0; j0 < N; j0 += W) {
+        const int64_t n = N - j0 < W ? N - j0 : W;
+        float acc[W];
+        for (int64_t j = 0; j < n; ++j)
+            acc[j] = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {
+            const float ak = a[k * a_step];
+            const float *bk = b + k * ldb + j0;
+            for (int64_t j = 0; j < n; ++j)
+                acc[j] += ak * bk[j];
+        }
+        for (int64_t j = 0; j < n; ++j)
+            c[j0 + j] = beta == 0.0f ? alpha * acc[j] : alpha * acc[j] + beta * c[j0 + j];
+    }
+}
+
 static const cnn_gemm_family family_generic = {
     CNN_KERNEL_GENERIC, GEN_MR, GEN_NR, GEN_NR,
     256, 128, 2048,
-    kernel_generic, cnn_gemm_pack_generic, 0
+    kernel_generic, cnn_gemm_pack_generic, 0, row_generic
 };
 
 const cnn_gemm_family *cnn_gemm_family_generic(void) { return &family_generic; }
@@ -237,6 +259,8 @@ CNN_INLINE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 #define CNN_GEMM_PARALLEL_MIN_FMAS 65536.0
 /* op(B) rows at least this many floats apart are packed separately, not in the kernel. */
 #define CNN_GEMM_FUSE_MAX_LDB 1024
+/* Up to this many rows of C, families with a row kernel skip packing altogether. */
+#define CNN_GEMM_ROW_MAX_M 2
 /* Columns of C are handed to threads in units of this many (one AVX-512 vector). */
 #define CNN_GEMM_COL_UNIT 16
 
@@ -698,6 +722,16 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
     x.f = cnn_gemm_family_for(cnn_get_kernel());
     if (!x.f)
         x.f = cnn_gemm_family_generic();
+    if (M <= CNN_GEMM_ROW_MAX_M && !x.b_xmajor && x.f->row) {
+        /* A few rows (single inferences): read op(B) in place, one row at a time. */
+        for (int64_t i = 0; i < M; ++i) {
+            const float *a = x.a_xmajor ? A + i * lda : A + i;
+            x.f->row(C + i * ldc, a, x.a_xmajor ? 1 : lda, B, ldb, N, K, alpha, beta);
+            if (epilogue)
+                cnn_epilogue_row(C + i * ldc, epilogue, i, 0, N);
+        }
+        return CNN_OK;
+    }
     /* Fuse B packing into the kernel for row-contiguous op(B) whose rows are less than
        a page apart; farther apart, every row is a new page for the kernel and the
        separate pack, which streams along each row, is faster. */

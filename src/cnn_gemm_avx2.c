@@ -267,10 +267,50 @@ static AVX2_FN void pack_avx2(float *dst, const float *src, int64_t ld, int xmaj
     }
 }
 
+/* One row of C: alpha * a . B (+ beta C), 8 accumulators of 8 columns at a time. */
+static AVX2_FN void row_avx2(float *c, const float *a, int64_t a_step, const float *b,
+                             int64_t ldb, int64_t N, int64_t K, float alpha, float beta)
+{
+    /* a (K,) stride a_step, B (K, N) rows ldb apart -> c (N,) */
+    enum { NV = 8 };
+    const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+    int64_t j0 = 0;
+    for (; j0 + 8 * NV <= N; j0 += 8 * NV) {
+        __m256 acc[NV];
+        CNN_UNROLL
+        for (int v = 0; v < NV; ++v)
+            acc[v] = _mm256_setzero_ps();
+        const float *bk = b + j0;
+        for (int64_t k = 0; k < K; ++k, bk += ldb) {
+            const __m256 ak = _mm256_set1_ps(a[k * a_step]);
+            CNN_UNROLL
+            for (int v = 0; v < NV; ++v)
+                acc[v] = _mm256_fmadd_ps(ak, _mm256_loadu_ps(bk + 8 * v), acc[v]);
+        }
+        CNN_UNROLL
+        for (int v = 0; v < NV; ++v) {
+            __m256 r = _mm256_mul_ps(va, acc[v]);
+            if (beta != 0.0f)
+                r = _mm256_fmadd_ps(vb, _mm256_loadu_ps(c + j0 + 8 * v), r);
+            _mm256_storeu_ps(c + j0 + 8 * v, r);
+        }
+    }
+    for (; j0 < N; ++j0) {  /* the last columns, one at a time, with the same arithmetic */
+        float acc = 0.0f;
+        for (int64_t k = 0; k < K; ++k)
+            acc = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a[k * a_step]),
+                                             _mm_set_ss(b[k * ldb + j0]), _mm_set_ss(acc)));
+        float r = alpha * acc;
+        if (beta != 0.0f)
+            r = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(beta), _mm_set_ss(c[j0]), _mm_set_ss(r)));
+        c[j0] = r;
+    }
+}
+
 static const cnn_gemm_family family_avx2 = {
     CNN_KERNEL_AVX2, MR, NR, 8,
     256, 144, 4096,
-    kernel_avx2, pack_avx2, kernel_packb_avx2
+    kernel_avx2, pack_avx2, kernel_packb_avx2, row_avx2
 };
 
 const cnn_gemm_family *cnn_gemm_family_avx2(void) { return &family_avx2; }

@@ -294,10 +294,54 @@ static AVX512_FN void pack_avx512(float *dst, const float *src, int64_t ld, int 
     }
 }
 
+/* One row of C: alpha * a . B (+ beta C), 8 accumulators of 16 columns at a time. */
+static AVX512_FN void row_avx512(float *c, const float *a, int64_t a_step, const float *b,
+                                 int64_t ldb, int64_t N, int64_t K, float alpha, float beta)
+{
+    /* a (K,) stride a_step, B (K, N) rows ldb apart -> c (N,) */
+    enum { NV = 8 };
+    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    for (int64_t j0 = 0; j0 < N; j0 += 16 * NV) {
+        __mmask16 m[NV];
+        __m512 acc[NV];
+        CNN_UNROLL
+        for (int v = 0; v < NV; ++v) {
+            m[v] = lanes(N - j0 - 16 * v);
+            acc[v] = _mm512_setzero_ps();
+        }
+        const float *bk = b + j0;
+        if (N - j0 >= 16 * NV) {
+            for (int64_t k = 0; k < K; ++k, bk += ldb) {
+                const __m512 ak = _mm512_set1_ps(a[k * a_step]);
+                CNN_UNROLL
+                for (int v = 0; v < NV; ++v)
+                    acc[v] = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 16 * v), acc[v]);
+            }
+        } else {
+            const int64_t nv = (N - j0 + 15) / 16;  /* vectors holding valid columns */
+            for (int64_t k = 0; k < K; ++k, bk += ldb) {
+                const __m512 ak = _mm512_set1_ps(a[k * a_step]);
+                CNN_UNROLL
+                for (int v = 0; v < NV; ++v)
+                    if (v < nv)
+                        acc[v] = _mm512_fmadd_ps(ak, _mm512_maskz_loadu_ps(m[v], bk + 16 * v),
+                                                 acc[v]);
+            }
+        }
+        CNN_UNROLL
+        for (int v = 0; v < NV; ++v) {
+            __m512 r = _mm512_mul_ps(va, acc[v]);
+            if (beta != 0.0f)
+                r = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m[v], c + j0 + 16 * v), r);
+            _mm512_mask_storeu_ps(c + j0 + 16 * v, m[v], r);
+        }
+    }
+}
+
 static const cnn_gemm_family family_avx512 = {
     CNN_KERNEL_AVX512, MR, NR, 16,
     512, 168, 4096,
-    kernel_avx512, pack_avx512, kernel_packb_avx512
+    kernel_avx512, pack_avx512, kernel_packb_avx512, row_avx512
 };
 
 const cnn_gemm_family *cnn_gemm_family_avx512(void) { return &family_avx512; }

@@ -81,6 +81,14 @@ typedef void (*cnn_gemm_kernel_packb_fn)(float *c, int64_t ldc, const float *pa,
                                          int64_t kc, int mr_stride, int mr,
                                          float alpha, float beta);
 
+/* Optional: C[0:1, 0:N] = alpha * a . B + beta * C for ONE row a of op(A) (K entries,
+   a[k * a_step]) and row-contiguous op(B) (K, N) rows ldb apart, read in place -- the
+   no-packing path for tiny M (a single inference).  Each element is accumulated exactly
+   as the family's tile kernel does (one accumulator from zero, k increasing), so both
+   paths give the same bits. */
+typedef void (*cnn_gemm_row_fn)(float *c, const float *a, int64_t a_step, const float *b,
+                                int64_t ldb, int64_t N, int64_t K, float alpha, float beta);
+
 typedef struct cnn_gemm_family {
     cnn_kernel id;
     int mr_max;        /* tallest tile (rows of C) */
@@ -92,6 +100,7 @@ typedef struct cnn_gemm_family {
     cnn_gemm_kernel_fn kernel;
     cnn_gemm_pack_fn pack;
     cnn_gemm_kernel_packb_fn kernel_packb;  /* NULL when the family has none */
+    cnn_gemm_row_fn row;                    /* NULL when the family has none */
 } cnn_gemm_family;
 
 /* The family for a kernel id, or NULL when this build has no such family.

@@ -1,5 +1,6 @@
 /* cnn_mlp.c -- a whole multilayer perceptron: batched inference and minibatch training
    over caller-provided workspaces (no allocation here). */
+#include <string.h>
 #include "cnn_core.h"
 #include "cnn_internal.h"
 
@@ -60,6 +61,22 @@ static float *layer_W(const cnn_mlp *net, float *params, int32_t layer)
     return params;
 }
 
+static int all_finite(const float *x, int64_t n, int n_threads)
+{
+    /* 1 if no element of x (n,) is NaN or infinite (all exponent bits set), else 0 */
+    uint32_t bad = 0;
+    (void)n_threads;
+#if defined(_OPENMP) && _OPENMP >= 200805
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(|:bad) if (n >= 65536 && n_threads > 1)
+#endif
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        memcpy(&bits, x + i, sizeof bits);
+        bad |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    return bad == 0;
+}
+
 static int forward_batch(float *out, int64_t ld_out, float **outputs, const cnn_mlp *net,
                          const float *x, int64_t B, float *work, int n_threads)
 {
@@ -105,6 +122,8 @@ int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype d
         const float *xb;
         if (dtype == CNN_DTYPE_FLOAT32) {
             xb = (const float *)X + r0 * n_in;
+            if (!all_finite(xb, rows * n_in, n_threads))
+                return CNN_ERR_NONFINITE;
         } else {
             for (int64_t r = 0; r < rows; r += 256) {
                 int64_t k = rows - r < 256 ? rows - r : 256;

@@ -24,6 +24,7 @@ const char *cnn_status_string(int status)
     case CNN_ERR_ARG: return "invalid argument";
     case CNN_ERR_IO: return "file could not be read";
     case CNN_ERR_FORMAT: return "not a valid cnn_core model file (truncated, corrupted or foreign)";
+    case CNN_ERR_NONFINITE: return "input contains NaN or infinite values";
     default: return "unknown status";
     }
 }
