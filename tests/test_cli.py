@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,14 @@ RESULT = re.compile(r"test accuracy (\d\.\d{4}) \(loss (\d+\.\d{4})\) on (\d+) i
 
 
 def run(*args, cwd=None):
-    """Run ``python -m cnn_core args`` in a subprocess; return the CompletedProcess."""
+    """Run ``python -m cnn_core args`` in a subprocess; return the CompletedProcess.
+
+    It runs in a temporary folder unless `cwd` is given, never in the source checkout,
+    whose cnn_core/ (not compiled) would shadow the installed package."""
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     env.pop("CNN_CORE_DATA", None)
+    if cwd is None:
+        cwd = tempfile.gettempdir()
     return subprocess.run([sys.executable, "-m", "cnn_core", *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=120)
 
