@@ -723,10 +723,17 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
     if (!x.f)
         x.f = cnn_gemm_family_generic();
     if (M <= CNN_GEMM_ROW_MAX_M && !x.b_xmajor && x.f->row) {
-        /* A few rows (single inferences): read op(B) in place, one row at a time. */
+        /* A few rows (single inferences): read op(B) in place, one row at a time, over
+           the same K blocks as the tiled path so that both give the same bits. */
+        const int64_t nk = ceil_div(K, x.f->kc), a_step = x.a_xmajor ? 1 : lda;
         for (int64_t i = 0; i < M; ++i) {
             const float *a = x.a_xmajor ? A + i * lda : A + i;
-            x.f->row(C + i * ldc, a, x.a_xmajor ? 1 : lda, B, ldb, N, K, alpha, beta);
+            for (int64_t b = 0; b < nk; ++b) {
+                int64_t k0, kc;
+                k_block(K, nk, b, &k0, &kc);
+                x.f->row(C + i * ldc, a + k0 * a_step, a_step, B + k0 * ldb, ldb, N, kc,
+                         alpha, b == 0 ? beta : 1.0f);
+            }
             if (epilogue)
                 cnn_epilogue_row(C + i * ldc, epilogue, i, 0, N);
         }
