@@ -8,7 +8,13 @@ library with :func:`get_library_dir`.
 import os as _os
 from pathlib import Path as _Path
 
-from . import kernels
+try:
+    from . import kernels
+except ImportError as exc:  # e.g. the source checkout shadowing the installed package
+    raise ImportError(
+        f"cnn_core's compiled kernels could not be imported from {_Path(__file__).parent}: "
+        f"{exc}. Install the package (pip install .) and run Python outside the source "
+        f"folder, where cnn_core/ is not importable as plain source.") from exc
 from .datasets import load_mnist
 from .network import History, ModelFileError, Network
 
