@@ -354,3 +354,14 @@ def test_export_c_method_writes_source(tmp_path):
     report = Network([4, 3, 2], seed=0).export_c(tmp_path, name="tiny")
     assert (tmp_path / "tiny.c").is_file() and (tmp_path / "tiny.h").is_file()
     assert report.n_parameters == 4 * 3 + 3 + 3 * 2 + 2
+
+
+@pytest.mark.parametrize("row", [0, 255, 256, 599])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_input_is_caught_in_any_inference_chunk(row, bad):
+    net = Network([4, 3, 2], seed=0)
+    X = np.zeros((600, 4), np.float32)
+    X[row, 2] = bad
+    for call in (net.predict, net.predict_proba, lambda X: net.evaluate(X, np.zeros(600, int))):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            call(X)
