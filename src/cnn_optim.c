@@ -1,82 +1,130 @@
 /* cnn_optim.c -- parameter updates: SGD (momentum, Nesterov, L2) and Adam / AdamW.
-   Every update is elementwise, so splitting it across threads changes no result. */
+   Every update is elementwise: threads take contiguous ranges, and the x86-64 AVX2 build
+   of the loops only widens the vectors (ISO C mode contracts no multiply-add), so the
+   result is the same for any thread count and kernel family. */
 #include <math.h>
 #include "cnn_core.h"
-
-/* OpenMP 3.0 or newer (64-bit loop counters); older runtimes (MSVC) run serially. */
-#if defined(_OPENMP) && _OPENMP >= 200805
-#define CNN_PARALLEL_FOR _Pragma("omp parallel for num_threads(n_threads) schedule(static) if (n >= 32768 && n_threads > 1)")
-#else
-#define CNN_PARALLEL_FOR
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
-static void sgd(float *p, float *v, const float *g, int64_t n, float lr, float mu,
-                int nesterov, float wd, int n_threads)
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+#define CNN_OPTIM_AVX2 1
+#endif
+
+typedef struct update {
+    float *p, *s1, *s2;       /* parameters, first and second state */
+    const float *g;           /* gradients */
+    int kind;                 /* 0 sgd, 1 sgd + momentum, 2 nesterov, 3 adam, 4 adamw */
+    float lr, mu, wd, b1, b2, eps, c1, c2;
+} update;
+
+#if defined(__GNUC__)
+#define CNN_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define CNN_ALWAYS_INLINE static __inline
+#endif
+
+CNN_ALWAYS_INLINE void update_body(const update *u, int64_t i0, int64_t i1)
 {
-    /* v = mu v + g + wd p ; p -= lr (nesterov ? g + wd p + mu v : v) ; all (n,) */
-    (void)n_threads;
-    if (mu == 0.0f) {
-        CNN_PARALLEL_FOR
-        for (int64_t i = 0; i < n; ++i)
+    /* elements [i0, i1) of p, s1, s2, g (n,) */
+    float *p = u->p, *v = u->s1, *m2 = u->s2;
+    const float *g = u->g;
+    const float lr = u->lr, mu = u->mu, wd = u->wd;
+    switch (u->kind) {
+    case 0:
+        for (int64_t i = i0; i < i1; ++i)
             p[i] -= lr * (g[i] + wd * p[i]);
-    } else if (nesterov) {
-        CNN_PARALLEL_FOR
-        for (int64_t i = 0; i < n; ++i) {
+        break;
+    case 1:
+        for (int64_t i = i0; i < i1; ++i) {
+            float vi = mu * v[i] + g[i] + wd * p[i];
+            v[i] = vi;
+            p[i] -= lr * vi;
+        }
+        break;
+    case 2:
+        for (int64_t i = i0; i < i1; ++i) {
             float gi = g[i] + wd * p[i];
             float vi = mu * v[i] + gi;
             v[i] = vi;
             p[i] -= lr * (gi + mu * vi);
         }
-    } else {
-        CNN_PARALLEL_FOR
-        for (int64_t i = 0; i < n; ++i) {
-            float vi = mu * v[i] + g[i] + wd * p[i];
-            v[i] = vi;
-            p[i] -= lr * vi;
+        break;
+    default: {
+        const float b1 = u->b1, b2 = u->b2, eps = u->eps, c1 = u->c1, c2 = u->c2;
+        const int decoupled = u->kind == 4;
+        for (int64_t i = i0; i < i1; ++i) {
+            float gi = decoupled ? g[i] : g[i] + wd * p[i];
+            float mi = b1 * v[i] + (1.0f - b1) * gi;
+            float si = b2 * m2[i] + (1.0f - b2) * gi * gi;
+            v[i] = mi;
+            m2[i] = si;
+            float step = lr * (mi * c1) / (sqrtf(si * c2) + eps);
+            p[i] -= decoupled ? step + lr * wd * p[i] : step;
         }
+    }
     }
 }
 
-static void adam(float *p, float *m, float *v, const float *g, int64_t n, float lr, float b1,
-                 float b2, float eps, float wd, int decoupled, float c1, float c2, int n_threads)
+static void update_generic(const update *u, int64_t i0, int64_t i1) { update_body(u, i0, i1); }
+
+#ifdef CNN_OPTIM_AVX2
+__attribute__((target("avx2")))
+static void update_avx2(const update *u, int64_t i0, int64_t i1) { update_body(u, i0, i1); }
+#endif
+
+static void run(const update *u, int64_t n, int n_threads)
 {
-    /* m, v = moments of g (+ wd p unless decoupled) ; p -= lr m^ / (sqrt v^ + eps) (+ lr wd p) */
-    (void)n_threads;
-    CNN_PARALLEL_FOR
-    for (int64_t i = 0; i < n; ++i) {
-        float gi = decoupled ? g[i] : g[i] + wd * p[i];
-        float mi = b1 * m[i] + (1.0f - b1) * gi;
-        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        float step = lr * (mi * c1) / (sqrtf(vi * c2) + eps);
-        p[i] -= decoupled ? step + lr * wd * p[i] : step;
+    /* the update over [0, n), split into one contiguous range per thread */
+    void (*range)(const update *, int64_t, int64_t) = update_generic;
+#ifdef CNN_OPTIM_AVX2
+    if (cnn_get_kernel() == CNN_KERNEL_AVX2 || cnn_get_kernel() == CNN_KERNEL_AVX512)
+        range = update_avx2;
+#endif
+#ifdef _OPENMP
+    if (n >= 32768 && n_threads > 1) {
+#pragma omp parallel num_threads(n_threads)
+        {
+            const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+            range(u, n * t / T, n * (t + 1) / T);
+        }
+        return;
     }
+#endif
+    (void)n_threads;
+    range(u, 0, n);
 }
 
 int cnn_optimizer_update(float *p, float *state1, float *state2, cnn_optimizer *opt,
                          const float *g, int64_t n, int n_threads)
 {
     /* p, state1, state2, g (n,) ; updates p and the states in place */
-    const float lr = opt->learning_rate, wd = opt->weight_decay;
-    if (!(lr >= 0.0f) || !(wd >= 0.0f) || n_threads < 1)
+    update u = {0};
+    u.p = p; u.s1 = state1; u.s2 = state2; u.g = g;
+    u.lr = opt->learning_rate;
+    u.wd = opt->weight_decay;
+    if (!(u.lr >= 0.0f) || !(u.wd >= 0.0f) || n_threads < 1)
         return CNN_ERR_ARG;
     if (opt->kind == CNN_OPT_SGD) {
-        const float mu = opt->momentum;
-        if (!(mu >= 0.0f && mu < 1.0f) || (opt->nesterov && !(mu > 0.0f)))
+        u.mu = opt->momentum;
+        if (!(u.mu >= 0.0f && u.mu < 1.0f) || (opt->nesterov && !(u.mu > 0.0f)))
             return CNN_ERR_ARG;
-        sgd(p, state1, g, n, lr, mu, opt->nesterov, wd, n_threads);
+        u.kind = u.mu == 0.0f ? 0 : opt->nesterov ? 2 : 1;
+        run(&u, n, n_threads);
         return CNN_OK;
     }
     if (opt->kind != CNN_OPT_ADAM && opt->kind != CNN_OPT_ADAMW)
         return CNN_ERR_ARG;
-    const float b1 = opt->beta1, b2 = opt->beta2, eps = opt->eps;
-    if (!(b1 >= 0.0f && b1 < 1.0f) || !(b2 >= 0.0f && b2 < 1.0f) || !(eps > 0.0f))
+    u.b1 = opt->beta1;
+    u.b2 = opt->beta2;
+    u.eps = opt->eps;
+    if (!(u.b1 >= 0.0f && u.b1 < 1.0f) || !(u.b2 >= 0.0f && u.b2 < 1.0f) || !(u.eps > 0.0f))
         return CNN_ERR_ARG;
     const int64_t t = ++opt->step;
-    const float c1 = (float)(1.0 / (1.0 - pow(b1, (double)t)));
-    const float c2 = (float)(1.0 / (1.0 - pow(b2, (double)t)));
-    adam(p, state1, state2, g, n, lr, b1, b2, eps, wd, opt->kind == CNN_OPT_ADAMW, c1, c2,
-         n_threads);
+    u.c1 = (float)(1.0 / (1.0 - pow(u.b1, (double)t)));
+    u.c2 = (float)(1.0 / (1.0 - pow(u.b2, (double)t)));
+    u.kind = opt->kind == CNN_OPT_ADAMW ? 4 : 3;
+    run(&u, n, n_threads);
     return CNN_OK;
 }

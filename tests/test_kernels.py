@@ -287,3 +287,30 @@ def test_runtime_information():
     assert info["threads"] >= 1 and isinstance(info["openmp"], bool)
     with pytest.raises(ValueError, match="kernel must be one of"):
         kernels.set_kernel("sse9")
+
+
+@pytest.mark.parametrize("optimizer,options", [("sgd", {"momentum": 0.0}),
+                                               ("sgd", {"momentum": 0.9}),
+                                               ("sgd", {"momentum": 0.9, "nesterov": True}),
+                                               ("adam", {}), ("adamw", {})])
+def test_optimizer_gives_the_same_bits_for_every_kernel_and_thread_count(optimizer, options):
+    rng = np.random.default_rng(10)
+    n = 100003
+    p0, g = rand(rng, n), rand(rng, n)
+    results = []
+    saved = kernels.get_kernel()
+    try:
+        for kernel in kernels.available_kernels():
+            kernels.set_kernel(kernel)
+            for n_threads in (1, 2, 3):
+                p, s1, s2 = p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
+                for _ in range(2):
+                    kernels.optimizer_update(p, g, s1, s2, optimizer=optimizer,
+                                             learning_rate=0.01, weight_decay=1e-3,
+                                             n_threads=n_threads, **options)
+                results.append(p)
+    finally:
+        kernels.set_kernel(saved)
+    assert not np.array_equal(results[0], p0)
+    for other in results[1:]:
+        assert np.array_equal(results[0], other)
