@@ -243,7 +243,7 @@ def _gemm(A, B, C, trans_a, trans_b, alpha, beta, n_threads, bint reference):
     cdef c.cnn_trans cta = c.CNN_TRANS if ta else c.CNN_NO_TRANS
     cdef c.cnn_trans ctb = c.CNN_TRANS if tb else c.CNN_NO_TRANS
     cdef int64_t n_work = c.cnn_sgemm_workspace_floats(M, N, K, threads)
-    work = _WorkspaceCache.gemm.take(n_work)
+    work = _GEMM_WORK.take(n_work)
     cdef float[::1] w = work
     cdef float *wp = _ptr1(w)
     with nogil:
@@ -252,7 +252,7 @@ def _gemm(A, B, C, trans_a, trans_b, alpha, beta, n_threads, bint reference):
         else:
             status = c.cnn_sgemm_ex(_ptr(cm), _cptr(a), _cptr(b), M, N, K, ldc, lda, ldb,
                                     cta, ctb, al, be, NULL, wp, threads)
-    _WorkspaceCache.gemm.give_back(work)
+    _GEMM_WORK.give_back(work)
     _raise_for(status)
     return C
 
@@ -541,28 +541,28 @@ def _workspace(int64_t n_floats):
     return raw[offset:offset + n_floats]
 
 
-class _WorkspaceCache:
+cdef class _WorkspaceCache:
     """One reusable aligned workspace: `take` lends it (or a fresh one if it is lent out
     or too small), `give_back` returns it.  Runs with the GIL held, so it is thread-safe."""
+    cdef object buffer
+    cdef int64_t size
+    cdef bint lent
 
-    def __init__(self):
-        self.buffer = None
-        self.lent = False
-
-    def take(self, int64_t n_floats):
+    cdef object take(self, int64_t n_floats):
         if self.lent:
-            return _workspace(n_floats)
-        if self.buffer is None or self.buffer.shape[0] < n_floats:
-            self.buffer = _workspace(max(n_floats, 16))
+            return _workspace(max(n_floats, 16))
+        if self.buffer is None or self.size < n_floats:
+            self.size = max(n_floats, 16)
+            self.buffer = _workspace(self.size)
         self.lent = True
         return self.buffer
 
-    def give_back(self, buffer):
+    cdef void give_back(self, buffer):
         if buffer is self.buffer:
             self.lent = False
 
 
-_WorkspaceCache.gemm = _WorkspaceCache()
+cdef _WorkspaceCache _GEMM_WORK = _WorkspaceCache()
 
 
 _UINT8 = np.dtype(np.uint8)
@@ -635,10 +635,10 @@ cdef class _MLP:
     with a prediction workspace kept between calls."""
     cdef c.cnn_mlp net
     cdef readonly object params
-    cdef object _work            # cached predict workspace (float32, 64-byte aligned)
-    cdef int64_t _work_batch     # the (batch, threads) it was last sized for
+    cdef _WorkspaceCache _work   # predict workspace kept between calls
+    cdef int64_t _work_batch     # the (batch, threads) last sized for, and that size
     cdef int _work_threads
-    cdef bint _work_lent         # in use by a call that released the GIL
+    cdef int64_t _work_floats
 
     def __cinit__(self, sizes, int activation, float alpha, params):
         if not 1 <= len(sizes) - 1 <= c.CNN_MAX_LAYERS:
@@ -652,27 +652,18 @@ cdef class _MLP:
         if c.cnn_mlp_param_count(&self.net) != params.shape[0]:
             raise ValueError("params has the wrong length for these layer sizes")
         self.params = params
+        self._work = _WorkspaceCache()
+        self._work_batch = -1
         cdef float[::1] p = params
         self.net.params = &p[0]
 
-    cdef object _take_workspace(self, int64_t batch, int threads):
-        """The cached workspace when free (resized for a new batch or thread count), else
-        a fresh one; give it back with _give_back."""
-        cdef int64_t n
-        if self._work_lent:
-            return _workspace(c.cnn_mlp_predict_workspace_floats(&self.net, batch, threads))
-        if batch != self._work_batch or threads != self._work_threads or self._work is None:
-            n = c.cnn_mlp_predict_workspace_floats(&self.net, batch, threads)
-            if self._work is None or self._work.shape[0] < n:
-                self._work = _workspace(n)
+    cdef int64_t _workspace_floats(self, int64_t batch, int threads):
+        """Predict workspace size, recomputed only when batch or threads change."""
+        if batch != self._work_batch or threads != self._work_threads:
+            self._work_floats = c.cnn_mlp_predict_workspace_floats(&self.net, batch, threads)
             self._work_batch = batch
             self._work_threads = threads
-        self._work_lent = True
-        return self._work
-
-    cdef void _give_back(self, work):
-        if work is self._work:
-            self._work_lent = False
+        return self._work_floats
 
     def predict(self, X, int64_t batch_size, bint logits, int n_threads):
         """Probabilities (or logits) float32 (n, n_classes) for X from _as_input."""
@@ -680,7 +671,7 @@ cdef class _MLP:
         cdef int64_t n_classes = self.net.sizes[self.net.n_layers]
         out = np.empty((n, n_classes), dtype=np.float32)
         batch_size = min(batch_size, n)
-        work = self._take_workspace(batch_size, n_threads)
+        work = self._work.take(self._workspace_floats(batch_size, n_threads))
         cdef float[:, ::1] o = out
         cdef float[::1] wk = work
         cdef const void *xp = _data_pointer(X)
@@ -691,7 +682,7 @@ cdef class _MLP:
                 status = c.cnn_mlp_predict(&o[0, 0], &self.net, xp, dtype, n, batch_size,
                                            logits, &wk[0], n_threads)
         finally:
-            self._give_back(work)
+            self._work.give_back(work)
         _raise_for(status)
         return out
 
