@@ -212,14 +212,17 @@ static void row_generic(float *c, const float *a, int64_t a_step, const float *b
 {
     /* a (K,) stride a_step, B (K, N) rows ldb apart -> c (N,) */
     enum { W = 64 };
+    float vals[CNN_GEMM_ROW_MAX_K];
+    int32_t ks[CNN_GEMM_ROW_MAX_K];
+    const int64_t terms = cnn_row_terms(a, a_step, K, vals, ks);
     for (int64_t j0 = 0; j0 < N; j0 += W) {
         const int64_t n = N - j0 < W ? N - j0 : W;
         float acc[W];
         for (int64_t j = 0; j < n; ++j)
             acc[j] = 0.0f;
-        for (int64_t k = 0; k < K; ++k) {
-            const float ak = a[k * a_step];
-            const float *bk = b + k * ldb + j0;
+        for (int64_t t = 0; t < terms; ++t) {
+            const float ak = vals[t];
+            const float *bk = b + ks[t] * ldb + j0;
             for (int64_t j = 0; j < n; ++j)
                 acc[j] += ak * bk[j];
         }
@@ -261,6 +264,8 @@ CNN_INLINE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 #define CNN_GEMM_FUSE_MAX_LDB 1024
 /* Up to this many rows of C, families with a row kernel skip packing altogether. */
 #define CNN_GEMM_ROW_MAX_M 2
+/* Below this many multiply-adds the row path runs on one thread. */
+#define CNN_GEMM_ROW_PARALLEL_MIN_FMAS 131072.0
 /* Columns of C are handed to threads in units of this many (one AVX-512 vector). */
 #define CNN_GEMM_COL_UNIT 16
 
@@ -286,6 +291,22 @@ static double tile_cycles(int64_t m, int64_t n, int64_t K)
     const double rows = (double)tiles * (double)max64(mrs, 6);
     return rows * (double)round_up(n, CNN_GEMM_COL_UNIT) * (double)K / 28.0
          + 40.0 * (double)(tiles * ceil_div(n, 32));
+}
+
+/* Threads for the row path: each reads its own columns of op(B), so two threads halve
+   the time once op(B) is large enough to outweigh waking them. */
+static int row_threads(int64_t M, int64_t N, int64_t K, int n_threads)
+{
+    /* (M, N, K, n_threads) -> threads */
+#ifdef _OPENMP
+    const int64_t most = ceil_div(N, CNN_GEMM_COL_UNIT);
+    if ((double)M * (double)N * (double)K < CNN_GEMM_ROW_PARALLEL_MIN_FMAS || most < 2)
+        return 1;
+    return (int)min64(min64(n_threads, most), 1 + (int64_t)((double)M * N * K / CNN_GEMM_ROW_PARALLEL_MIN_FMAS));
+#else
+    (void)M; (void)N; (void)K; (void)n_threads;
+    return 1;
+#endif
 }
 
 /* What the plan needs to know about the operands: whether packing op(A) / op(B)
@@ -564,6 +585,28 @@ CNN_INLINE void k_block(int64_t K, int64_t nk, int64_t b, int64_t *k0, int64_t *
     *kc = (b + 1) * K / nk - *k0;
 }
 
+/* Columns [j0, j1) of the few rows of C on the row path: op(B) read in place, one row
+   of C at a time, over the same K blocks as the tiled path so that both give the same
+   bits (and the same bits for any split of the columns). */
+static void run_row_cols(const gemm_ctx *x, int64_t j0, int64_t j1)
+{
+    /* C[:, j0:j1] */
+    const int64_t K = x->K, nk = ceil_div(K, x->f->kc), a_step = x->a_xmajor ? 1 : x->lda;
+    if (j1 <= j0)
+        return;
+    for (int64_t i = 0; i < x->M; ++i) {
+        const float *a = x->a_xmajor ? x->A + i * x->lda : x->A + i;
+        float *c = x->C + i * x->ldc + j0;
+        for (int64_t b = 0; b < nk; ++b) {
+            int64_t k0, kc;
+            k_block(K, nk, b, &k0, &kc);
+            x->f->row(c, a + k0 * a_step, a_step, x->B + k0 * x->ldb + j0, x->ldb, j1 - j0,
+                      kc, x->alpha, b == 0 ? x->beta : 1.0f);
+        }
+        cnn_epilogue_row(c, x->ep, i, j0, j1 - j0);
+    }
+}
+
 /* Thread t's share when it owns a range of rows: op(B) blocks are packed jointly into
    the shared buffers (each thread packs some panels), op(A) privately. */
 static void run_rows(const gemm_ctx *x, int t)
@@ -722,21 +765,23 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
     x.f = cnn_gemm_family_for(cnn_get_kernel());
     if (!x.f)
         x.f = cnn_gemm_family_generic();
-    if (M <= CNN_GEMM_ROW_MAX_M && !x.b_xmajor && x.f->row) {
-        /* A few rows (single inferences): read op(B) in place, one row at a time, over
-           the same K blocks as the tiled path so that both give the same bits. */
-        const int64_t nk = ceil_div(K, x.f->kc), a_step = x.a_xmajor ? 1 : lda;
-        for (int64_t i = 0; i < M; ++i) {
-            const float *a = x.a_xmajor ? A + i * lda : A + i;
-            for (int64_t b = 0; b < nk; ++b) {
-                int64_t k0, kc;
-                k_block(K, nk, b, &k0, &kc);
-                x.f->row(C + i * ldc, a + k0 * a_step, a_step, B + k0 * ldb, ldb, N, kc,
-                         alpha, b == 0 ? beta : 1.0f);
-            }
-            if (epilogue)
-                cnn_epilogue_row(C + i * ldc, epilogue, i, 0, N);
+    if (M <= CNN_GEMM_ROW_MAX_M && !x.b_xmajor && x.f->row && x.f->kc <= CNN_GEMM_ROW_MAX_K) {
+        /* A few rows (single inferences): read op(B) in place, no packing. */
+        const int T = row_threads(M, N, K, n_threads);
+        if (T == 1) {
+            run_row_cols(&x, 0, N);
+            return CNN_OK;
         }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(T)
+        {
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            const int64_t units = ceil_div(N, CNN_GEMM_COL_UNIT);
+            const int64_t j0 = min64(N, t * units / nt * CNN_GEMM_COL_UNIT);
+            const int64_t j1 = min64(N, (t + 1) * units / nt * CNN_GEMM_COL_UNIT);
+            run_row_cols(&x, j0, j1);
+        }
+#endif
         return CNN_OK;
     }
     /* Fuse B packing into the kernel for row-contiguous op(B) whose rows are less than

@@ -273,6 +273,9 @@ static AVX2_FN void row_avx2(float *c, const float *a, int64_t a_step, const flo
 {
     /* a (K,) stride a_step, B (K, N) rows ldb apart -> c (N,) */
     enum { NV = 8 };
+    float vals[CNN_GEMM_ROW_MAX_K];
+    int32_t ks[CNN_GEMM_ROW_MAX_K];
+    const int64_t terms = cnn_row_terms(a, a_step, K, vals, ks);
     const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
     int64_t j0 = 0;
     for (; j0 + 8 * NV <= N; j0 += 8 * NV) {
@@ -280,9 +283,9 @@ static AVX2_FN void row_avx2(float *c, const float *a, int64_t a_step, const flo
         CNN_UNROLL
         for (int v = 0; v < NV; ++v)
             acc[v] = _mm256_setzero_ps();
-        const float *bk = b + j0;
-        for (int64_t k = 0; k < K; ++k, bk += ldb) {
-            const __m256 ak = _mm256_set1_ps(a[k * a_step]);
+        for (int64_t t = 0; t < terms; ++t) {
+            const __m256 ak = _mm256_set1_ps(vals[t]);
+            const float *bk = b + ks[t] * ldb + j0;
             CNN_UNROLL
             for (int v = 0; v < NV; ++v)
                 acc[v] = _mm256_fmadd_ps(ak, _mm256_loadu_ps(bk + 8 * v), acc[v]);
@@ -297,9 +300,9 @@ static AVX2_FN void row_avx2(float *c, const float *a, int64_t a_step, const flo
     }
     for (; j0 < N; ++j0) {  /* the last columns, one at a time, with the same arithmetic */
         float acc = 0.0f;
-        for (int64_t k = 0; k < K; ++k)
-            acc = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a[k * a_step]),
-                                             _mm_set_ss(b[k * ldb + j0]), _mm_set_ss(acc)));
+        for (int64_t t = 0; t < terms; ++t)
+            acc = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(vals[t]),
+                                             _mm_set_ss(b[ks[t] * ldb + j0]), _mm_set_ss(acc)));
         float r = alpha * acc;
         if (beta != 0.0f)
             r = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(beta), _mm_set_ss(c[j0]), _mm_set_ss(r)));

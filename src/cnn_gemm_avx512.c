@@ -295,45 +295,86 @@ static AVX512_FN void pack_avx512(float *dst, const float *src, int64_t ld, int 
 }
 
 /* One row of C: alpha * a . B (+ beta C), 8 accumulators of 16 columns at a time. */
+/* acc[0:NV] += ak * B row bk (the last vector masked to `last` when MASKED). */
+AVX512_INLINE void row_fma(__m512 *acc, __m512 ak, const float *bk, __mmask16 last,
+                           const int NV, const int MASKED)
+{
+    CNN_UNROLL
+    for (int v = 0; v < NV - MASKED; ++v)
+        acc[v] = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 16 * v), acc[v]);
+    if (MASKED)
+        acc[NV - 1] = _mm512_fmadd_ps(ak, _mm512_maskz_loadu_ps(last, bk + 16 * (NV - 1)),
+                                      acc[NV - 1]);
+}
+
+/* Columns [0, n) of one row, n <= 16 NV, from the terms (vals, ks): NV accumulators,
+   the last one masked when MASKED.  Inlined with constant NV and MASKED, so the loops
+   over v unroll. */
+AVX512_INLINE void row_block(float *c, const float *vals, const int32_t *ks, int64_t terms,
+                             const float *b, int64_t ldb, int64_t n, float alpha, float beta,
+                             const int NV, const int MASKED)
+{
+    /* terms of a, B (K, n) rows ldb apart -> c (n,) */
+    const __mmask16 last = lanes(n - 16 * (NV - 1));
+    __m512 acc[8];
+    CNN_UNROLL
+    for (int v = 0; v < NV; ++v)
+        acc[v] = _mm512_setzero_ps();
+    if (terms > 0 && ks[terms - 1] == terms - 1) {
+        /* Nothing skipped: walk the rows in order (cheaper addressing, easier to prefetch). */
+        for (int64_t t = 0; t < terms; ++t, b += ldb)
+            row_fma(acc, _mm512_set1_ps(vals[t]), b, last, NV, MASKED);
+    } else {
+        for (int64_t t = 0; t < terms; ++t)
+            row_fma(acc, _mm512_set1_ps(vals[t]), b + ks[t] * ldb, last, NV, MASKED);
+    }
+    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    CNN_UNROLL
+    for (int v = 0; v < NV; ++v) {
+        const __mmask16 m = v == NV - 1 ? last : (__mmask16)0xffff;
+        __m512 r = _mm512_mul_ps(va, acc[v]);
+        if (beta != 0.0f)
+            r = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m, c + 16 * v), r);
+        _mm512_mask_storeu_ps(c + 16 * v, m, r);
+    }
+}
+
 static AVX512_FN void row_avx512(float *c, const float *a, int64_t a_step, const float *b,
                                  int64_t ldb, int64_t N, int64_t K, float alpha, float beta)
 {
-    /* a (K,) stride a_step, B (K, N) rows ldb apart -> c (N,) */
-    enum { NV = 8 };
-    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-    for (int64_t j0 = 0; j0 < N; j0 += 16 * NV) {
-        __mmask16 m[NV];
-        __m512 acc[NV];
-        CNN_UNROLL
-        for (int v = 0; v < NV; ++v) {
-            m[v] = lanes(N - j0 - 16 * v);
-            acc[v] = _mm512_setzero_ps();
+    /* a (K,) stride a_step, B (K, N) rows ldb apart -> c (N,), 128 columns at a time */
+    float vals[CNN_GEMM_ROW_MAX_K + 16];
+    int32_t ks[CNN_GEMM_ROW_MAX_K + 16];
+    int64_t terms = 0;
+    if (a_step == 1) {
+        /* Compress 16 entries at a time (register form: fast on every AVX-512 core). */
+        __m512i k16 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (int64_t k = 0; k < K; k += 16) {
+            const __m512 v = _mm512_maskz_loadu_ps(lanes(K - k), a + k);
+            const __mmask16 nz = _mm512_mask_cmp_ps_mask(lanes(K - k), v, _mm512_setzero_ps(),
+                                                          _CMP_NEQ_UQ);
+            _mm512_storeu_ps(vals + terms, _mm512_maskz_compress_ps(nz, v));
+            _mm512_storeu_si512((void *)(ks + terms), _mm512_maskz_compress_epi32(nz, k16));
+            terms += __builtin_popcount(nz);
+            k16 = _mm512_add_epi32(k16, _mm512_set1_epi32(16));
         }
-        const float *bk = b + j0;
-        if (N - j0 >= 16 * NV) {
-            for (int64_t k = 0; k < K; ++k, bk += ldb) {
-                const __m512 ak = _mm512_set1_ps(a[k * a_step]);
-                CNN_UNROLL
-                for (int v = 0; v < NV; ++v)
-                    acc[v] = _mm512_fmadd_ps(ak, _mm512_loadu_ps(bk + 16 * v), acc[v]);
-            }
-        } else {
-            const int64_t nv = (N - j0 + 15) / 16;  /* vectors holding valid columns */
-            for (int64_t k = 0; k < K; ++k, bk += ldb) {
-                const __m512 ak = _mm512_set1_ps(a[k * a_step]);
-                CNN_UNROLL
-                for (int v = 0; v < NV; ++v)
-                    if (v < nv)
-                        acc[v] = _mm512_fmadd_ps(ak, _mm512_maskz_loadu_ps(m[v], bk + 16 * v),
-                                                 acc[v]);
-            }
-        }
-        CNN_UNROLL
-        for (int v = 0; v < NV; ++v) {
-            __m512 r = _mm512_mul_ps(va, acc[v]);
-            if (beta != 0.0f)
-                r = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m[v], c + j0 + 16 * v), r);
-            _mm512_mask_storeu_ps(c + j0 + 16 * v, m[v], r);
+    } else {
+        terms = cnn_row_terms(a, a_step, K, vals, ks);
+    }
+    for (int64_t j0 = 0; j0 < N; j0 += 128) {
+        const int64_t n = N - j0 < 128 ? N - j0 : 128;
+        float *cj = c + j0;
+        const float *bj = b + j0;
+        switch (n == 128 ? 0 : (n + 15) / 16) {
+        case 0: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 8, 0); break;
+        case 1: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 1, 1); break;
+        case 2: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 2, 1); break;
+        case 3: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 3, 1); break;
+        case 4: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 4, 1); break;
+        case 5: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 5, 1); break;
+        case 6: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 6, 1); break;
+        case 7: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 7, 1); break;
+        default: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 8, 1); break;
         }
     }
 }

@@ -82,12 +82,34 @@ typedef void (*cnn_gemm_kernel_packb_fn)(float *c, int64_t ldc, const float *pa,
                                          float alpha, float beta);
 
 /* Optional: C[0:1, 0:N] = alpha * a . B + beta * C for ONE row a of op(A) (K entries,
-   a[k * a_step]) and row-contiguous op(B) (K, N) rows ldb apart, read in place -- the
-   no-packing path for tiny M (a single inference).  Each element is accumulated exactly
-   as the family's tile kernel does (one accumulator from zero, k increasing), so both
-   paths give the same bits. */
+   a[k * a_step], K <= CNN_GEMM_ROW_MAX_K) and row-contiguous op(B) (K, N) rows ldb apart,
+   read in place -- the no-packing path for tiny M (a single inference).  Terms whose a[k]
+   is zero are skipped, as reference BLAS does, so only the rows of B that matter are
+   read (images and ReLU outputs are mostly zeros).  Each element is otherwise
+   accumulated exactly as the family's tile kernel does (one accumulator from zero, k
+   increasing), so both paths give equal results: the same bits, except that a zero
+   may differ in sign and a zero a[k] meeting an infinite or NaN B[k, j] is not NaN. */
 typedef void (*cnn_gemm_row_fn)(float *c, const float *a, int64_t a_step, const float *b,
                                 int64_t ldb, int64_t N, int64_t K, float alpha, float beta);
+
+/* Longest reduction a row function takes: every family's kc is at most this. */
+#define CNN_GEMM_ROW_MAX_K 512
+
+/* The nonzero terms of a (K,) stride a_step, in order: values into vals, indices
+   into ks; returns how many.  (Branch-free; NaN counts as nonzero.) */
+CNN_INLINE int64_t cnn_row_terms(const float *a, int64_t a_step, int64_t K, float *vals,
+                                 int32_t *ks)
+{
+    /* a (K,) -> vals (n,), ks (n,) */
+    int64_t n = 0;
+    for (int64_t k = 0; k < K; ++k) {
+        const float v = a[k * a_step];
+        vals[n] = v;
+        ks[n] = (int32_t)k;
+        n += v != 0.0f;
+    }
+    return n;
+}
 
 typedef struct cnn_gemm_family {
     cnn_kernel id;

@@ -61,19 +61,31 @@ static float *layer_W(const cnn_mlp *net, float *params, int32_t layer)
     return params;
 }
 
-static int all_finite(const float *x, int64_t n, int n_threads)
+static uint32_t nonfinite_bits(const float *x, int64_t n)
 {
-    /* 1 if no element of x (n,) is NaN or infinite (all exponent bits set), else 0 */
+    /* nonzero if some element of x (n,) is NaN or infinite (all exponent bits set) */
     uint32_t bad = 0;
-    (void)n_threads;
-#if defined(_OPENMP) && _OPENMP >= 200805
-#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(|:bad) if (n >= 65536 && n_threads > 1)
-#endif
     for (int64_t i = 0; i < n; ++i) {
         uint32_t bits;
         memcpy(&bits, x + i, sizeof bits);
         bad |= (bits & 0x7f800000u) == 0x7f800000u;
     }
+    return bad;
+}
+
+static int all_finite(const float *x, int64_t n, int n_threads)
+{
+    /* 1 if no element of x (n,) is NaN or infinite, else 0 */
+    uint32_t bad = 0;
+    if (n < 65536 || n_threads < 2)
+        return nonfinite_bits(x, n) == 0;
+#if defined(_OPENMP) && _OPENMP >= 200805
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(|:bad)
+    for (int64_t i = 0; i < n; i += 4096)
+        bad |= nonfinite_bits(x + i, n - i < 4096 ? n - i : 4096);
+#else
+    bad = nonfinite_bits(x, n);
+#endif
     return bad == 0;
 }
 
