@@ -11,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_clib import build_clib
@@ -100,7 +101,9 @@ class BuildExtension(build_ext):
         (package / "lib" / "cnn_core.pc").write_text(pkg_config)
 
 
-extension = Extension("cnn_core.kernels", ["cnn_core/kernels.pyx"], include_dirs=["src"],
+extension = Extension("cnn_core.kernels", ["cnn_core/kernels.pyx"],
+                      include_dirs=["src", numpy.get_include()],
+                      define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
                       depends=C_SOURCES + [str(p.relative_to(ROOT)) for p in (ROOT / "src").glob("*.h")])
 
 setup(

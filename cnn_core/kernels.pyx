@@ -9,6 +9,7 @@ below call them too.  ``_MLP`` and ``_Trainer`` are the private engine of
 """
 import numpy as np
 
+cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
 from cnn_core cimport _cnn_core as c
 
@@ -18,6 +19,9 @@ OPTIMIZERS = {"sgd": 0, "adam": 1, "adamw": 2}
 KERNELS = {"generic": 0, "avx2": 1, "avx512": 2, "neon": 3}
 
 cdef float _EMPTY[16]   # a valid address for arrays with no elements
+cdef int64_t _PREDICT_BATCH = 256   # rows per inference chunk (kept hot in cache)
+
+cnp.import_array()
 
 
 # ---- the public C-level API (see kernels.pxd) -----------------------------------
@@ -665,44 +669,72 @@ cdef class _MLP:
             self._work_threads = threads
         return self._work_floats
 
-    def predict(self, X, int64_t batch_size, bint logits, int n_threads):
-        """Probabilities (or logits) float32 (n, n_classes) for X from _as_input."""
-        cdef int64_t n = X.shape[0]
-        cdef int64_t n_classes = self.net.sizes[self.net.n_layers]
-        out = np.empty((n, n_classes), dtype=np.float32)
-        batch_size = min(batch_size, n)
-        work = self._work.take(self._workspace_floats(batch_size, n_threads))
-        cdef float[:, ::1] o = out
-        cdef float[::1] wk = work
-        cdef const void *xp = _data_pointer(X)
-        cdef c.cnn_dtype dtype = c.CNN_DTYPE_UINT8 if X.dtype == _UINT8 else c.CNN_DTYPE_FLOAT32
+    cdef cnp.ndarray _input(self, X):
+        """X itself when the kernels can read it as it is (checked in C: the common case,
+        and the one that must be fast for single samples), else _as_input(X)."""
+        cdef cnp.ndarray a
+        if type(X) is np.ndarray:
+            a = <cnp.ndarray>X
+            if (cnp.PyArray_NDIM(a) == 2 and cnp.PyArray_DIMS(a)[0] > 0
+                    and cnp.PyArray_DIMS(a)[1] == self.net.sizes[0]
+                    and cnp.PyArray_ISCARRAY_RO(a)
+                    and (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
+                         or cnp.PyArray_TYPE(a) == cnp.NPY_UINT8)):
+                return a
+        return _as_input(X, self.net.sizes[0], "X", False)
+
+    cdef int _forward(self, cnp.ndarray X, float *out, bint logits, int n_threads) except -1:
+        """out (n, n_classes) = probabilities (or logits) for X from _input."""
+        cdef int64_t n = cnp.PyArray_DIMS(X)[0]
+        cdef int64_t batch = min(_PREDICT_BATCH, n)
+        work = self._work.take(self._workspace_floats(batch, n_threads))
+        cdef float *wk = <float *>cnp.PyArray_DATA(work)
+        cdef const void *xp = cnp.PyArray_DATA(X)
+        cdef c.cnn_dtype dtype = (c.CNN_DTYPE_UINT8 if cnp.PyArray_TYPE(X) == cnp.NPY_UINT8
+                                  else c.CNN_DTYPE_FLOAT32)
         cdef int status
         try:
             with nogil:
-                status = c.cnn_mlp_predict(&o[0, 0], &self.net, xp, dtype, n, batch_size,
-                                           logits, &wk[0], n_threads)
+                status = c.cnn_mlp_predict(out, &self.net, xp, dtype, n, batch, logits, wk,
+                                           n_threads)
         finally:
             self._work.give_back(work)
-        _raise_for(status)
+        return _raise_for(status)
+
+    def predict(self, X, bint logits, int n_threads):
+        """Probabilities (or logits) float32 (n, n_classes) for X (n, n_features)."""
+        cdef cnp.ndarray a = self._input(X)
+        cdef cnp.npy_intp shape[2]
+        shape[0] = cnp.PyArray_DIMS(a)[0]
+        shape[1] = self.net.sizes[self.net.n_layers]
+        out = cnp.PyArray_EMPTY(2, shape, cnp.NPY_FLOAT32, 0)
+        self._forward(a, <float *>cnp.PyArray_DATA(out), logits, n_threads)
         return out
 
-    def predict_labels(self, X, int64_t batch_size, int n_threads):
-        """Predicted classes int64 (n,) for X from _as_input: the first maximum, or the
+    def predict_labels(self, X, int n_threads):
+        """Predicted classes int64 (n,) for X (n, n_features): the first maximum, or the
         first NaN, as numpy.argmax."""
-        logits = self.predict(X, batch_size, True, n_threads)
-        labels = np.empty(logits.shape[0], dtype=np.int64)
-        cdef const float[:, ::1] z = logits
-        cdef int64_t[::1] out = labels
-        cdef int64_t i, j, best
+        cdef cnp.ndarray a = self._input(X)
+        cdef cnp.npy_intp n = cnp.PyArray_DIMS(a)[0]
+        cdef cnp.npy_intp shape[2]
+        shape[0] = n
+        shape[1] = self.net.sizes[self.net.n_layers]
+        logits = cnp.PyArray_EMPTY(2, shape, cnp.NPY_FLOAT32, 0)
+        labels = cnp.PyArray_EMPTY(1, shape, cnp.NPY_INT64, 0)
+        cdef const float *z = <float *>cnp.PyArray_DATA(logits)
+        cdef int64_t *out = <int64_t *>cnp.PyArray_DATA(labels)
+        cdef int64_t C = shape[1], i, j, best
+        self._forward(a, <float *>z, True, n_threads)
         with nogil:
-            for i in range(z.shape[0]):
+            for i in range(n):
                 best = 0
-                for j in range(1, z.shape[1]):
-                    if z[i, best] != z[i, best]:
+                for j in range(1, C):
+                    if z[best] != z[best]:
                         break
-                    if z[i, j] > z[i, best] or z[i, j] != z[i, j]:
+                    if z[j] > z[best] or z[j] != z[j]:
                         best = j
                 out[i] = best
+                z += C
         return labels
 
 

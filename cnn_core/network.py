@@ -14,9 +14,6 @@ __all__ = ["Network", "History", "ModelFileError"]
 
 _HIDDEN = model_file.HIDDEN_ACTIVATIONS
 DEFAULT_LEARNING_RATE = {"sgd": 0.05, "adam": 0.001, "adamw": 0.001}
-_PREDICT_BATCH = 256
-
-
 class History:
     """Per-epoch training records.
 
@@ -249,21 +246,16 @@ class Network:
         return history
 
     # ---- inference --------------------------------------------------------------------
-    def _forward(self, X, logits, n_threads):
-        return self._mlp.predict(X, _PREDICT_BATCH, logits, n_threads)
-
     def predict_proba(self, X, *, n_threads=None):
         """Class probabilities, float32 (n, n_classes), for X (n, n_features)."""
-        return self._forward(self._check_X(X, check_finite=False), False,
-                             kernels._threads(n_threads))
+        return self._mlp.predict(X, False, kernels._threads(n_threads))
 
     def predict(self, X, *, n_threads=None):
         """Predicted class labels, int64 (n,), for X (n, n_features)."""
-        return self._mlp.predict_labels(self._check_X(X, check_finite=False), _PREDICT_BATCH,
-                                        kernels._threads(n_threads))
+        return self._mlp.predict_labels(X, kernels._threads(n_threads))
 
     def _evaluate(self, X, y, w, n_threads):
-        logits = self._forward(X, True, n_threads)
+        logits = self._mlp.predict(X, True, n_threads)
         loss, _, _, correct = kernels.softmax_cross_entropy(logits, y, w)
         if w is None:
             return loss, correct / X.shape[0]

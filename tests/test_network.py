@@ -331,6 +331,29 @@ def test_non_contiguous_read_only_and_float64_inputs_work():
     net.fit(frozen, y, epochs=1)
 
 
+def test_every_memory_layout_predicts_like_a_plain_array():
+    """Plain C-contiguous float32/uint8 arrays go straight to the kernels; every other
+    layout (byte-swapped, misaligned, Fortran order, strided, a subclass) is converted
+    first.  All must give the same predictions, one row or many."""
+    rng = np.random.default_rng(5)
+    X = rng.integers(0, 256, size=(7, 6)).astype(np.uint8)
+    Xf = X.astype(np.float32) / 255
+    net = Network([6, 9, 3], seed=1)
+    raw = np.zeros(Xf.nbytes + 1, np.uint8)
+    misaligned = raw[1:].view(np.float32).reshape(Xf.shape)
+    misaligned[...] = Xf
+    assert not misaligned.flags.aligned
+    layouts = [Xf.astype(">f4"), misaligned, np.asfortranarray(Xf),
+               np.repeat(Xf, 2, axis=0)[::2], Xf.view(np.matrix), Xf.astype(np.float16)]
+    for rows in (slice(0, 1), slice(0, 7)):
+        expected = net.predict_proba(Xf[rows])
+        np.testing.assert_allclose(net.predict_proba(X[rows]), expected, rtol=1e-6)
+        for layout in layouts[:-1]:
+            np.testing.assert_array_equal(net.predict_proba(layout[rows]), expected)
+            np.testing.assert_array_equal(net.predict(layout[rows]), expected.argmax(axis=1))
+        np.testing.assert_allclose(net.predict_proba(layouts[-1][rows]), expected, atol=1e-3)
+
+
 def test_divergence_is_reported_and_weights_kept():
     X, y = small_data(n=64, d=4, classes=2)
     X *= 1e18
