@@ -200,15 +200,18 @@ typedef struct cnn_mlp {
 /* Number of floats in params. */
 int64_t cnn_mlp_param_count(const cnn_mlp *net);
 
-/* Floats of workspace for a forward pass (predict) or for training, at batch_size. */
+/* Floats of workspace for a forward pass (predict) or for training, at batch_size and
+   n_threads (pass the same values to cnn_mlp_predict / cnn_mlp_train_batches). */
 int64_t cnn_mlp_predict_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads);
 int64_t cnn_mlp_train_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads);
 
 /* probs (n, n_classes) = softmax of the network on X (n, sizes[0]) of dtype; rows are
-   processed in chunks of batch_size with `work` as workspace.  When logits != 0 the
-   raw last-layer outputs are written instead of probabilities.  Float input holding
-   NaN or infinity gives CNN_ERR_NONFINITE (checked chunk by chunk, while it is hot in
-   cache; earlier rows of probs are then already written). */
+   processed in chunks of batch_size with `work` as workspace.  With several chunks and
+   threads, each thread runs its own range of chunks; one chunk uses all threads inside
+   each GEMM (same results either way).  When logits != 0 the raw last-layer outputs are
+   written instead of probabilities.  Float input holding NaN or infinity gives
+   CNN_ERR_NONFINITE (checked chunk by chunk, while it is hot in cache; other rows of
+   probs may then be written). */
 int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
                     int64_t n, int64_t batch_size, int logits, float *work, int n_threads);
 

@@ -3,6 +3,9 @@
 #include <string.h>
 #include "cnn_core.h"
 #include "cnn_internal.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 int64_t cnn_mlp_param_count(const cnn_mlp *net)
 {
@@ -34,14 +37,23 @@ static int64_t gemm_workspace(const cnn_mlp *net, int64_t batch, int n_threads)
 }
 
 /* Workspace layout, every block 64-byte aligned:
-   predict: input (B, sizes[0]) | two ping-pong buffers (B, widest) | gemm workspace
+   predict: per thread slot: input (B, sizes[0]) | two ping-pong buffers (B, widest) |
+            gemm workspace; n_threads slots with one-thread GEMMs (chunks in parallel),
+            or one slot with an n_threads GEMM workspace (one chunk), whichever is larger
    train:   input (B, sizes[0]) | outputs of each layer (B, sizes[l + 1]) |
             two delta buffers (B, widest) | labels (B) | weights (B) | gemm workspace */
+static int64_t predict_slot_floats(const cnn_mlp *net, int64_t B, int gemm_threads)
+{
+    /* floats of one thread's predict workspace */
+    return cnn_round_up_floats(B * net->sizes[0]) + 2 * cnn_round_up_floats(B * widest_layer(net))
+           + gemm_workspace(net, B, gemm_threads);
+}
+
 int64_t cnn_mlp_predict_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads)
 {
-    int64_t B = batch_size;
-    return cnn_round_up_floats(B * net->sizes[0]) + 2 * cnn_round_up_floats(B * widest_layer(net))
-           + gemm_workspace(net, B, n_threads);
+    const int64_t one_chunk = predict_slot_floats(net, batch_size, n_threads);
+    const int64_t parallel_chunks = n_threads * predict_slot_floats(net, batch_size, 1);
+    return one_chunk > parallel_chunks ? one_chunk : parallel_chunks;
 }
 
 int64_t cnn_mlp_train_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads)
@@ -114,47 +126,102 @@ static int forward_batch(float *out, int64_t ld_out, float **outputs, const cnn_
     return CNN_OK;
 }
 
-int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
-                    int64_t n, int64_t batch_size, int logits, float *work, int n_threads)
+/* Rows [r0, r0 + rows) of the prediction, with the workspace slot `slot`. */
+static int predict_chunk(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
+                         int64_t n, int64_t B, int64_t r0, int64_t rows, int logits,
+                         float *slot, int n_threads)
 {
-    /* probs (n, n_classes) = softmax(net(X)) ; X (n, sizes[0]) */
-    if (net->n_layers < 1 || net->n_layers > CNN_MAX_LAYERS || batch_size < 1)
-        return CNN_ERR_ARG;
-    const int64_t B = batch_size, n_in = net->sizes[0], C = net->sizes[net->n_layers];
-    float *x = work;
+    /* probs[r0:r0+rows] = softmax(net(X[r0:r0+rows])) */
+    const int64_t n_in = net->sizes[0], C = net->sizes[net->n_layers];
+    float *x = slot;
     float *ping = x + cnn_round_up_floats(B * n_in);
     float *pong = ping + cnn_round_up_floats(B * widest_layer(net));
     float *gemm_work = pong + cnn_round_up_floats(B * widest_layer(net));
     float *outputs[CNN_MAX_LAYERS];
     for (int32_t l = 0; l < net->n_layers; ++l)
         outputs[l] = l % 2 ? pong : ping;
-    int64_t index[256];
-    for (int64_t r0 = 0; r0 < n; r0 += B) {
-        int64_t rows = n - r0 < B ? n - r0 : B;
-        const float *xb;
-        if (dtype == CNN_DTYPE_FLOAT32) {
-            xb = (const float *)X + r0 * n_in;
-            if (!all_finite(xb, rows * n_in, n_threads))
-                return CNN_ERR_NONFINITE;
-        } else {
-            for (int64_t r = 0; r < rows; r += 256) {
-                int64_t k = rows - r < 256 ? rows - r : 256;
-                for (int64_t i = 0; i < k; ++i)
-                    index[i] = r0 + r + i;
-                int status = cnn_gather_rows(x + r * n_in, X, dtype, index, k, n, n_in);
-                if (status != CNN_OK)
-                    return status;
-            }
-            xb = x;
+    const float *xb;
+    if (dtype == CNN_DTYPE_FLOAT32) {
+        xb = (const float *)X + r0 * n_in;
+        if (!all_finite(xb, rows * n_in, n_threads))
+            return CNN_ERR_NONFINITE;
+    } else {
+        int64_t index[256];
+        for (int64_t r = 0; r < rows; r += 256) {
+            int64_t k = rows - r < 256 ? rows - r : 256;
+            for (int64_t i = 0; i < k; ++i)
+                index[i] = r0 + r + i;
+            int status = cnn_gather_rows(x + r * n_in, X, dtype, index, k, n, n_in);
+            if (status != CNN_OK)
+                return status;
         }
-        float *out = probs + r0 * C;
-        int status = forward_batch(out, C, outputs, net, xb, rows, gemm_work, n_threads);
-        if (status != CNN_OK)
+        xb = x;
+    }
+    float *out = probs + r0 * C;
+    int status = forward_batch(out, C, outputs, net, xb, rows, gemm_work, n_threads);
+    if (status != CNN_OK)
+        return status;
+    if (!logits)
+        cnn_activation_forward(out, out, rows * C, C, CNN_ACT_SOFTMAX, 0.0f);
+    return CNN_OK;
+}
+
+/* Chunks [c0, c1) of B rows, in order; the status of the first that fails. */
+static int predict_chunks(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
+                          int64_t n, int64_t B, int64_t c0, int64_t c1, int logits,
+                          float *slot, int n_threads, int64_t *failed)
+{
+    /* probs[c0 B : c1 B] ; *failed = index of the failing chunk */
+    for (int64_t ch = c0; ch < c1; ++ch) {
+        const int64_t r0 = ch * B, rows = n - r0 < B ? n - r0 : B;
+        int status = predict_chunk(probs, net, X, dtype, n, B, r0, rows, logits, slot,
+                                   n_threads);
+        if (status != CNN_OK) {
+            *failed = ch;
             return status;
-        if (!logits)
-            cnn_activation_forward(out, out, rows * C, C, CNN_ACT_SOFTMAX, 0.0f);
+        }
     }
     return CNN_OK;
+}
+
+int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
+                    int64_t n, int64_t batch_size, int logits, float *work, int n_threads)
+{
+    /* probs (n, n_classes) = softmax(net(X)) ; X (n, sizes[0]) */
+    if (net->n_layers < 1 || net->n_layers > CNN_MAX_LAYERS || batch_size < 1 || n < 0 ||
+        n_threads < 1)
+        return CNN_ERR_ARG;
+    const int64_t B = batch_size, chunks = (n + B - 1) / B;
+    int64_t failed = 0;
+    if (chunks < 2 || n_threads < 2)
+        return predict_chunks(probs, net, X, dtype, n, B, 0, chunks, logits, work, n_threads,
+                              &failed);
+    /* Several chunks: each thread runs its own range of chunks with one-thread GEMMs in
+       its own workspace slot (no barriers at all).  Results do not depend on the split. */
+    const int T = chunks < n_threads ? (int)chunks : n_threads;
+    const int64_t slot = predict_slot_floats(net, B, 1);
+    int status = CNN_OK;
+    int64_t first_failed = chunks;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(T)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t at = 0;
+        int st = predict_chunks(probs, net, X, dtype, n, B, t * chunks / nt,
+                                (t + 1) * chunks / nt, logits, work + t * slot, 1, &at);
+        if (st != CNN_OK) {
+#pragma omp critical(cnn_mlp_predict_status)
+            if (at < first_failed) {
+                first_failed = at;
+                status = st;
+            }
+        }
+    }
+#else
+    (void)T; (void)slot; (void)first_failed;
+    status = predict_chunks(probs, net, X, dtype, n, B, 0, chunks, logits, work, 1, &failed);
+#endif
+    return status;
 }
 
 /* Ask the cache for the rows X[idx[0..rows)] (n_in entries of `bytes` each), which the

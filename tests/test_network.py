@@ -140,6 +140,25 @@ def test_training_is_bit_identical_for_one_and_two_threads(mnist_split, optimize
                           nets[1].predict_proba(X, n_threads=2))
 
 
+def test_predictions_do_not_depend_on_threads_chunks_or_batch(mnist_split):
+    """Threads share a large predict by chunks of rows, a small one inside each GEMM, and
+    one or two rows take the row path: every way must give the same values."""
+    (X, y), (Xt, _) = mnist_split
+    net = Network([784, 64, 10], seed=3)
+    net.fit(X[:1000], y[:1000], epochs=1)
+    X = Xt[:1001]                             # four chunks of rows, the last short
+    for Xi in (X, X.astype(np.float32) / 255):
+        expected = net.predict_proba(Xi, n_threads=1)
+        for n_threads in (2, 3, 5):
+            np.testing.assert_array_equal(net.predict_proba(Xi, n_threads=n_threads), expected)
+            np.testing.assert_array_equal(net.predict(Xi, n_threads=n_threads),
+                                          expected.argmax(axis=1))
+        for i in range(0, len(Xi), 97):
+            np.testing.assert_array_equal(net.predict_proba(Xi[i:i + 1], n_threads=2),
+                                          expected[i:i + 1])
+            np.testing.assert_array_equal(net.predict_proba(Xi[i:i + 2]), expected[i:i + 2])
+
+
 def test_predict_proba_is_a_distribution_and_matches_numpy(mnist_split):
     _, (X, y) = mnist_split
     net = Network([784, 50, 10], activation="tanh", seed=2)
