@@ -77,9 +77,9 @@ int cnn_max_threads(void);
    A is stored (M, K) with lda >= K when trans_a == CNN_NO_TRANS, else (K, M), lda >= M;
    likewise B is (K, N), ldb >= N, or (N, K), ldb >= K; ldc >= N.
    Any of M, N, K may be 0.  Allocates its packing buffers (CNN_ERR_ALLOC on failure).
-   For one or two rows (M <= 2) terms whose op(A) entry is zero are skipped, as in
-   reference BLAS: the values equal those of the same rows in a taller product, but a
-   zero in op(A) times an infinite or NaN op(B) entry does not make the result NaN. */
+   Terms whose op(A) entry is zero may be skipped, as in reference BLAS (always for
+   M <= 2, and where op(A) is mostly zeros): the values do not change, but a zero in
+   op(A) times an infinite or NaN op(B) entry need not make the result NaN. */
 int cnn_sgemm(float *C, const float *A, const float *B,
               int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,
               cnn_trans trans_a, cnn_trans trans_b, float alpha, float beta);

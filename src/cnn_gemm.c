@@ -234,7 +234,7 @@ static void row_generic(float *c, const float *a, int64_t a_step, const float *b
 static const cnn_gemm_family family_generic = {
     CNN_KERNEL_GENERIC, GEN_MR, GEN_NR, GEN_NR,
     256, 128, 2048,
-    kernel_generic, cnn_gemm_pack_generic, 0, row_generic
+    kernel_generic, cnn_gemm_pack_generic, 0, row_generic, 0, 0
 };
 
 const cnn_gemm_family *cnn_gemm_family_generic(void) { return &family_generic; }
@@ -424,10 +424,26 @@ static row_tiling tile_rows(const cnn_gemm_family *f, int64_t m)
 
 /* Floats of one packed op(A) block for m rows, and of one packed op(B) block for n
    columns (upper bounds for any range of at most m rows / n columns). */
-static int64_t a_block_floats(const cnn_gemm_family *f, int64_t m, int64_t K)
+static int64_t a_panels_floats(const cnn_gemm_family *f, int64_t m, int64_t K)
 {
     /* (f, m, K) -> floats; a block has tpb * mrs <= min(2 m, mc + mr_max) rows */
     return cnn_round_up_floats(min64(2 * m, f->mc + f->mr_max) * min64(K, f->kc));
+}
+
+/* A packed op(A) block is followed, for families that compact panels, by one index
+   record per tile: the number of steps kept (-1: not compacted), then their k. */
+static int64_t a_index_ints(const cnn_gemm_family *f, int64_t m)
+{
+    /* (f, m) -> int32 entries; tiles per block <= 2 rows / mr_max + 2 (mrs >= mr_max / 2) */
+    if (!f->compact)
+        return 0;
+    return (2 * min64(2 * m, f->mc + f->mr_max) / f->mr_max + 2) * (f->kc + 1);
+}
+
+static int64_t a_block_floats(const cnn_gemm_family *f, int64_t m, int64_t K)
+{
+    /* (f, m, K) -> floats of panels and index records */
+    return a_panels_floats(f, m, K) + cnn_round_up_floats(a_index_ints(f, m));
 }
 
 static int64_t b_block_floats(const cnn_gemm_family *f, int64_t n, int64_t K)
@@ -503,6 +519,8 @@ typedef struct gemm_ctx {
     float *shared[2];  /* shared packed blocks (the same buffer twice when serial) */
     float *priv;       /* thread t's buffer is priv + t * priv_floats */
     int64_t priv_floats;
+    int a_sparse;      /* compact packed A panels (op(A) is mostly zeros) */
+    int64_t a_index;   /* floats from a packed A block to its index records */
 } gemm_ctx;
 
 /* Synchronise the threads of a parallel plan. */
@@ -534,15 +552,32 @@ CNN_INLINE void pack_b(const gemm_ctx *x, float *buf, int64_t p0, int64_t p1, in
                 f->nr_step);
 }
 
-/* Pack tiles [q0, q1) of the op(A) block (mc rows, tiles of mrs) at row i, K offset k0. */
+/* The index record of tile q of the packed A block buf (see a_index_ints). */
+CNN_INLINE int32_t *a_record(const gemm_ctx *x, const float *buf, int64_t q)
+{
+    /* (buf, q) -> record: count, then k of each kept step */
+    return (int32_t *)(buf + x->a_index) + q * (x->f->kc + 1);
+}
+
+/* Pack tiles [q0, q1) of the op(A) block (mc rows, tiles of mrs) at row i, K offset k0;
+   when A is sparse, compact each tile's panel, except tile 0 when keep_first (the
+   kernel that packs B panels reads it whole). */
 CNN_INLINE void pack_a(const gemm_ctx *x, float *buf, int64_t q0, int64_t q1, int64_t mrs,
-                       int64_t i, int64_t mc, int64_t k0, int64_t kc)
+                       int64_t i, int64_t mc, int64_t k0, int64_t kc, int keep_first)
 {
     /* op(A)[i + q0 mrs : ..., k0 : k0 + kc] -> buf panels q0 .. q1 - 1 */
     const int64_t lo = q0 * mrs, hi = min64(mc, q1 * mrs);
-    if (hi > lo)
-        x->f->pack(buf + lo * kc, x->A, x->lda, x->a_xmajor, k0, kc, i + lo, hi - lo,
-                   (int)mrs, (int)mrs);
+    if (hi <= lo)
+        return;
+    x->f->pack(buf + lo * kc, x->A, x->lda, x->a_xmajor, k0, kc, i + lo, hi - lo,
+               (int)mrs, (int)mrs);
+    if (!x->a_sparse)
+        return;
+    for (int64_t q = q0; q * mrs < hi; ++q) {
+        int32_t *rec = a_record(x, buf, q);
+        rec[0] = q == 0 && keep_first ? -1
+                 : (int32_t)x->f->compact(buf + q * mrs * kc, kc, (int)mrs, rec + 1);
+    }
 }
 
 /* Run the micro-kernel over every tile of C[i : i + mc, j : j + nc] from the packed
@@ -564,9 +599,13 @@ static void macro_kernel(const gemm_ctx *x, const float *abuf, float *bbuf,
         for (int64_t ir = 0; ir < mc; ir += mrs) {
             const int64_t h = min64(mrs, mc - ir);
             float *c = x->C + (i + ir) * ldc + j + jr;
+            const int32_t *rec = x->a_sparse ? a_record(x, abuf, ir / mrs) : NULL;
             if (bsrc && ir == 0 && w == nr)
                 f->kernel_packb(c, ldc, abuf, bsrc + jr, x->ldb, direct ? NULL : pb, kc,
                                 (int)mrs, (int)h, x->alpha, beta);
+            else if (rec && rec[0] >= 0)
+                f->kernel_sparse(c, ldc, abuf + ir * kc, pb, rec + 1, rec[0], (int)mrs,
+                                 (int)h, width, (int)w, x->alpha, beta);
             else
                 f->kernel(c, ldc, abuf + ir * kc, pb, kc, (int)mrs, (int)h, width, (int)w,
                           x->alpha, beta);
@@ -642,7 +681,7 @@ static void run_rows(const gemm_ctx *x, int t)
                 const int64_t i = i0 + blk * rt.tpb * rt.mrs;
                 const int64_t mc = min64(rt.tpb * rt.mrs, i1 - i);
                 const float *bsrc = fuse && blk == 0 ? x->B + k0 * x->ldb + jc : NULL;
-                pack_a(x, abuf, 0, rt.tpb, rt.mrs, i, mc, k0, kc);
+                pack_a(x, abuf, 0, rt.tpb, rt.mrs, i, mc, k0, kc, bsrc != NULL);
                 macro_kernel(x, abuf, bbuf, bsrc, direct, i, mc, rt.mrs, jc, nc, kc, beta,
                              ep);
             }
@@ -687,9 +726,10 @@ static void run_cols(const gemm_ctx *x, int t)
                 const int64_t mc = min64(rt.tpb * rt.mrs, M - i);
                 const int64_t tiles = ceil_div(mc, rt.mrs);
                 float *abuf = x->shared[step & 1];
-                pack_a(x, abuf, t * tiles / T, (t + 1) * tiles / T, rt.mrs, i, mc, k0, kc);
-                plan_barrier(x);
                 const float *bsrc = fuse && blk == 0 ? x->B + k0 * x->ldb + jc : NULL;
+                pack_a(x, abuf, t * tiles / T, (t + 1) * tiles / T, rt.mrs, i, mc, k0, kc,
+                       fuse && blk == 0);
+                plan_barrier(x);
                 if (nc > 0)
                     macro_kernel(x, abuf, bbuf, bsrc, direct, i, mc, rt.mrs, jc, nc, kc,
                                  beta, ep);
@@ -725,6 +765,22 @@ static void layout_workspace(gemm_ctx *x, float *work)
     x->shared[1] = x->plan.n_threads > 1 ? base + shared / 2 : base;
     x->priv = base + shared;
     x->priv_floats = priv;
+    x->a_index = a_panels_floats(x->f, x->plan.split_n ? x->M : x->plan.rows, x->K);
+}
+
+/* Whether op(A) is mostly zeros (an image batch, not dense activations), judged from
+   a grid of at most 16 x 32 of its stored entries. */
+static int mostly_zeros(const float *A, int64_t rows, int64_t cols, int64_t lda)
+{
+    /* stored A (rows, cols) -> 1 if at least 60% of the sampled entries are zero */
+    const int64_t sr = min64(rows, 16), sc = min64(cols, 32);
+    int64_t zeros = 0;
+    for (int64_t r = 0; r < sr; ++r) {
+        const float *a = A + r * rows / sr * lda;
+        for (int64_t c = 0; c < sc; ++c)
+            zeros += a[c * cols / sc] == 0.0f;
+    }
+    return 10 * zeros >= 6 * sr * sc;
 }
 
 int cnn_sgemm_ex(float *C, const float *A, const float *B,
@@ -791,6 +847,8 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
                      ldb < CNN_GEMM_FUSE_MAX_LDB;
     const gemm_shape sh = { M, N, K, x.a_xmajor, x.b_xmajor, fuse };
     x.b_fused = fuse;
+    x.a_sparse = x.f->compact && x.f->kernel_sparse &&
+                 mostly_zeros(A, x.a_xmajor ? M : K, x.a_xmajor ? K : M, lda);
     x.plan = make_plan(&sh, n_threads);
     if (x.plan.n_threads == 1) {
         layout_workspace(&x, work);

@@ -26,10 +26,11 @@ AVX512_INLINE __mmask16 lanes(int64_t n)
 /* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 16 NV).
    FUSE 0: pb is a packed panel.  FUSE 1: pb is the unpacked source, rows ldpb apart,
    and each row is also stored to the packed panel pbo (kc, 16 NV), so the first tile
-   of a panel packs it.  FUSE 2: pb is the unpacked source and nothing is stored. */
+   of a panel packs it.  FUSE 2: pb is the unpacked source and nothing is stored.
+   FUSE 3: pa is compacted, its step k pairs with row ks[k] of the packed panel pb. */
 AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int64_t ldc,
                         const float *CNN_RESTRICT pa, const float *CNN_RESTRICT pb,
-                        int64_t ldpb, float *CNN_RESTRICT pbo,
+                        int64_t ldpb, float *CNN_RESTRICT pbo, const int32_t *ks,
                         int64_t kc, int mr, int nr, float alpha, float beta)
 {
     /* pa (kc, MRS), pb (kc, 16 NV) rows ldpb apart -> C (mr, nr), rows ldc apart */
@@ -47,9 +48,10 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
         }
     }
     for (int64_t k = 0; k < kc; ++k) {
-        const __m512 b0 = _mm512_loadu_ps(pb);
-        const __m512 b1 = NV == 2 ? _mm512_loadu_ps(pb + 16) : b0;
-        if (FUSE) {
+        const float *pbk = FUSE == 3 ? pb + (int64_t)ks[k] * (16 * NV) : pb;
+        const __m512 b0 = _mm512_loadu_ps(pbk);
+        const __m512 b1 = NV == 2 ? _mm512_loadu_ps(pbk + 16) : b0;
+        if (FUSE == 1 || FUSE == 2) {
             /* The source rows are ldpb apart: fetch the 128 bytes of the row 8 ahead. */
             _mm_prefetch((const char *)(pb + 8 * ldpb), _MM_HINT_T0);
             _mm_prefetch((const char *)(pb + 8 * ldpb + 16), _MM_HINT_T0);
@@ -69,7 +71,8 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
                 acc1[i] = _mm512_fmadd_ps(a, b1, acc1[i]);
         }
         pa += MRS;
-        pb += FUSE ? ldpb : 16 * NV;
+        if (FUSE != 3)
+            pb += FUSE ? ldpb : 16 * NV;
     }
     const __m512 va = _mm512_set1_ps(alpha);
     const __m512 vb = _mm512_set1_ps(beta);
@@ -112,7 +115,7 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
 }
 
 #define TILE_CASE(R, V, F) \
-    case R: tile(R, V, F, c, ldc, pa, pb, ldpb, pbo, kc, mr, nr, alpha, beta); return;
+    case R: tile(R, V, F, c, ldc, pa, pb, ldpb, pbo, ks, kc, mr, nr, alpha, beta); return;
 #define TILE_SWITCH(V, F)                                                          \
     switch (mr_stride) {                                                           \
         TILE_CASE(1, V, F) TILE_CASE(2, V, F) TILE_CASE(3, V, F)                   \
@@ -131,11 +134,44 @@ static AVX512_FN void kernel_avx512(float *c, int64_t ldc, const float *pa, cons
     /* pa (kc, mr_stride), pb (kc, nr_panel) -> C (mr, nr) */
     const int64_t ldpb = nr_panel;
     float *pbo = 0;
+    const int32_t *ks = 0;
     if (nr_panel == 32) {
         TILE_SWITCH(2, 0)
     } else {
         TILE_SWITCH(1, 0)
     }
+}
+
+/* As kernel_avx512 over a compacted A panel (see cnn_gemm_kernel_sparse_fn). */
+static AVX512_FN void kernel_sparse_avx512(float *c, int64_t ldc, const float *pa,
+                                           const float *pb, const int32_t *ks, int64_t terms,
+                                           int mr_stride, int mr, int nr_panel, int nr,
+                                           float alpha, float beta)
+{
+    /* pa (terms, mr_stride), pb (kc, nr_panel) rows ks -> C (mr, nr) */
+    const int64_t ldpb = nr_panel, kc = terms;
+    float *pbo = 0;
+    if (nr_panel == 32) {
+        TILE_SWITCH(2, 3)
+    } else {
+        TILE_SWITCH(1, 3)
+    }
+}
+
+/* Drop the all-zero steps of a packed A panel (see cnn_gemm_compact_fn); branch-free. */
+static AVX512_FN int64_t compact_avx512(float *pa, int64_t kc, int mrs, int32_t *ks)
+{
+    /* pa (kc, mrs) -> pa (n, mrs), ks (n,) */
+    const __mmask16 m = lanes(mrs);
+    int64_t n = 0;
+    for (int64_t k = 0; k < kc; ++k) {
+        const __m512 v = _mm512_maskz_loadu_ps(m, pa + k * mrs);
+        const __mmask16 nz = _mm512_mask_cmp_ps_mask(m, v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+        _mm512_mask_storeu_ps(pa + n * mrs, m, v);
+        ks[n] = (int32_t)k;
+        n += nz != 0;
+    }
+    return n;
 }
 
 /* As kernel_avx512 on a full 32-column panel read from the source rows bsrc (ldb apart),
@@ -149,6 +185,7 @@ static AVX512_FN void kernel_packb_avx512(float *c, int64_t ldc, const float *pa
     const float *pb = bsrc;
     const int64_t ldpb = ldb;
     const int nr = NR;
+    const int32_t *ks = 0;
     if (pbo) {
         TILE_SWITCH(2, 1)
     } else {
@@ -382,7 +419,8 @@ static AVX512_FN void row_avx512(float *c, const float *a, int64_t a_step, const
 static const cnn_gemm_family family_avx512 = {
     CNN_KERNEL_AVX512, MR, NR, 16,
     512, 168, 4096,
-    kernel_avx512, pack_avx512, kernel_packb_avx512, row_avx512
+    kernel_avx512, pack_avx512, kernel_packb_avx512, row_avx512,
+    compact_avx512, kernel_sparse_avx512
 };
 
 const cnn_gemm_family *cnn_gemm_family_avx512(void) { return &family_avx512; }

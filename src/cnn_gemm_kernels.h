@@ -81,6 +81,18 @@ typedef void (*cnn_gemm_kernel_packb_fn)(float *c, int64_t ldc, const float *pa,
                                          int64_t kc, int mr_stride, int mr,
                                          float alpha, float beta);
 
+/* Optional: drop, in place, the steps k of a packed A panel (kc, mrs) whose mrs entries
+   are all zero; the kept steps stay in order, their k go to ks (kc,); returns how many. */
+typedef int64_t (*cnn_gemm_compact_fn)(float *pa, int64_t kc, int mrs, int32_t *ks);
+
+/* Optional: cnn_gemm_kernel_fn over a compacted A panel: pa is (terms, mr_stride), its
+   step t pairs with row ks[t] of the packed B panel pb (kc, nr_panel).  The skipped
+   steps only multiplied zeros, so the result equals the kernel's on the full panel. */
+typedef void (*cnn_gemm_kernel_sparse_fn)(float *c, int64_t ldc, const float *pa,
+                                          const float *pb, const int32_t *ks, int64_t terms,
+                                          int mr_stride, int mr, int nr_panel, int nr,
+                                          float alpha, float beta);
+
 /* Optional: C[0:1, 0:N] = alpha * a . B + beta * C for ONE row a of op(A) (K entries,
    a[k * a_step], K <= CNN_GEMM_ROW_MAX_K) and row-contiguous op(B) (K, N) rows ldb apart,
    read in place -- the no-packing path for tiny M (a single inference).  Terms whose a[k]
@@ -123,6 +135,8 @@ typedef struct cnn_gemm_family {
     cnn_gemm_pack_fn pack;
     cnn_gemm_kernel_packb_fn kernel_packb;  /* NULL when the family has none */
     cnn_gemm_row_fn row;                    /* NULL when the family has none */
+    cnn_gemm_compact_fn compact;            /* NULL (with kernel_sparse) when none */
+    cnn_gemm_kernel_sparse_fn kernel_sparse;
 } cnn_gemm_family;
 
 /* The family for a kernel id, or NULL when this build has no such family.
