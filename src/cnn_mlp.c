@@ -224,6 +224,31 @@ int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype d
     return status;
 }
 
+/* cnn_gather_rows split over the threads by rows once the batch is large enough. */
+static int gather_batch(float *x, const void *X, cnn_dtype dtype, const int64_t *idx,
+                        int64_t rows, int64_t n_in, int n_threads)
+{
+    /* x (rows, n_in) = X[idx] */
+    if (n_threads < 2 || rows * n_in < 16384)
+        return cnn_gather_rows(x, X, dtype, idx, rows, INT64_MAX, n_in);
+    int status = CNN_OK;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(n_threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t r0 = t * rows / nt, r1 = (t + 1) * rows / nt;
+        int st = cnn_gather_rows(x + r0 * n_in, X, dtype, idx + r0, r1 - r0, INT64_MAX, n_in);
+        if (st != CNN_OK) {
+#pragma omp critical(cnn_mlp_gather_status)
+            status = st;
+        }
+    }
+#else
+    status = cnn_gather_rows(x, X, dtype, idx, rows, INT64_MAX, n_in);
+#endif
+    return status;
+}
+
 /* Ask the cache for the rows X[idx[0..rows)] (n_in entries of `bytes` each), which the
    next minibatch will gather: their random reads from memory then overlap this
    minibatch's arithmetic instead of stalling the gather. */
@@ -273,7 +298,7 @@ int cnn_mlp_train_batches(cnn_mlp *net, cnn_optimizer *opt, float *state1, float
             return CNN_ERR_ARG;
         const int64_t rows = n_order - r0 < B ? n_order - r0 : B;
         const int64_t *idx = order + r0;
-        int status = cnn_gather_rows(x, X, dtype, idx, rows, INT64_MAX, n_in);
+        int status = gather_batch(x, X, dtype, idx, rows, n_in, n_threads);
         if (status != CNN_OK)
             return status;
         if (batch + 1 < first_batch + n_batches && r0 + B < n_order)
