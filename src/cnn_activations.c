@@ -134,18 +134,25 @@ int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_t *n_
         for (int64_t j = 1; j < N; ++j)
             if (z[j] > z[arg]) arg = j;
         float m = z[arg];
+        const double z_label = z[y[i]];  /* read before dZ (which may alias Z) is written */
+        /* exp(z - max) once per entry, kept in dZ or probs (where the result goes) */
+        float *e = dZ ? dZ + i * N : probs ? probs + i * N : NULL;
         double s = 0.0;
-        for (int64_t j = 0; j < N; ++j)
-            s += expf(z[j] - m);
+        for (int64_t j = 0; j < N; ++j) {
+            const float ej = expf(z[j] - m);
+            s += ej;
+            if (e)
+                e[j] = ej;
+        }
         double log_s = log(s);
         float inv_s = (float)(1.0 / s);
         double wi = w ? (double)w[i] : 1.0;
-        total += wi * (log_s - ((double)z[y[i]] - m));
+        total += wi * (log_s - (z_label - m));
         correct += arg == y[i];
         float scale = (float)(wi * inv_w);
         int64_t label = y[i];
-        for (int64_t j = 0; j < N; ++j) {
-            float p = expf(z[j] - m) * inv_s;
+        for (int64_t j = 0; e && j < N; ++j) {
+            float p = e[j] * inv_s;
             if (probs) probs[i * N + j] = p;
             if (dZ) dZ[i * N + j] = scale * (p - (j == label ? 1.0f : 0.0f));
         }
