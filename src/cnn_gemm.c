@@ -234,7 +234,7 @@ static void row_generic(float *c, const float *a, int64_t a_step, const float *b
 static const cnn_gemm_family family_generic = {
     CNN_KERNEL_GENERIC, GEN_MR, GEN_NR, GEN_NR,
     256, 128, 2048,
-    kernel_generic, cnn_gemm_pack_generic, 0, row_generic, 0, 0
+    kernel_generic, cnn_gemm_pack_generic, 0, row_generic, 0, 0, 0, 0
 };
 
 const cnn_gemm_family *cnn_gemm_family_generic(void) { return &family_generic; }
@@ -486,6 +486,16 @@ static int64_t plan_total(const gemm_plan *plan, int64_t M, int64_t N, int64_t K
     return most;
 }
 
+/* Rows of op(A) handled together on the sparse transposed path. */
+#define CNN_GEMM_SPARSE_ROWS 16
+
+/* Floats of one thread's buffer on the sparse transposed path. */
+static int64_t sparse_rows_floats(int64_t K)
+{
+    /* K -> floats: CNN_GEMM_SPARSE_ROWS rows of op(A) over one K block, 32 wide panels */
+    return CNN_GEMM_SPARSE_ROWS * round_up(min64(K, CNN_GEMM_ROW_MAX_K), 32);
+}
+
 int64_t cnn_sgemm_workspace_floats(int64_t M, int64_t N, int64_t K, int n_threads)
 {
     /* (M, N, K, threads) -> floats of workspace for cnn_sgemm_ex */
@@ -500,6 +510,8 @@ int64_t cnn_sgemm_workspace_floats(int64_t M, int64_t N, int64_t K, int n_thread
         const gemm_plan serial = make_plan(&sh, 1);
         most = max64(most, max64(plan_total(&plan, M, N, K), plan_total(&serial, M, N, K)));
     }
+    /* And for the sparse transposed path, one buffer per thread. */
+    most = max64(most, (int64_t)(n_threads < 1 ? 1 : n_threads) * sparse_rows_floats(K));
     /* 16 floats of slack let the start be aligned to 64 bytes. */
     return most + CNN_ALIGN / (int64_t)sizeof(float);
 }
@@ -643,6 +655,41 @@ static void run_row_cols(const gemm_ctx *x, int64_t j0, int64_t j1)
                       kc, x->alpha, b == 0 ? x->beta : 1.0f);
         }
         cnn_epilogue_row(c, x->ep, i, j0, j1 - j0);
+    }
+}
+
+/* Rows [i0, i1) of C when op(A) = A^T is mostly zeros (a weight gradient X^T dY of an
+   image batch): op(A) rows, which are strided columns of A, are transposed 16 at a
+   time into buf by the family's pack, their nonzero entries gathered, and each row
+   of C computed from them by the row kernel -- over the same K blocks as the tiled
+   path, so the values are the same. */
+static void run_sparse_transposed(const gemm_ctx *x, int64_t i0, int64_t i1, float *buf)
+{
+    /* C[i0:i1, :] */
+    const cnn_gemm_family *f = x->f;
+    const int64_t K = x->K, nk = ceil_div(K, f->kc);
+    float vals[CNN_GEMM_ROW_MAX_K + 16];
+    int32_t ks[CNN_GEMM_ROW_MAX_K + 16];
+    for (int64_t ib = i0; ib < i1; ib += CNN_GEMM_SPARSE_ROWS) {
+        const int64_t P = min64(CNN_GEMM_SPARSE_ROWS, i1 - ib);
+        for (int64_t b = 0; b < nk; ++b) {
+            int64_t k0, kc;
+            k_block(K, nk, b, &k0, &kc);
+            /* buf: panels of 32 steps, each (P, width) with op(A) row p at p * width */
+            f->pack(buf, x->A, x->lda, 1, ib, P, k0, kc, 32, f->nr_step);
+            for (int64_t p = 0; p < P; ++p) {
+                int64_t terms = 0;
+                for (int64_t q = 0; q * 32 < kc; ++q) {
+                    const int64_t width = min64(32, round_up(kc - q * 32, f->nr_step));
+                    terms += f->terms(buf + q * 32 * P + p * width, width, (int32_t)(q * 32),
+                                      vals + terms, ks + terms);
+                }
+                f->row_terms(x->C + (ib + p) * x->ldc, vals, ks, terms, x->B + k0 * x->ldb,
+                             x->ldb, x->N, x->alpha, b == 0 ? x->beta : 1.0f);
+            }
+        }
+        for (int64_t p = 0; p < P; ++p)
+            cnn_epilogue_row(x->C + (ib + p) * x->ldc, x->ep, ib + p, 0, x->N);
     }
 }
 
@@ -850,6 +897,25 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
     x.b_fused = fuse;
     x.a_sparse = x.f->compact && x.f->kernel_sparse &&
                  mostly_zeros(A, x.a_xmajor ? M : K, x.a_xmajor ? K : M, lda);
+    if (x.a_sparse && !x.a_xmajor && !x.b_xmajor && x.f->terms && x.f->row_terms &&
+        x.f->kc <= CNN_GEMM_ROW_MAX_K) {
+        /* Threads own ranges of rows of C: no shared data, no barrier. */
+        float *base = (float *)(((uintptr_t)work + CNN_ALIGN - 1) & ~(uintptr_t)(CNN_ALIGN - 1));
+        const int T = (int)min64(n_threads, ceil_div(M, CNN_GEMM_SPARSE_ROWS));
+        if (T <= 1) {
+            run_sparse_transposed(&x, 0, M, base);
+            return CNN_OK;
+        }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(T)
+        {
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            run_sparse_transposed(&x, t * M / nt, (t + 1) * M / nt,
+                                  base + t * sparse_rows_floats(K));
+        }
+#endif
+        return CNN_OK;
+    }
     x.plan = make_plan(&sh, n_threads);
     if (x.plan.n_threads == 1) {
         layout_workspace(&x, work);

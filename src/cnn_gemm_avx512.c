@@ -376,28 +376,33 @@ AVX512_INLINE void row_block(float *c, const float *vals, const int32_t *ks, int
     }
 }
 
-static AVX512_FN void row_avx512(float *c, const float *a, int64_t a_step, const float *b,
-                                 int64_t ldb, int64_t N, int64_t K, float alpha, float beta)
+/* The nonzero entries of a (n,), in order (see cnn_gemm_terms_fn): compressed 16 at a
+   time in registers (the register form is fast on every AVX-512 core). */
+static AVX512_FN int64_t terms_avx512(const float *a, int64_t n, int32_t first, float *vals,
+                                      int32_t *ks)
 {
-    /* a (K,) stride a_step, B (K, N) rows ldb apart -> c (N,), 128 columns at a time */
-    float vals[CNN_GEMM_ROW_MAX_K + 16];
-    int32_t ks[CNN_GEMM_ROW_MAX_K + 16];
-    int64_t terms = 0;
-    if (a_step == 1) {
-        /* Compress 16 entries at a time (register form: fast on every AVX-512 core). */
-        __m512i k16 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        for (int64_t k = 0; k < K; k += 16) {
-            const __m512 v = _mm512_maskz_loadu_ps(lanes(K - k), a + k);
-            const __mmask16 nz = _mm512_mask_cmp_ps_mask(lanes(K - k), v, _mm512_setzero_ps(),
-                                                          _CMP_NEQ_UQ);
-            _mm512_storeu_ps(vals + terms, _mm512_maskz_compress_ps(nz, v));
-            _mm512_storeu_si512((void *)(ks + terms), _mm512_maskz_compress_epi32(nz, k16));
-            terms += __builtin_popcount(nz);
-            k16 = _mm512_add_epi32(k16, _mm512_set1_epi32(16));
-        }
-    } else {
-        terms = cnn_row_terms(a, a_step, K, vals, ks);
+    /* a (n,) -> vals, ks (count,) */
+    int64_t count = 0;
+    __m512i k16 = _mm512_add_epi32(_mm512_set1_epi32(first),
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    for (int64_t k = 0; k < n; k += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(lanes(n - k), a + k);
+        const __mmask16 nz = _mm512_mask_cmp_ps_mask(lanes(n - k), v, _mm512_setzero_ps(),
+                                                      _CMP_NEQ_UQ);
+        _mm512_storeu_ps(vals + count, _mm512_maskz_compress_ps(nz, v));
+        _mm512_storeu_si512((void *)(ks + count), _mm512_maskz_compress_epi32(nz, k16));
+        count += __builtin_popcount(nz);
+        k16 = _mm512_add_epi32(k16, _mm512_set1_epi32(16));
     }
+    return count;
+}
+
+/* One row of C from the terms of a (see cnn_gemm_row_terms_fn), 128 columns at a time. */
+static AVX512_FN void row_terms_avx512(float *c, const float *vals, const int32_t *ks,
+                                       int64_t terms, const float *b, int64_t ldb, int64_t N,
+                                       float alpha, float beta)
+{
+    /* terms of a, B (K, N) rows ldb apart -> c (N,) */
     for (int64_t j0 = 0; j0 < N; j0 += 128) {
         const int64_t n = N - j0 < 128 ? N - j0 : 128;
         float *cj = c + j0;
@@ -416,11 +421,22 @@ static AVX512_FN void row_avx512(float *c, const float *a, int64_t a_step, const
     }
 }
 
+static AVX512_FN void row_avx512(float *c, const float *a, int64_t a_step, const float *b,
+                                 int64_t ldb, int64_t N, int64_t K, float alpha, float beta)
+{
+    /* a (K,) stride a_step, B (K, N) rows ldb apart -> c (N,) */
+    float vals[CNN_GEMM_ROW_MAX_K + 16];
+    int32_t ks[CNN_GEMM_ROW_MAX_K + 16];
+    const int64_t terms = a_step == 1 ? terms_avx512(a, K, 0, vals, ks)
+                                      : cnn_row_terms(a, a_step, K, vals, ks);
+    row_terms_avx512(c, vals, ks, terms, b, ldb, N, alpha, beta);
+}
+
 static const cnn_gemm_family family_avx512 = {
     CNN_KERNEL_AVX512, MR, NR, 16,
     512, 168, 4096,
     kernel_avx512, pack_avx512, kernel_packb_avx512, row_avx512,
-    compact_avx512, kernel_sparse_avx512
+    compact_avx512, kernel_sparse_avx512, terms_avx512, row_terms_avx512
 };
 
 const cnn_gemm_family *cnn_gemm_family_avx512(void) { return &family_avx512; }

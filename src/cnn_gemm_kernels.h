@@ -104,6 +104,17 @@ typedef void (*cnn_gemm_kernel_sparse_fn)(float *c, int64_t ldc, const float *pa
 typedef void (*cnn_gemm_row_fn)(float *c, const float *a, int64_t a_step, const float *b,
                                 int64_t ldb, int64_t N, int64_t K, float alpha, float beta);
 
+/* Optional, with row_terms: the nonzero entries of a (n,) in order, values to vals and
+   indices (first + position) to ks; returns how many.  vals and ks hold n + 16. */
+typedef int64_t (*cnn_gemm_terms_fn)(const float *a, int64_t n, int32_t first, float *vals,
+                                     int32_t *ks);
+
+/* Optional: cnn_gemm_row_fn from the terms of a: c[0:N] = alpha * sum_t vals[t] *
+   B[ks[t], 0:N] + beta * c, ks increasing. */
+typedef void (*cnn_gemm_row_terms_fn)(float *c, const float *vals, const int32_t *ks,
+                                      int64_t terms, const float *b, int64_t ldb, int64_t N,
+                                      float alpha, float beta);
+
 /* Longest reduction a row function takes: every family's kc is at most this. */
 #define CNN_GEMM_ROW_MAX_K 512
 
@@ -137,6 +148,8 @@ typedef struct cnn_gemm_family {
     cnn_gemm_row_fn row;                    /* NULL when the family has none */
     cnn_gemm_compact_fn compact;            /* NULL (with kernel_sparse) when none */
     cnn_gemm_kernel_sparse_fn kernel_sparse;
+    cnn_gemm_terms_fn terms;                /* NULL (with row_terms) when none */
+    cnn_gemm_row_terms_fn row_terms;
 } cnn_gemm_family;
 
 /* The family for a kernel id, or NULL when this build has no such family.

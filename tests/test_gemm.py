@@ -183,7 +183,8 @@ def test_mostly_zero_A_matches_rows_and_float64(kernel, trans_a, trans_b):
     several blocks, whole zero rows and steps, and any thread count."""
     kernels.set_kernel(kernel)
     rng = np.random.default_rng(7 + 2 * trans_a + trans_b)
-    for M, N, K in [(3, 5, 7), (15, 33, 64), (29, 128, 784), (64, 97, 1100), (200, 31, 13)]:
+    for M, N, K in [(3, 5, 7), (15, 33, 64), (29, 128, 784), (64, 97, 1100), (200, 31, 13),
+                    (784, 300, 64), (37, 129, 513)]:
         A, B = operands(rng, M, N, K, trans_a, trans_b, pad_a=3)
         a = A.T if trans_a else A
         a[rng.random(a.shape) < 0.85] = 0.0
