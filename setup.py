@@ -101,13 +101,15 @@ class BuildExtension(build_ext):
         (package / "lib" / "cnn_core.pc").write_text(pkg_config)
 
 
+C_HEADERS = sorted(str(p.relative_to(ROOT)).replace(os.sep, "/") for p in (ROOT / "src").glob("*.h"))
 extension = Extension("cnn_core.kernels", ["cnn_core/kernels.pyx"],
                       include_dirs=["src", numpy.get_include()],
                       define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-                      depends=C_SOURCES + [str(p.relative_to(ROOT)) for p in (ROOT / "src").glob("*.h")])
+                      depends=C_SOURCES + C_HEADERS)
 
 setup(
-    libraries=[("cnn_core", {"sources": C_SOURCES, "include_dirs": ["src"]})],
+    libraries=[("cnn_core", {"sources": C_SOURCES, "include_dirs": ["src"],
+                             "obj_deps": {"": C_HEADERS}})],
     ext_modules=cythonize([extension], compiler_directives=CYTHON_DIRECTIVES),
     cmdclass={"build_clib": BuildKernels, "build_ext": BuildExtension},
 )

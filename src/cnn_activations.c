@@ -2,6 +2,7 @@
 #include <math.h>
 #include <float.h>
 #include "cnn_core.h"
+#include "cnn_internal.h"
 
 void cnn_bias_forward(float *Y, const float *X, const float *b, int64_t M, int64_t N)
 {
@@ -19,15 +20,6 @@ void cnn_bias_backward(float *db, const float *dY, int64_t M, int64_t N)
     for (int64_t i = 0; i < M; ++i)
         for (int64_t j = 0; j < N; ++j)
             db[j] += dY[i * N + j];
-}
-
-static float sigmoid(float x)
-{
-    /* exp of a non-positive number only: never overflows */
-    if (x >= 0.0f)
-        return 1.0f / (1.0f + expf(-x));
-    float e = expf(x);
-    return e / (1.0f + e);
 }
 
 static void softmax_row(float *y, const float *x, int64_t n)
@@ -61,10 +53,10 @@ int cnn_activation_forward(float *Y, const float *X, int64_t n, int64_t n_cols,
         for (int64_t i = 0; i < n; ++i) Y[i] = X[i] > 0.0f ? X[i] : alpha * X[i];
         return CNN_OK;
     case CNN_ACT_SIGMOID:
-        for (int64_t i = 0; i < n; ++i) Y[i] = sigmoid(X[i]);
+        for (int64_t i = 0; i < n; ++i) Y[i] = cnn_sigmoid(X[i]);
         return CNN_OK;
     case CNN_ACT_TANH:
-        for (int64_t i = 0; i < n; ++i) Y[i] = tanhf(X[i]);
+        for (int64_t i = 0; i < n; ++i) Y[i] = cnn_tanh(X[i]);
         return CNN_OK;
     case CNN_ACT_SOFTMAX:
         if (n_cols < 1 || n % n_cols != 0)

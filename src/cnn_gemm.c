@@ -38,15 +38,6 @@ void cnn_sgemm_ref(float *C, const float *A, const float *B,
 
 /* ---- epilogue ------------------------------------------------------------ */
 
-/* Numerically stable logistic function of one value. */
-CNN_INLINE float sigmoid1(float x)
-{
-    /* scalar -> scalar */
-    if (x >= 0.0f)
-        return 1.0f / (1.0f + expf(-x));
-    const float e = expf(x);
-    return e / (1.0f + e);
-}
 
 void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, int64_t n)
 {
@@ -72,11 +63,11 @@ void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, i
     }
     case CNN_ACT_SIGMOID:
         for (int64_t j = 0; j < n; ++j)
-            c[j] = sigmoid1(c[j]);
+            c[j] = cnn_sigmoid(c[j]);
         break;
     case CNN_ACT_TANH:
         for (int64_t j = 0; j < n; ++j)
-            c[j] = tanhf(c[j]);
+            c[j] = cnn_tanh(c[j]);
         break;
     default:
         break;

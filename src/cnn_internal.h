@@ -3,6 +3,7 @@
 #define CNN_INTERNAL_H
 
 #include <stdint.h>
+#include <string.h>
 #include "cnn_core.h"
 
 #define CNN_ALIGN 64
@@ -17,5 +18,56 @@ void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, i
 
 /* Round n up to a multiple of CNN_ALIGN / sizeof(float) floats. */
 static inline int64_t cnn_round_up_floats(int64_t n) { return (n + 15) & ~(int64_t)15; }
+
+/* exp(t) within about 1 ulp for t in [-87.3, 88] (t is clamped to it; NaN becomes -87.3,
+   so callers check NaN themselves).  Plain branch-free arithmetic: loops over it vectorise,
+   and it gives the same bits wherever it runs (ISO C builds do not fuse a * b + c). */
+static inline float cnn_exp_clamped(float t)
+{
+    t = t < 88.0f ? t : 88.0f;
+    t = t > -87.3f ? t : -87.3f;
+    /* t = n ln 2 + r, |r| <= ln 2 / 2; n rounded to nearest by the 1.5 * 2^23 shift */
+    const float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = (t - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;   /* 2^n, n in [-126, 127] */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* The logistic function 1 / (1 + exp(-x)), from exp(-|x|) so it never overflows; 0
+   below x = -87.3, where it would be subnormal. */
+static inline float cnn_sigmoid(float x)
+{
+    const float e = cnn_exp_clamped(x < 0.0f ? x : -x);
+    const float y = x >= 0.0f ? 1.0f / (1.0f + e) : x < -87.3f ? 0.0f : e / (1.0f + e);
+    return x == x ? y : x;
+}
+
+/* tanh(x): an odd Taylor polynomial below |x| = 0.5 (no cancellation), else
+   1 - 2 / (exp(2|x|) + 1) with the sign of x (exactly +-1 from |x| = 9.01 on). */
+static inline float cnn_tanh(float x)
+{
+    const float a = x < 0.0f ? -x : x;
+    const float e = cnn_exp_clamped(2.0f * (a < 10.0f ? a : 10.0f));
+    const float big = 1.0f - 2.0f / (e + 1.0f);
+    const float x2 = x * x;
+    float p = -1.4558343871e-03f;
+    p = p * x2 + 3.5921280366e-03f;
+    p = p * x2 + -8.8632355299e-03f;
+    p = p * x2 + 2.1869488536e-02f;
+    p = p * x2 + -5.3968253968e-02f;
+    p = p * x2 + 1.3333333333e-01f;
+    p = p * x2 + -3.3333333333e-01f;
+    const float y = a < 0.5f ? x * (1.0f + x2 * p) : x < 0.0f ? -big : big;
+    return x == x ? y : x;
+}
 
 #endif

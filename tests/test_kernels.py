@@ -46,6 +46,33 @@ def test_activations_stable_for_large_inputs(name):
     np.testing.assert_allclose(Y, act_ref(X, name), atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["sigmoid", "tanh"])
+def test_sigmoid_and_tanh_are_accurate_everywhere(name):
+    """The vectorised sigmoid and tanh against float64 over a dense sweep, tiny and huge
+    values, both zeros, infinities and NaN; the same bits in the GEMM epilogue."""
+    sweep = np.linspace(-30, 30, 400_001, dtype=np.float32)
+    tiny = np.float32(10.0) ** -np.arange(1, 46, dtype=np.float32)
+    special = np.array([0.0, -0.0, 0.4999999, 0.5, 0.5000001, 9.0, 88.0, 1e30, np.inf,
+                        -np.inf, 1e-45], np.float32)
+    x = np.concatenate([sweep, tiny, -tiny, special, -special])[None, :]
+    y = kernels.activation_forward(x, name)[0]
+    x64 = x[0].astype(np.float64)
+    with np.errstate(over="ignore"):
+        ref = np.tanh(x64) if name == "tanh" else np.where(
+            x64 >= 0, 1 / (1 + np.exp(-np.abs(x64))), np.exp(-np.abs(x64)) / (1 + np.exp(-np.abs(x64))))
+    ulp = np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+    # within 4 ulp, or below the smallest normal float (1.2e-38) where sigmoid gives 0
+    assert np.all(np.abs(y - ref) <= 4 * ulp + 1.3e-38), np.max(np.abs(y - ref) / ulp)
+    assert np.isnan(kernels.activation_forward(np.full((1, 3), np.nan, np.float32), name)).all()
+    if name == "tanh":
+        assert np.array_equal(np.signbit(y), np.signbit(x[0]))
+    # the GEMM epilogue (identity weights) gives the same bits as the kernel
+    eye = np.eye(64, dtype=np.float32)
+    fused = kernels.dense_forward(x[0, :64 * 200].reshape(200, 64), eye, np.zeros(64, np.float32),
+                                  activation=name)
+    assert np.array_equal(fused, y[:64 * 200].reshape(200, 64))
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", ACTIVATIONS + ["softmax"])
 def test_activation_backward(shape, name):
