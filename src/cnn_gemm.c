@@ -480,11 +480,14 @@ static int64_t plan_total(const gemm_plan *plan, int64_t M, int64_t N, int64_t K
 /* Rows of op(A) handled together on the sparse transposed path. */
 #define CNN_GEMM_SPARSE_ROWS 16
 
-/* Floats of one thread's buffer on the sparse transposed path. */
+/* Floats of one thread's buffer on the sparse transposed path: CNN_GEMM_SPARSE_ROWS
+   rows of op(A) over one K block packed in 32 wide panels, then their terms (values and
+   indices, CNN_GEMM_ROW_MAX_K + 16 of each per row). */
 static int64_t sparse_rows_floats(int64_t K)
 {
-    /* K -> floats: CNN_GEMM_SPARSE_ROWS rows of op(A) over one K block, 32 wide panels */
-    return CNN_GEMM_SPARSE_ROWS * round_up(min64(K, CNN_GEMM_ROW_MAX_K), 32);
+    /* K -> floats */
+    return CNN_GEMM_SPARSE_ROWS * (round_up(min64(K, CNN_GEMM_ROW_MAX_K), 32) +
+                                   2 * (CNN_GEMM_ROW_MAX_K + 16));
 }
 
 int64_t cnn_sgemm_workspace_floats(int64_t M, int64_t N, int64_t K, int n_threads)
@@ -653,14 +656,16 @@ static void run_row_cols(const gemm_ctx *x, int64_t j0, int64_t j1)
    image batch): op(A) rows, which are strided columns of A, are transposed 16 at a
    time into buf by the family's pack, their nonzero entries gathered, and each row
    of C computed from them by the row kernel -- over the same K blocks as the tiled
-   path, so the values are the same. */
+   path, so the values are the same.  The 16 rows take one 128 column block of op(B)
+   at a time, which then stays in the L1 cache. */
 static void run_sparse_transposed(const gemm_ctx *x, int64_t i0, int64_t i1, float *buf)
 {
     /* C[i0:i1, :] */
     const cnn_gemm_family *f = x->f;
-    const int64_t K = x->K, nk = ceil_div(K, f->kc);
-    float vals[CNN_GEMM_ROW_MAX_K + 16];
-    int32_t ks[CNN_GEMM_ROW_MAX_K + 16];
+    const int64_t K = x->K, N = x->N, nk = ceil_div(K, f->kc), stride = CNN_GEMM_ROW_MAX_K + 16;
+    float *vals = buf + CNN_GEMM_SPARSE_ROWS * round_up(min64(K, CNN_GEMM_ROW_MAX_K), 32);
+    int32_t *ks = (int32_t *)(vals + CNN_GEMM_SPARSE_ROWS * stride);
+    int64_t terms[CNN_GEMM_SPARSE_ROWS];
     for (int64_t ib = i0; ib < i1; ib += CNN_GEMM_SPARSE_ROWS) {
         const int64_t P = min64(CNN_GEMM_SPARSE_ROWS, i1 - ib);
         for (int64_t b = 0; b < nk; ++b) {
@@ -669,18 +674,21 @@ static void run_sparse_transposed(const gemm_ctx *x, int64_t i0, int64_t i1, flo
             /* buf: panels of 32 steps, each (P, width) with op(A) row p at p * width */
             f->pack(buf, x->A, x->lda, 1, ib, P, k0, kc, 32, f->nr_step);
             for (int64_t p = 0; p < P; ++p) {
-                int64_t terms = 0;
+                terms[p] = 0;
                 for (int64_t q = 0; q * 32 < kc; ++q) {
                     const int64_t width = min64(32, round_up(kc - q * 32, f->nr_step));
-                    terms += f->terms(buf + q * 32 * P + p * width, width, (int32_t)(q * 32),
-                                      vals + terms, ks + terms);
+                    terms[p] += f->terms(buf + q * 32 * P + p * width, width, (int32_t)(q * 32),
+                                         vals + p * stride + terms[p], ks + p * stride + terms[p]);
                 }
-                f->row_terms(x->C + (ib + p) * x->ldc, vals, ks, terms, x->B + k0 * x->ldb,
-                             x->ldb, x->N, x->alpha, b == 0 ? x->beta : 1.0f);
             }
+            for (int64_t j = 0; j < N; j += 128)
+                for (int64_t p = 0; p < P; ++p)
+                    f->row_terms(x->C + (ib + p) * x->ldc + j, vals + p * stride, ks + p * stride,
+                                 terms[p], x->B + k0 * x->ldb + j, x->ldb, min64(128, N - j),
+                                 x->alpha, b == 0 ? x->beta : 1.0f);
         }
         for (int64_t p = 0; p < P; ++p)
-            cnn_epilogue_row(x->C + (ib + p) * x->ldc, x->ep, ib + p, 0, x->N);
+            cnn_epilogue_row(x->C + (ib + p) * x->ldc, x->ep, ib + p, 0, N);
     }
 }
 
