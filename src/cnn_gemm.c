@@ -6,7 +6,7 @@
    8 x 12, portable C 4 x 8.  Threads split C into row ranges (op(B) blocks packed
    jointly) or column ranges (op(A) blocks packed jointly), whichever a small cost
    model prefers; K is blocked the same way for every thread count, so results are
-   bit-identical for any n_threads.  Problems below 64k multiply-adds run serially. */
+   bit-identical for any n_threads.  Problems below 256k multiply-adds run serially. */
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
@@ -250,7 +250,7 @@ CNN_INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 CNN_INLINE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* Below this many multiply-adds a GEMM runs on one thread. */
-#define CNN_GEMM_PARALLEL_MIN_FMAS 65536.0
+#define CNN_GEMM_PARALLEL_MIN_FMAS 262144.0
 /* op(B) rows at least this many floats apart are packed separately, not in the kernel. */
 #define CNN_GEMM_FUSE_MAX_LDB 1024
 /* Up to this many rows of C, families with a row kernel skip packing altogether. */
