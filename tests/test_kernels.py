@@ -250,6 +250,13 @@ def test_gather_rows(dtype):
     if dtype == np.uint8:
         expected = expected * np.float32(1 / 255)
     np.testing.assert_allclose(out, expected, rtol=1e-7)
+    saved = kernels.get_kernel()
+    try:
+        for kernel in kernels.available_kernels():   # each build of the loop, same bits
+            kernels.set_kernel(kernel)
+            assert np.array_equal(kernels.gather_rows(X, index), out)
+    finally:
+        kernels.set_kernel(saved)
     assert kernels.gather_rows(X, []).shape == (0, 13)
     with pytest.raises(IndexError):
         kernels.gather_rows(X, [50])
