@@ -289,15 +289,11 @@ static double tile_cycles(int64_t m, int64_t n, int64_t K)
 static int row_threads(int64_t M, int64_t N, int64_t K, int n_threads)
 {
     /* (M, N, K, n_threads) -> threads */
-#ifdef _OPENMP
+    const double fmas = (double)M * (double)N * (double)K;
     const int64_t most = ceil_div(N, CNN_GEMM_COL_UNIT);
-    if ((double)M * (double)N * (double)K < CNN_GEMM_ROW_PARALLEL_MIN_FMAS || most < 2)
+    if (fmas < CNN_GEMM_ROW_PARALLEL_MIN_FMAS || most < 2)
         return 1;
-    return (int)min64(min64(n_threads, most), 1 + (int64_t)((double)M * N * K / CNN_GEMM_ROW_PARALLEL_MIN_FMAS));
-#else
-    (void)M; (void)N; (void)K; (void)n_threads;
-    return 1;
-#endif
+    return (int)min64(min64(n_threads, most), 1 + (int64_t)(fmas / CNN_GEMM_ROW_PARALLEL_MIN_FMAS));
 }
 
 /* What the plan needs to know about the operands: whether packing op(A) / op(B)
@@ -870,21 +866,21 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
         x.f = cnn_gemm_family_generic();
     if (M <= CNN_GEMM_ROW_MAX_M && !x.b_xmajor && x.f->row && x.f->kc <= CNN_GEMM_ROW_MAX_K) {
         /* A few rows (single inferences): read op(B) in place, no packing. */
+#ifdef _OPENMP
         const int T = row_threads(M, N, K, n_threads);
-        if (T == 1) {
-            run_row_cols(&x, 0, N);
+        if (T > 1) {
+#pragma omp parallel num_threads(T)
+            {
+                const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+                const int64_t units = ceil_div(N, CNN_GEMM_COL_UNIT);
+                const int64_t j0 = min64(N, t * units / nt * CNN_GEMM_COL_UNIT);
+                const int64_t j1 = min64(N, (t + 1) * units / nt * CNN_GEMM_COL_UNIT);
+                run_row_cols(&x, j0, j1);
+            }
             return CNN_OK;
         }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(T)
-        {
-            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            const int64_t units = ceil_div(N, CNN_GEMM_COL_UNIT);
-            const int64_t j0 = min64(N, t * units / nt * CNN_GEMM_COL_UNIT);
-            const int64_t j1 = min64(N, (t + 1) * units / nt * CNN_GEMM_COL_UNIT);
-            run_row_cols(&x, j0, j1);
-        }
 #endif
+        run_row_cols(&x, 0, N);
         return CNN_OK;
     }
     /* Fuse B packing into the kernel for row-contiguous op(B) whose rows are less than
@@ -900,19 +896,19 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
         x.f->kc <= CNN_GEMM_ROW_MAX_K) {
         /* Threads own ranges of rows of C: no shared data, no barrier. */
         float *base = (float *)(((uintptr_t)work + CNN_ALIGN - 1) & ~(uintptr_t)(CNN_ALIGN - 1));
+#ifdef _OPENMP
         const int T = (int)min64(n_threads, ceil_div(M, CNN_GEMM_SPARSE_ROWS));
-        if (T <= 1) {
-            run_sparse_transposed(&x, 0, M, base);
+        if (T > 1) {
+#pragma omp parallel num_threads(T)
+            {
+                const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+                run_sparse_transposed(&x, t * M / nt, (t + 1) * M / nt,
+                                      base + t * sparse_rows_floats(K));
+            }
             return CNN_OK;
         }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(T)
-        {
-            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            run_sparse_transposed(&x, t * M / nt, (t + 1) * M / nt,
-                                  base + t * sparse_rows_floats(K));
-        }
 #endif
+        run_sparse_transposed(&x, 0, M, base);
         return CNN_OK;
     }
     x.plan = make_plan(&sh, n_threads);
