@@ -30,7 +30,7 @@ static void softmax_row(float *y, const float *x, int64_t n)
         m = x[j] > m ? x[j] : m;
     double s = 0.0;
     for (int64_t j = 0; j < n; ++j) {
-        y[j] = expf(x[j] - m);
+        y[j] = cnn_exp(x[j] - m);
         s += y[j];
     }
     float inv = (float)(1.0 / s);
@@ -131,7 +131,7 @@ int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_t *n_
         float *e = dZ ? dZ + i * N : probs ? probs + i * N : NULL;
         double s = 0.0;
         for (int64_t j = 0; j < N; ++j) {
-            const float ej = expf(z[j] - m);
+            const float ej = cnn_exp(z[j] - m);
             s += ej;
             if (e)
                 e[j] = ej;

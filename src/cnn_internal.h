@@ -2,6 +2,7 @@
 #ifndef CNN_INTERNAL_H
 #define CNN_INTERNAL_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include "cnn_core.h"
@@ -40,6 +41,16 @@ static inline float cnn_exp_clamped(float t)
     float scale;
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
+}
+
+/* exp(t) for any t: cnn_exp_clamped, with 0 below -87.3 (where exp is subnormal),
+   infinity above 88.7 and NaN kept. */
+static inline float cnn_exp(float t)
+{
+    float y = cnn_exp_clamped(t);
+    y = t < -87.3f ? 0.0f : y;
+    y = t > 88.72f ? INFINITY : y;
+    return t == t ? y : t;
 }
 
 /* The logistic function 1 / (1 + exp(-x)), from exp(-|x|) so it never overflows; 0

@@ -73,6 +73,16 @@ def test_sigmoid_and_tanh_are_accurate_everywhere(name):
     assert np.array_equal(fused, y[:64 * 200].reshape(200, 64))
 
 
+def test_softmax_keeps_nan_and_gives_zero_to_minus_infinity():
+    x = np.array([[np.nan, 1, 2], [-np.inf, 0, 1], [-1e30, 0, 1e30]], np.float32)
+    y = kernels.activation_forward(x, "softmax")
+    assert np.isnan(y[0]).all()
+    np.testing.assert_allclose(y[1], [0, 1 / (1 + np.e), np.e / (1 + np.e)], rtol=1e-6)
+    assert y[1, 0] == 0 and np.array_equal(y[2], [0, 0, 1])
+    loss, _, _, _ = kernels.softmax_cross_entropy(x[1:2], np.array([2], np.int32))
+    assert abs(loss - np.log1p(np.exp(-1))) < 1e-6
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", ACTIVATIONS + ["softmax"])
 def test_activation_backward(shape, name):
