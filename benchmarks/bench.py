@@ -380,8 +380,9 @@ def bench_gemm(args, settings):
            "OPENBLAS_NUM_THREADS/OMP_NUM_THREADS (threadpoolctl is not installed)")
     notes = [f"each library and thread count timed in its own process; numpy's BLAS "
              f"threads set with {how}.",
-             "kernels.gemm allocates its packing workspace (a numpy array) on every "
-             "call; the 1x1x1 row shows the fixed per-call cost of each library."]
+             "kernels.gemm checks its arguments in Python on every call (its packing "
+             "workspace is reused); the 1x1x1 row shows the fixed per-call cost of each "
+             "library."]
     return {"rows": rows, "notes": notes, "contention": contention}
 
 
