@@ -2,18 +2,9 @@
    The conversion is exact arithmetic on each element, so the x86-64 AVX2 build of the
    loop (used when the selected kernel family is AVX2 or AVX-512) gives the same bits. */
 #include "cnn_core.h"
+#include "cnn_internal.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
-#define CNN_GATHER_AVX2 1
-#endif
-
-#if defined(__GNUC__)
-#define CNN_GATHER_INLINE static inline __attribute__((always_inline))
-#else
-#define CNN_GATHER_INLINE static __inline
-#endif
-
-CNN_GATHER_INLINE void gather_body(float *out, const void *X, cnn_dtype dtype,
+CNN_ALWAYS_INLINE void gather_body(float *out, const void *X, cnn_dtype dtype,
                                    const int64_t *index, int64_t n_index, int64_t n_cols)
 {
     /* out[r, :] = X[index[r], :] (uint8 scaled by 1/255) */
@@ -37,7 +28,7 @@ static void gather_generic(float *out, const void *X, cnn_dtype dtype, const int
     gather_body(out, X, dtype, index, n_index, n_cols);
 }
 
-#ifdef CNN_GATHER_AVX2
+#ifdef CNN_AVX2_BUILD
 __attribute__((target("avx2")))
 static void gather_avx2(float *out, const void *X, cnn_dtype dtype, const int64_t *index,
                         int64_t n_index, int64_t n_cols)
@@ -55,8 +46,8 @@ int cnn_gather_rows(float *out, const void *X, cnn_dtype dtype, const int64_t *i
     for (int64_t r = 0; r < n_index; ++r)
         if (index[r] < 0 || index[r] >= n_rows)
             return CNN_ERR_ARG;
-#ifdef CNN_GATHER_AVX2
-    if (cnn_get_kernel() == CNN_KERNEL_AVX2 || cnn_get_kernel() == CNN_KERNEL_AVX512) {
+#ifdef CNN_AVX2_BUILD
+    if (cnn_use_avx2_build()) {
         gather_avx2(out, X, dtype, index, n_index, n_cols);
         return CNN_OK;
     }

@@ -17,6 +17,25 @@ void cnn_aligned_free(float *p);
 /* Apply `ep` to row i of C, columns j0 .. j0 + n - 1 (c points at column j0). */
 void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, int64_t n);
 
+/* Elementwise loops with an AVX2 build beside the baseline one (the optimizer, the
+   gather): the body is a CNN_ALWAYS_INLINE function compiled twice, and
+   cnn_use_avx2_build() says which to run.  Only the vector width differs (ISO C builds
+   fuse no multiply-add), so both give the same bits. */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+#define CNN_AVX2_BUILD 1
+#endif
+#if defined(__GNUC__)
+#define CNN_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define CNN_ALWAYS_INLINE static __inline
+#endif
+
+/* 1 when the selected GEMM family is AVX2 or AVX-512 (so the CPU runs AVX2 code). */
+static inline int cnn_use_avx2_build(void)
+{
+    return cnn_get_kernel() == CNN_KERNEL_AVX2 || cnn_get_kernel() == CNN_KERNEL_AVX512;
+}
+
 /* Round n up to a multiple of CNN_ALIGN / sizeof(float) floats. */
 static inline int64_t cnn_round_up_floats(int64_t n) { return (n + 15) & ~(int64_t)15; }
 

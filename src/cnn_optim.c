@@ -4,12 +4,9 @@
    result is the same for any thread count and kernel family. */
 #include <math.h>
 #include "cnn_core.h"
+#include "cnn_internal.h"
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
-#define CNN_OPTIM_AVX2 1
 #endif
 
 typedef struct update {
@@ -18,12 +15,6 @@ typedef struct update {
     int kind;                 /* 0 sgd, 1 sgd + momentum, 2 nesterov, 3 adam, 4 adamw */
     float lr, mu, wd, b1, b2, eps, c1, c2;
 } update;
-
-#if defined(__GNUC__)
-#define CNN_ALWAYS_INLINE static inline __attribute__((always_inline))
-#else
-#define CNN_ALWAYS_INLINE static __inline
-#endif
 
 CNN_ALWAYS_INLINE void update_body(const update *u, int64_t i0, int64_t i1)
 {
@@ -69,7 +60,7 @@ CNN_ALWAYS_INLINE void update_body(const update *u, int64_t i0, int64_t i1)
 
 static void update_generic(const update *u, int64_t i0, int64_t i1) { update_body(u, i0, i1); }
 
-#ifdef CNN_OPTIM_AVX2
+#ifdef CNN_AVX2_BUILD
 __attribute__((target("avx2")))
 static void update_avx2(const update *u, int64_t i0, int64_t i1) { update_body(u, i0, i1); }
 #endif
@@ -78,8 +69,8 @@ static void run(const update *u, int64_t n, int n_threads)
 {
     /* the update over [0, n), split into one contiguous range per thread */
     void (*range)(const update *, int64_t, int64_t) = update_generic;
-#ifdef CNN_OPTIM_AVX2
-    if (cnn_get_kernel() == CNN_KERNEL_AVX2 || cnn_get_kernel() == CNN_KERNEL_AVX512)
+#ifdef CNN_AVX2_BUILD
+    if (cnn_use_avx2_build())
         range = update_avx2;
 #endif
 #ifdef _OPENMP
