@@ -18,7 +18,7 @@ from setuptools.command.build_clib import build_clib
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent
-C_SOURCES = sorted(str(p.relative_to(ROOT)).replace(os.sep, "/") for p in (ROOT / "src").glob("*.c"))
+C_SOURCES = sorted(str(p.relative_to(ROOT)).replace(os.sep, "/") for p in (ROOT / "src").rglob("*.c"))
 PUBLIC_HEADERS = ["src/cnn_core.h", "src/cnn_model.h"]
 CYTHON_DIRECTIVES = dict(language_level=3, boundscheck=False, wraparound=False,
                          cdivision=True, initializedcheck=False, embedsignature=True)
@@ -64,7 +64,7 @@ def use_openmp(compiler):
 
 
 class BuildKernels(build_clib):
-    """Build libcnn_core from src/*.c with strict warnings and optional OpenMP."""
+    """Build libcnn_core from src/**/*.c with strict warnings and optional OpenMP."""
 
     def build_libraries(self, libraries):
         openmp = use_openmp(self.compiler)
@@ -101,7 +101,7 @@ class BuildExtension(build_ext):
         (package / "lib" / "cnn_core.pc").write_text(pkg_config)
 
 
-C_HEADERS = sorted(str(p.relative_to(ROOT)).replace(os.sep, "/") for p in (ROOT / "src").glob("*.h"))
+C_HEADERS = sorted(str(p.relative_to(ROOT)).replace(os.sep, "/") for p in (ROOT / "src").rglob("*.h"))
 extension = Extension("cnn_core.kernels", ["cnn_core/kernels.pyx"],
                       include_dirs=["src", numpy.get_include()],
                       define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

@@ -7,7 +7,7 @@
 #include <string.h>
 #include "cnn_core.h"
 #include "cnn_internal.h"
-#include "cnn_gemm_kernels.h"
+#include "gemm/cnn_gemm_kernels.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
