@@ -16,6 +16,7 @@ atomically.  This module needs only the standard library and numpy.
 import gzip
 import hashlib
 import http.client
+import math
 import os
 import struct
 import sys
@@ -105,6 +106,11 @@ def load_idx(path):
     payload must hold exactly ``prod(dims)`` big-endian elements of the type:
     0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64.
 
+    The file is read as a stream and never past the size its header declares
+    (plus one byte, to detect trailing data): a small gzip file that inflates to
+    gigabytes is rejected after decompressing only that much, and memory grows
+    only as bytes actually arrive.
+
     Args:
         path: str or os.PathLike naming the file.
 
@@ -115,50 +121,74 @@ def load_idx(path):
 
     Raises:
         IDXFormatError: the file is empty, has a bad magic number, an unknown
-            type code, zero dimensions, a truncated header or payload, bytes
-            after the payload, or a corrupt gzip stream.
+            type code, zero dimensions, dimensions no array can have, a
+            truncated header or payload, bytes after the payload, or a corrupt
+            gzip stream.
         OSError: the file cannot be read.
     """
     path = Path(path)
-    with open(path, "rb") as f:
-        data = f.read()
 
     def fail(what):
         return IDXFormatError(f"{path}: {what}")
 
-    if not data:
-        raise fail("empty file, not an IDX file")
-    if data[:2] == _GZIP_MAGIC:
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == _GZIP_MAGIC
+        raw.seek(0)
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
         try:
-            data = gzip.decompress(data)
+            return _read_idx(stream, compressed, fail)
         except (OSError, EOFError, zlib.error) as e:
+            if not compressed:
+                raise
             raise fail(f"corrupt gzip stream ({e})") from None
-        if not data:
-            raise fail("gzip stream holds no data, not an IDX file")
-    if len(data) < 4:
-        raise fail(f"{len(data)} bytes are too few for an IDX header (4 bytes of magic)")
-    zero, code, ndim = struct.unpack(">HBB", data[:4])
+
+
+def _read_up_to(stream, n):
+    """Up to n bytes from stream (fewer only at its end), grown as they arrive."""
+    data = bytearray()
+    while len(data) < n:
+        chunk = stream.read(min(n - len(data), 1 << 20))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _read_idx(stream, compressed, fail):
+    """The array of the IDX file read from stream (see load_idx)."""
+    magic = _read_up_to(stream, 4)
+    if not magic:
+        raise fail("gzip stream holds no data, not an IDX file" if compressed
+                   else "empty file, not an IDX file")
+    if len(magic) < 4:
+        raise fail(f"{len(magic)} bytes are too few for an IDX header (4 bytes of magic)")
+    zero, code, ndim = struct.unpack(">HBB", magic)
     if zero != 0:
-        raise fail(f"bad magic {data[:4].hex()}: an IDX file starts with two zero bytes")
+        raise fail(f"bad magic {magic.hex()}: an IDX file starts with two zero bytes")
     if code not in _IDX_TYPES:
         raise fail(f"unknown IDX type code 0x{code:02x}")
     if ndim == 0:
         raise fail("IDX header declares 0 dimensions")
     header = 4 + 4 * ndim
-    if len(data) < header:
-        raise fail(f"truncated header: {ndim} dimensions need {header} bytes, file has {len(data)}")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
+    sizes = _read_up_to(stream, 4 * ndim)
+    if len(sizes) < 4 * ndim:
+        raise fail(f"truncated header: {ndim} dimensions need {header} bytes, "
+                   f"file has {4 + len(sizes)}")
+    dims = struct.unpack(f">{ndim}I", sizes)
     dtype = _IDX_TYPES[code]
-    expected = dtype.itemsize
-    for d in dims:
-        expected *= d
-    got = len(data) - header
+    if math.prod(d for d in dims if d) * dtype.itemsize > np.iinfo(np.intp).max:
+        raise fail(f"dimensions {dims} of {dtype.name} are too large for any array")
+    expected = dtype.itemsize * math.prod(dims)
+    payload = _read_up_to(stream, expected + 1)
+    got = len(payload)
     if got < expected:
-        raise fail(f"truncated payload: shape {dims} of {dtype.name} needs {expected} bytes, file has {got}")
+        raise fail(f"truncated payload: shape {dims} of {dtype.name} needs {expected} bytes, "
+                   f"file has {got}")
     if got > expected:
-        raise fail(f"{got - expected} unexpected bytes after the payload of shape {dims} ({expected} bytes)")
-    array = np.frombuffer(data, dtype=dtype, count=expected // dtype.itemsize, offset=header)
-    return array.reshape(dims).astype(dtype.newbyteorder("="))
+        count = "" if compressed else f"{os.fstat(stream.fileno()).st_size - header - expected} "
+        raise fail(f"{count}unexpected bytes after the payload of shape {dims} ({expected} bytes)")
+    array = np.frombuffer(payload, dtype=dtype).reshape(dims)
+    return array if dtype.itemsize == 1 else array.astype(dtype.newbyteorder("="))
 
 
 # ---------------------------------------------------------------------------

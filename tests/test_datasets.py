@@ -13,6 +13,8 @@ import socket
 import struct
 import sys
 import threading
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +206,11 @@ MALFORMED = {
     "header-only": (GOOD[:16], "truncated payload"),
     "truncated-payload": (GOOD[:-1], "truncated payload"),
     "trailing-bytes": (GOOD + b"\x00", "unexpected bytes"),
-    "huge-dims": (struct.pack(">HBB3I", 0, 0x0E, 3, 2**32 - 1, 2**32 - 1, 2**32 - 1), "truncated payload"),
+    "huge-dims": (struct.pack(">HBB3I", 0, 0x0E, 3, 2**32 - 1, 2**32 - 1, 2**32 - 1), "too large"),
+    "zero-beside-huge-dims": (bytes.fromhex("00000804 00000000 ffffffff ffffffff ffffffff"),
+                              "too large for any array"),
+    "gzip-trailing-bytes": (gzip.compress(GOOD + b"\x00"), "unexpected bytes"),
+    "gzip-trailing-garbage": (gzip.compress(GOOD) + b"garbage", "gzip"),
     "gzip-truncated": (gzip.compress(GOOD)[:-10], "gzip"),
     "gzip-header-only": (gzip.compress(GOOD)[:10], "gzip"),
     "gzip-bad-crc": (gzip.compress(GOOD)[:-8] + b"\x00\x00\x00\x00" + gzip.compress(GOOD)[-4:], "gzip"),
@@ -225,6 +231,62 @@ def test_load_idx_malformed(tmp_path, case):
     message = str(info.value)
     assert str(path) in message
     assert what in message
+
+
+def test_load_idx_zero_dimension_gives_an_empty_array(tmp_path):
+    path = tmp_path / "empty-idx2-ubyte"
+    path.write_bytes(struct.pack(">HBB2I", 0, 0x0C, 2, 0, 7))
+    array = load_idx(path)
+    assert array.shape == (0, 7) and array.dtype == np.int32
+
+
+def gzip_bomb(header, zeros_mib):
+    """A gzip file holding `header` then `zeros_mib` MiB of zero bytes, built without
+    compressing them (a fully flushed deflate block of zeros repeats byte for byte)."""
+    zero = bytes(1 << 20)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = [deflate.compress(header) + deflate.flush(zlib.Z_FULL_FLUSH)]
+    block = deflate.compress(zero) + deflate.flush(zlib.Z_FULL_FLUSH)
+    body += [block] * zeros_mib + [deflate.flush()]
+    crc = zlib.crc32(header)
+    for _ in range(zeros_mib):
+        crc = zlib.crc32(zero, crc)
+    size = (len(header) + (zeros_mib << 20)) & 0xFFFFFFFF
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + b"".join(body) + struct.pack("<II", crc, size)
+
+
+def test_load_idx_stops_a_gzip_bomb_at_the_declared_size(tmp_path):
+    # a 10-byte IDX file followed by 2 GiB of zeros, in 2 MB of gzip
+    header = struct.pack(">HBB1I", 0, 0x08, 1, 2) + b"\x07\x09"
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    path.write_bytes(gzip_bomb(header, 2048))
+    assert path.stat().st_size < 3 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(IDXFormatError, match="unexpected bytes after the payload"):
+            load_idx(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"load_idx held {peak} bytes for a 10-byte IDX file"
+    # the same stream without the zeros is a valid file
+    path.write_bytes(gzip_bomb(header, 0))
+    np.testing.assert_array_equal(load_idx(path), [7, 9])
+
+
+def test_load_idx_memory_grows_only_with_the_data(tmp_path):
+    # a header claiming 4 GiB with 1 MiB behind it: refused as truncated, with memory
+    # proportional to what was there, not to the claim
+    path = tmp_path / "claim-idx1-ubyte.gz"
+    path.write_bytes(gzip_bomb(struct.pack(">HBB1I", 0, 0x08, 1, 2**32 - 1), 1))
+    tracemalloc.start()
+    try:
+        with pytest.raises(IDXFormatError, match="truncated payload"):
+            load_idx(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
 
 
 # ---------------------------------------------------------------------------
