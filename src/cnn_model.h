@@ -19,8 +19,9 @@
  * Network.predict / Network.predict_proba in Python, bit for bit, for any thread count.
  *
  * The file format is described in cnn_core/model_file.py.  The loader checks the magic,
- * version, layer count, activation code, leaky_relu slope, layer sizes, exact file length
- * and CRC-32 before it returns a model, and accepts exactly the files Network.load does.
+ * version, layer count, activation code, leaky_relu slope, layer sizes, exact file length,
+ * CRC-32 and that every parameter is finite before it returns a model, and accepts exactly
+ * the files Network.load does (the tests run one table of damaged files against both).
  */
 #ifndef CNN_MODEL_H
 #define CNN_MODEL_H

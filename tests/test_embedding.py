@@ -234,6 +234,11 @@ def damaged_files(good):
         ("layer size 2^24 + 1", with_field(32, "<Q", (1 << 24) + 1)),
         ("layer size 2^64 - 1", with_field(24, "<Q", (1 << 64) - 1)),
         ("layer size that overflows when multiplied", with_field(32, "<Q", 1 << 62)),
+        ("infinite slope", with_field(20, "<f", float("inf"))),
+        ("absurd slope", with_field(20, "<f", 3.0e38)),
+        ("NaN first weight", with_field(24 + 8 * 3, "<f", float("nan"))),
+        ("infinite last bias", with_field(len(header) - 4, "<f", float("-inf"))),
+        ("signalling NaN weight", with_field(24 + 8 * 3 + 40, "<I", 0x7F800001)),
     ]
     # a hostile header claiming 32 layers of 2^24 units: must be refused as truncated,
     # without first allocating the petabytes it claims
@@ -255,7 +260,7 @@ def test_c_loader_refuses_damaged_files_like_python(predict_exe, tmp_path):
     for name, data in damaged_files(good):
         path = tmp_path / "bad.cnn"
         path.write_bytes(data)
-        with pytest.raises(ValueError):   # ModelFileError, or ValueError for the slope
+        with pytest.raises(model_file.ModelFileError, match=str(path)):
             Network.load(path)
         for command in ("info", "info-memory"):
             result = run([str(predict_exe), command, str(path)])

@@ -139,7 +139,8 @@ static int read_header(cnn_mlp *net, uint64_t *n_params, source *s)
 
 static int read_params(float **out, source *s, uint64_t n_params)
 {
-    /* *out = n_params little-endian floats from s, in a buffer grown as bytes arrive */
+    /* *out = n_params little-endian floats from s, in a buffer grown as bytes arrive;
+       CNN_ERR_FORMAT if one is NaN or infinite */
     unsigned char chunk[4096];
     const uint64_t per_chunk = sizeof chunk / 4;
     if (n_params > SIZE_MAX / sizeof(float))
@@ -165,8 +166,15 @@ static int read_params(float **out, source *s, uint64_t n_params)
             free(params);
             return status;
         }
-        for (uint64_t i = 0; i < k; ++i)
+        uint32_t special = 0;   /* NaN or infinity: all exponent bits set */
+        for (uint64_t i = 0; i < k; ++i) {
+            special |= (le32(chunk + 4 * i) & 0x7F800000u) == 0x7F800000u;
             params[done + i] = le_float(chunk + 4 * i);
+        }
+        if (special) {
+            free(params);
+            return CNN_ERR_FORMAT;
+        }
         done += k;
     }
     *out = params;
