@@ -111,21 +111,32 @@ cdef int _raise_for(int status) except -1:
 
 
 def _check_array(a, str name, dtype, int ndim, bint writable=False):
-    """Return `a` if it is a numpy array of `dtype` and `ndim` dimensions, else raise."""
+    """`a` if it is a numpy array of `dtype` and `ndim` dimensions, else raise.
+
+    The kernels read and write through aligned, native-endian pointers: an input that is
+    misaligned or byte-swapped is returned as an aligned native copy (same layout); an
+    output (writable) must already be one, else ValueError.
+    """
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    if a.dtype != dtype:
+    if a.dtype.newbyteorder("=") != dtype:
         raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype.name}")
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    odd = not a.flags.aligned or not a.dtype.isnative
     if writable and not a.flags.writeable:
         raise ValueError(f"{name} must be writable, got a read-only array")
+    if writable and odd:
+        raise ValueError(f"{name} is written in place, so it must be an aligned, "
+                         f"native-endian array; pass numpy.empty_like({name}) or a copy")
+    if odd:
+        return np.array(a, dtype=dtype, order="K")
     return a
 
 
 def _contiguous(a, str name, dtype, int ndim, bint writable=False):
     """`_check_array` plus C-contiguity."""
-    _check_array(a, name, dtype, ndim, writable)
+    a = _check_array(a, name, dtype, ndim, writable)
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous; pass numpy.ascontiguousarray({name})")
     return a
@@ -220,8 +231,8 @@ def max_threads():
 # ---- Python wrappers ---------------------------------------------------------------
 
 def _gemm(A, B, C, trans_a, trans_b, alpha, beta, n_threads, bint reference):
-    _check_array(A, "A", np.float32, 2)
-    _check_array(B, "B", np.float32, 2)
+    A = _check_array(A, "A", np.float32, 2)
+    B = _check_array(B, "B", np.float32, 2)
     cdef int64_t M, N, K, Kb, lda, ldb, ldc
     M, K = (A.shape[1], A.shape[0]) if trans_a else A.shape
     Kb, N = (B.shape[1], B.shape[0]) if trans_b else B.shape
@@ -280,8 +291,8 @@ def gemm_reference(A, B, C=None, *, trans_a=False, trans_b=False, alpha=1.0, bet
 
 def bias_forward(X, b):
     """Return X + b ; X float32 (M, N) C-contiguous, b float32 (N,)."""
-    _contiguous(X, "X", np.float32, 2)
-    _contiguous(b, "b", np.float32, 1)
+    X = _contiguous(X, "X", np.float32, 2)
+    b = _contiguous(b, "b", np.float32, 1)
     if b.shape[0] != X.shape[1]:
         raise ValueError(f"b must have shape ({X.shape[1]},), got {b.shape}")
     Y = np.empty_like(X)
@@ -295,7 +306,7 @@ def bias_forward(X, b):
 
 def bias_backward(dY):
     """Return the column sums of dY ; dY float32 (M, N) C-contiguous -> (N,)."""
-    _contiguous(dY, "dY", np.float32, 2)
+    dY = _contiguous(dY, "dY", np.float32, 2)
     db = np.empty(dY.shape[1], dtype=np.float32)
     cdef const float[:, ::1] d = dY
     cdef float[::1] out = db
@@ -311,7 +322,7 @@ def activation_forward(X, activation, *, alpha=0.01):
     "softmax".
     """
     cdef int code = _activation_code(activation)
-    _contiguous(X, "X", np.float32, 2)
+    X = _contiguous(X, "X", np.float32, 2)
     Y = np.empty_like(X)
     cdef const float[:, ::1] x = X
     cdef float[:, ::1] y = Y
@@ -328,8 +339,8 @@ def activation_forward(X, activation, *, alpha=0.01):
 def activation_backward(dY, Y, activation, *, alpha=0.01):
     """Return dX = dY * act'(.) from the activation output Y (both float32 (M, N))."""
     cdef int code = _activation_code(activation)
-    _contiguous(dY, "dY", np.float32, 2)
-    _contiguous(Y, "Y", np.float32, 2)
+    dY = _contiguous(dY, "dY", np.float32, 2)
+    Y = _contiguous(Y, "Y", np.float32, 2)
     if dY.shape != Y.shape:
         raise ValueError(f"dY and Y must have the same shape, got {dY.shape} and {Y.shape}")
     dX = np.empty_like(dY)
@@ -383,7 +394,7 @@ def softmax_cross_entropy(Z, y, sample_weight=None):
     (M, N), the gradient of the loss with respect to Z (M, N), and the number of rows
     whose argmax equals the label.
     """
-    _contiguous(Z, "Z", np.float32, 2)
+    Z = _contiguous(Z, "Z", np.float32, 2)
     cdef int64_t M = Z.shape[0], N = Z.shape[1]
     if N < 1:
         raise ValueError("Z must have at least one column")
@@ -411,9 +422,9 @@ def softmax_cross_entropy(Z, y, sample_weight=None):
 def dense_forward(X, W, b, activation="identity", *, alpha=0.01, n_threads=None):
     """Return act(X W + b) ; X (B, n_in), W (n_in, n_out), b (n_out,), all float32."""
     cdef int code = _activation_code(activation)
-    _contiguous(X, "X", np.float32, 2)
-    _contiguous(W, "W", np.float32, 2)
-    _contiguous(b, "b", np.float32, 1)
+    X = _contiguous(X, "X", np.float32, 2)
+    W = _contiguous(W, "W", np.float32, 2)
+    b = _contiguous(b, "b", np.float32, 1)
     cdef int64_t B = X.shape[0], n_in = X.shape[1], n_out = W.shape[1]
     if W.shape[0] != n_in:
         raise ValueError(f"W must have {n_in} rows to match X, got shape {W.shape}")
@@ -441,9 +452,9 @@ def dense_backward(X, dY, W, *, compute_dX=True, n_threads=None):
 
     X (B, n_in), dY (B, n_out), W (n_in, n_out): float32 C-contiguous.
     """
-    _contiguous(X, "X", np.float32, 2)
-    _contiguous(dY, "dY", np.float32, 2)
-    _contiguous(W, "W", np.float32, 2)
+    X = _contiguous(X, "X", np.float32, 2)
+    dY = _contiguous(dY, "dY", np.float32, 2)
+    W = _contiguous(W, "W", np.float32, 2)
     cdef int64_t B = X.shape[0], n_in = X.shape[1], n_out = dY.shape[1]
     if dY.shape[0] != B:
         raise ValueError(f"dY must have {B} rows to match X, got shape {dY.shape}")
@@ -482,7 +493,7 @@ def optimizer_update(params, grads, state1, state2=None, *, optimizer="sgd",
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
     cdef int kind = OPTIMIZERS[optimizer]
     _contiguous(params, "params", np.float32, 1, writable=True)
-    _contiguous(grads, "grads", np.float32, 1)
+    grads = _contiguous(grads, "grads", np.float32, 1)
     _contiguous(state1, "state1", np.float32, 1, writable=True)
     if kind != 0:
         if state2 is None:
@@ -515,7 +526,7 @@ def gather_rows(X, index):
     """Return X[index] as float32 (uint8 scaled by 1/255) ; X uint8/float32 (n, d)."""
     if not isinstance(X, np.ndarray) or X.dtype not in (np.uint8, np.float32):
         raise TypeError("X must be a uint8 or float32 numpy array")
-    _contiguous(X, "X", X.dtype, 2)
+    X = _contiguous(X, "X", X.dtype, 2)
     idx = np.ascontiguousarray(index, dtype=np.int64)
     if idx.ndim != 1:
         raise ValueError(f"index must be 1-D, got shape {idx.shape}")
@@ -598,8 +609,8 @@ def _as_input(X, int64_t n_features, str name="X", bint check_finite=True):
         raise ValueError(f"{name} is empty: it needs at least one sample")
     if dtype is _UINT8 or dtype == _UINT8:
         return X if X.flags.c_contiguous else np.ascontiguousarray(X)
-    if dtype is not _FLOAT32 or not X.flags.c_contiguous:
-        X = np.ascontiguousarray(X, dtype=np.float32)
+    if dtype is not _FLOAT32 or not X.flags.c_contiguous or not X.flags.aligned:
+        X = _float32_copy(X, name)
     if not check_finite:
         return X
     cdef const float[:, ::1] v = X
@@ -609,6 +620,20 @@ def _as_input(X, int64_t n_features, str name="X", bint check_finite=True):
     if not finite:
         raise ValueError(f"{name} contains NaN or infinite values")
     return X
+
+
+def _float32_copy(X, str name):
+    """A new aligned, native-endian, C-contiguous float32 copy of floating X (the kernels
+    read floats through aligned pointers); ValueError if a finite value of a wider type
+    overflows float32."""
+    try:
+        with np.errstate(over="raise"):
+            return np.array(X, dtype=np.float32, order="C")
+    except FloatingPointError:
+        finite = X[np.isfinite(X)]
+        raise ValueError(f"{name} holds values too large for float32 (largest magnitude "
+                         f"{np.abs(finite).max():.3g}; float32 holds at most "
+                         f"{np.finfo(np.float32).max:.3g}): rescale {name}") from None
 
 
 cdef bint _all_finite(const float *x, int64_t n) noexcept nogil:
@@ -736,6 +761,13 @@ cdef class _MLP:
                 out[i] = best
                 z += C
         return labels
+
+
+def _trainer_floats(_MLP mlp, str optimizer, int64_t batch_size, int n_threads):
+    """Floats a _Trainer allocates: gradients, optimizer state and workspace."""
+    cdef int64_t n = mlp.params.shape[0]
+    return (n * (2 if optimizer == "sgd" else 3)
+            + c.cnn_mlp_train_workspace_floats(&mlp.net, batch_size, n_threads))
 
 
 cdef class _Trainer:
