@@ -2,6 +2,8 @@
 kernels.  Python here only validates arguments, owns the numpy arrays, shuffles, keeps
 the history and reads and writes model files."""
 import math
+import os
+import threading
 import time
 
 import numpy as np
@@ -44,6 +46,10 @@ def _check_int(value, name, minimum):
     return int(value)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
 def _check_float(value, name, low, high=math.inf, high_open=False):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -52,7 +58,47 @@ def _check_float(value, name, low, high=math.inf, high_open=False):
     if not ok or math.isnan(value):
         bracket = ")" if high_open else "]"
         raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+    if value > _FLOAT32_MAX:     # the kernels compute in float32
+        raise ValueError(f"{name}={value:g} overflows float32, the precision training runs "
+                         f"in (at most {_FLOAT32_MAX:.3g})")
     return value
+
+
+def _memory_limit():
+    """Bytes this process can hope to use: physical memory, capped by RLIMIT_AS (None if
+    unknown)."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    except (ImportError, AttributeError, ValueError, OSError):
+        pass
+    return min(limits) if limits else None
+
+
+def _check_memory(needed, what, largest):
+    """MemoryError before allocating `needed` bytes for `what` if it cannot fit; `largest`
+    names the biggest part (e.g. the layer) and its bytes."""
+    limit = _memory_limit()
+    if limit is not None and needed > limit:
+        raise MemoryError(f"{what} needs {needed / 1e9:.3g} GB ({largest}), more than the "
+                          f"{limit / 1e9:.3g} GB of memory this process can use; use "
+                          f"smaller layers")
+
+
+def _layer_bytes(sizes, per_param):
+    """(total bytes, description of the largest layer) at per_param bytes a parameter."""
+    layers = [(n_in * n_out + n_out, l, n_in, n_out)
+              for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), 1)]
+    count, l, n_in, n_out = max(layers)
+    return (per_param * model_file.parameter_count(sizes),
+            f"layer {l}, {n_in} x {n_out}, alone needs {per_param * count / 1e9:.3g} GB")
 
 
 class Network:
@@ -95,24 +141,41 @@ class Network:
         self.seed = seed
         self._rng = np.random.default_rng(seed)
         self.history_ = None
-        self._set_params(self._initial_params())
+        self._fitting = threading.Lock()    # held by fit
+        self._snapshot = None               # the _MLP predict uses while fit runs
+        self._set_params(self._initial_params(), adopt=True)
 
     # ---- parameters -------------------------------------------------------------------
     def _initial_params(self):
-        parts = []
+        """He or Glorot weights and zero biases, drawn in float32 straight into one aligned
+        parameter vector (no float64 copy of the weights)."""
+        needed, largest = _layer_bytes(self.layer_sizes, 4)
+        _check_memory(needed, f"Network({self.layer_sizes})", largest)
+        params = kernels._workspace(needed // 4)
+        offset = 0
         for n_in, n_out in zip(self.layer_sizes[:-1], self.layer_sizes[1:]):
+            W = params[offset:offset + n_in * n_out]
             if self.activation in ("relu", "leaky_relu"):
-                W = self._rng.standard_normal((n_in, n_out)) * math.sqrt(2.0 / n_in)
+                self._rng.standard_normal(out=W, dtype=np.float32)
+                W *= np.float32(math.sqrt(2.0 / n_in))
             else:
-                limit = math.sqrt(6.0 / (n_in + n_out))
-                W = self._rng.uniform(-limit, limit, (n_in, n_out))
-            parts += [W.ravel(), np.zeros(n_out)]
-        return np.concatenate(parts).astype(np.float32)
+                limit = np.float32(math.sqrt(6.0 / (n_in + n_out)))
+                self._rng.random(out=W, dtype=np.float32)
+                W *= 2 * limit
+                W -= limit
+            offset += n_in * n_out
+            params[offset:offset + n_out] = 0
+            offset += n_out
+        return params
 
-    def _set_params(self, params):
-        """Adopt a flat float32 parameter vector and build the kernel view of it."""
-        self._params = kernels._workspace(params.shape[0])
-        self._params[:] = params
+    def _set_params(self, params, adopt=False):
+        """Adopt a flat float32 parameter vector (itself, with adopt, when it comes from
+        kernels._workspace) and build the kernel view of it."""
+        if adopt:
+            self._params = params
+        else:
+            self._params = kernels._workspace(params.shape[0])
+            self._params[:] = params
         self.weights, self.biases = [], []
         offset = 0
         for n_in, n_out in zip(self.layer_sizes[:-1], self.layer_sizes[1:]):
@@ -191,8 +254,11 @@ class Network:
         beta1 = _check_float(beta1, "beta1", 0.0, 1.0, high_open=True)
         beta2 = _check_float(beta2, "beta2", 0.0, 1.0, high_open=True)
         eps = _check_float(eps, "eps", 0.0)
-        if optimizer != "sgd" and eps == 0.0:
-            raise ValueError("eps must be > 0")
+        if optimizer != "sgd" and eps < _FLOAT32_TINY:
+            raise ValueError(f"eps must be at least {_FLOAT32_TINY:.3g} (the smallest normal "
+                             f"float32; training runs in float32), got {eps:g}; the usual "
+                             f"value is 1e-8")
+        X_val = y_val = None
         if validation_data is not None:
             try:
                 X_val, y_val = validation_data
@@ -203,6 +269,29 @@ class Network:
         n_threads = kernels._threads(n_threads)
 
         batch_size = min(batch_size, n)
+        floats = kernels._trainer_floats(self._mlp, optimizer, batch_size, n_threads)
+        _, largest = _layer_bytes(self.layer_sizes, 4 * (2 if optimizer == "sgd" else 3))
+        _check_memory(4 * floats + self._params.nbytes,
+                      f"fit(batch_size={batch_size}) of Network({self.layer_sizes}) for its "
+                      f"gradients, optimizer state, workspace and last-epoch copy", largest)
+        if not self._fitting.acquire(blocking=False):
+            raise RuntimeError("this Network is already being trained by fit in another "
+                               "thread; train copies in parallel, or wait for that fit")
+        try:
+            return self._fit(X, y, w, epochs, batch_size, optimizer, learning_rate, momentum,
+                             nesterov, weight_decay, beta1, beta2, eps, validation_data,
+                             X_val, y_val, shuffle, verbose, n_threads)
+        finally:
+            self._snapshot = None
+            self._fitting.release()
+
+    def _fit(self, X, y, w, epochs, batch_size, optimizer, learning_rate, momentum,
+             nesterov, weight_decay, beta1, beta2, eps, validation_data, X_val, y_val,
+             shuffle, verbose, n_threads):
+        """The epochs of fit, on validated arguments, with self._fitting held.  While it
+        runs, predict/predict_proba/evaluate from other threads use self._snapshot: the
+        weights at the end of the last completed epoch."""
+        n = X.shape[0]
         trainer = kernels._Trainer(self._mlp, optimizer, learning_rate, momentum,
                                    bool(nesterov), weight_decay, beta1, beta2, eps,
                                    batch_size, n_threads)
@@ -215,20 +304,28 @@ class Network:
                 self._rng.shuffle(order)
             start = time.perf_counter()
             progress = EpochProgress(epoch, epochs, n) if verbose else None
-            before = self._params.copy()
+            before = kernels._workspace(self._params.shape[0])
+            before[:] = self._params
+            self._snapshot = kernels._MLP(self.layer_sizes, kernels.ACTIVATIONS[self.activation],
+                                          self.leaky_slope, before)
             loss_sum, correct, done, chunk = 0.0, 0, 0, 1
-            while done < n_batches:
-                chunk = min(chunk, n_batches - done)
-                t0 = time.perf_counter()
-                loss, right = trainer.train_batches(X, y, w, order, done, chunk)
-                elapsed = time.perf_counter() - t0
-                loss_sum += loss
-                correct += right
-                done += chunk
-                if progress:
-                    progress.update(min(done * batch_size, n), loss_sum / (done * batch_size))
-                # aim at ~0.1 s per call: responsive progress and Ctrl-C, negligible overhead
-                chunk = max(1, min(chunk * 4, int(chunk * 0.1 / max(elapsed, 1e-6))))
+            try:
+                while done < n_batches:
+                    chunk = min(chunk, n_batches - done)
+                    t0 = time.perf_counter()
+                    loss, right = trainer.train_batches(X, y, w, order, done, chunk)
+                    elapsed = time.perf_counter() - t0
+                    loss_sum += loss
+                    correct += right
+                    done += chunk
+                    if progress:
+                        progress.update(min(done * batch_size, n),
+                                        loss_sum / (done * batch_size))
+                    # ~0.1 s per call: responsive progress and Ctrl-C, negligible overhead
+                    chunk = max(1, min(chunk * 4, int(chunk * 0.1 / max(elapsed, 1e-6))))
+            except KeyboardInterrupt:
+                self._params[:] = before    # back to the end of the last complete epoch
+                raise
             if not (math.isfinite(loss_sum) and np.isfinite(self._params).all()):
                 self._params[:] = before
                 raise FloatingPointError(
@@ -238,7 +335,7 @@ class Network:
                       "accuracy": correct / n}
             if validation_data is not None:
                 record["val_loss"], record["val_accuracy"] = self._evaluate(
-                    X_val, y_val, None, n_threads)
+                    X_val, y_val, None, n_threads, self._mlp)
             record["seconds"] = time.perf_counter() - start
             history.records.append(record)
             if progress:
@@ -246,16 +343,22 @@ class Network:
         return history
 
     # ---- inference --------------------------------------------------------------------
+    def _serving(self):
+        """The _MLP inference uses: the live weights, or while fit runs in another thread
+        the snapshot of its last completed epoch (never weights in mid-update)."""
+        snapshot = self._snapshot
+        return snapshot if snapshot is not None else self._mlp
+
     def predict_proba(self, X, *, n_threads=None):
         """Class probabilities, float32 (n, n_classes), for X (n, n_features)."""
-        return self._mlp.predict(X, False, kernels._threads(n_threads))
+        return self._serving().predict(X, False, kernels._threads(n_threads))
 
     def predict(self, X, *, n_threads=None):
         """Predicted class labels, int64 (n,), for X (n, n_features)."""
-        return self._mlp.predict_labels(X, kernels._threads(n_threads))
+        return self._serving().predict_labels(X, kernels._threads(n_threads))
 
-    def _evaluate(self, X, y, w, n_threads):
-        logits = self._mlp.predict(X, True, n_threads)
+    def _evaluate(self, X, y, w, n_threads, mlp=None):
+        logits = (mlp if mlp is not None else self._serving()).predict(X, True, n_threads)
         loss, _, _, correct = kernels.softmax_cross_entropy(logits, y, w)
         if w is None:
             return loss, correct / X.shape[0]
