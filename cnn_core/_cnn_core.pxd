@@ -1,6 +1,6 @@
 # Private mirror of src/cnn_core.h, line for line.  Not part of the public API:
 # other projects cimport cnn_core.kernels instead.
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t
 
 cdef extern from "cnn_core.h" nogil:
     int CNN_CORE_ABI_VERSION
@@ -86,6 +86,55 @@ cdef extern from "cnn_core.h" nogil:
                            const float *W, int64_t B, int64_t n_in, int64_t n_out,
                            float *work, int n_threads)
     int64_t cnn_dense_workspace_floats(int64_t B, int64_t n_in, int64_t n_out, int n_threads)
+
+    ctypedef struct cnn_conv2d_shape:
+        int64_t batch, in_h, in_w, in_c
+        int64_t out_h, out_w, out_c
+        int64_t kernel_h, kernel_w, stride
+        int64_t pad_top, pad_left
+
+    int cnn_conv2d_shape_init(cnn_conv2d_shape *s, int64_t batch, int64_t in_h, int64_t in_w,
+                              int64_t in_c, int64_t out_c, int64_t kernel_h, int64_t kernel_w,
+                              int64_t stride, int same_padding)
+    int cnn_conv2d_shape_check(const cnn_conv2d_shape *s)
+    int64_t cnn_conv2d_workspace_floats(const cnn_conv2d_shape *s, int n_threads)
+    int cnn_conv2d_forward(float *Y, const float *X, const float *W, const float *b,
+                           const cnn_conv2d_shape *s, cnn_activation act, float alpha,
+                           float *work, int n_threads)
+    int cnn_conv2d_forward_ref(float *Y, const float *X, const float *W, const float *b,
+                               const cnn_conv2d_shape *s, cnn_activation act, float alpha)
+    int cnn_conv2d_backward(float *dX, float *dW, float *db, const float *dY, const float *X,
+                            const float *W, const cnn_conv2d_shape *s, float *work, int n_threads)
+    int cnn_conv2d_backward_ref(float *dX, float *dW, float *db, const float *dY, const float *X,
+                                const float *W, const cnn_conv2d_shape *s)
+
+    ctypedef struct cnn_pool2d_shape:
+        int64_t batch, in_h, in_w, channels
+        int64_t out_h, out_w, size, stride
+
+    int cnn_pool2d_shape_init(cnn_pool2d_shape *s, int64_t batch, int64_t in_h, int64_t in_w,
+                              int64_t channels, int64_t size, int64_t stride)
+    int cnn_pool2d_shape_check(const cnn_pool2d_shape *s)
+    int cnn_maxpool2d_forward(float *Y, const float *X, const cnn_pool2d_shape *s, int n_threads)
+    int cnn_maxpool2d_forward_ref(float *Y, const float *X, const cnn_pool2d_shape *s)
+    int cnn_maxpool2d_backward(float *dX, const float *dY, const float *X,
+                               const cnn_pool2d_shape *s, int n_threads)
+    int cnn_maxpool2d_backward_ref(float *dX, const float *dY, const float *X,
+                                   const cnn_pool2d_shape *s)
+    int cnn_avgpool2d_forward(float *Y, const float *X, const cnn_pool2d_shape *s, int n_threads)
+    int cnn_avgpool2d_forward_ref(float *Y, const float *X, const cnn_pool2d_shape *s)
+    int cnn_avgpool2d_backward(float *dX, const float *dY, const cnn_pool2d_shape *s,
+                               int n_threads)
+    int cnn_avgpool2d_backward_ref(float *dX, const float *dY, const cnn_pool2d_shape *s)
+
+    int cnn_dropout_forward(float *Y, const float *X, int64_t n, float rate, uint64_t seed,
+                            uint64_t offset, int n_threads)
+    int cnn_dropout_forward_ref(float *Y, const float *X, int64_t n, float rate, uint64_t seed,
+                                uint64_t offset)
+    int cnn_dropout_backward(float *dX, const float *dY, int64_t n, float rate, uint64_t seed,
+                             uint64_t offset, int n_threads)
+    int cnn_dropout_backward_ref(float *dX, const float *dY, int64_t n, float rate,
+                                 uint64_t seed, uint64_t offset)
 
     ctypedef struct cnn_optimizer:
         cnn_optimizer_kind kind

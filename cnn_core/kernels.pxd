@@ -53,3 +53,51 @@ cdef int cnn_optimizer_update(float *params, float *state1, float *state2, const
 # out[r] = X[index[r]] as float32 ; X (n_rows, n_cols) of dtype code, out (n_index, n_cols).
 cdef int cnn_gather_rows(float *out, const void *X, int dtype, const int64_t *index,
                      int64_t n_index, int64_t n_rows, int64_t n_cols) noexcept nogil
+
+# Convolution and pooling over NHWC float32 activations (batch, height, width, channels);
+# Conv2D weights (kernel_h, kernel_w, in_c, out_c), bias (out_c,).  The shape structs have
+# the layout of the C ones; fill them with the *_shape_init functions.
+ctypedef struct cnn_conv2d_shape:
+    int64_t batch, in_h, in_w, in_c
+    int64_t out_h, out_w, out_c
+    int64_t kernel_h, kernel_w, stride
+    int64_t pad_top, pad_left
+
+ctypedef struct cnn_pool2d_shape:
+    int64_t batch, in_h, in_w, channels
+    int64_t out_h, out_w, size, stride
+
+# Fill *s for padding "valid" (same_padding 0) or "same" (1, TensorFlow's rule).
+cdef int cnn_conv2d_shape_init(cnn_conv2d_shape *s, int64_t batch, int64_t in_h, int64_t in_w,
+                               int64_t in_c, int64_t out_c, int64_t kernel_h, int64_t kernel_w,
+                               int64_t stride, int same_padding) noexcept nogil
+
+# Workspace (in floats) for conv2d_forward / conv2d_backward; -1 for a bad shape.
+cdef int64_t cnn_conv2d_workspace_floats(const cnn_conv2d_shape *s,
+                                         int n_threads) noexcept nogil
+
+# Y = act(conv(X, W) + b) ; X (batch, in_h, in_w, in_c), Y (batch, out_h, out_w, out_c).
+cdef int cnn_conv2d_forward(float *Y, const float *X, const float *W, const float *b,
+                            const cnn_conv2d_shape *s, int activation, float alpha,
+                            float *work, int n_threads) noexcept nogil
+
+# dX (skipped when NULL), dW, db from dY, the gradient of the pre-activation output.
+cdef int cnn_conv2d_backward(float *dX, float *dW, float *db, const float *dY, const float *X,
+                             const float *W, const cnn_conv2d_shape *s, float *work,
+                             int n_threads) noexcept nogil
+
+# Fill *s for size x size windows moved by stride (valid padding).
+cdef int cnn_pool2d_shape_init(cnn_pool2d_shape *s, int64_t batch, int64_t in_h, int64_t in_w,
+                               int64_t channels, int64_t size, int64_t stride) noexcept nogil
+
+# Y = window maxima / means ; X (batch, in_h, in_w, channels), Y (batch, out_h, out_w, channels).
+cdef int cnn_maxpool2d_forward(float *Y, const float *X, const cnn_pool2d_shape *s,
+                               int n_threads) noexcept nogil
+cdef int cnn_avgpool2d_forward(float *Y, const float *X, const cnn_pool2d_shape *s,
+                               int n_threads) noexcept nogil
+
+# dX = dY routed to each window's first maximum / spread over its window (overwrites dX).
+cdef int cnn_maxpool2d_backward(float *dX, const float *dY, const float *X,
+                                const cnn_pool2d_shape *s, int n_threads) noexcept nogil
+cdef int cnn_avgpool2d_backward(float *dX, const float *dY, const cnn_pool2d_shape *s,
+                                int n_threads) noexcept nogil

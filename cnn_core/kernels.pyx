@@ -10,7 +10,7 @@ below call them too.  ``_MLP`` and ``_Trainer`` are the private engine of
 import numpy as np
 
 cimport numpy as cnp
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from cnn_core cimport _cnn_core as c
 
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4,
@@ -94,6 +94,52 @@ cdef int cnn_gather_rows(float *out, const void *X, int dtype, const int64_t *in
     if dtype != 0 and dtype != 1:
         return c.CNN_ERR_ARG
     return c.cnn_gather_rows(out, X, <c.cnn_dtype>dtype, index, n_index, n_rows, n_cols)
+
+
+cdef int cnn_conv2d_shape_init(cnn_conv2d_shape *s, int64_t batch, int64_t in_h, int64_t in_w,
+                               int64_t in_c, int64_t out_c, int64_t kernel_h, int64_t kernel_w,
+                               int64_t stride, int same_padding) noexcept nogil:
+    return c.cnn_conv2d_shape_init(<c.cnn_conv2d_shape *>s, batch, in_h, in_w, in_c, out_c,
+                                   kernel_h, kernel_w, stride, same_padding)
+
+cdef int64_t cnn_conv2d_workspace_floats(const cnn_conv2d_shape *s,
+                                         int n_threads) noexcept nogil:
+    return c.cnn_conv2d_workspace_floats(<const c.cnn_conv2d_shape *>s, n_threads)
+
+cdef int cnn_conv2d_forward(float *Y, const float *X, const float *W, const float *b,
+                            const cnn_conv2d_shape *s, int activation, float alpha,
+                            float *work, int n_threads) noexcept nogil:
+    if activation < 0 or activation > 4:
+        return c.CNN_ERR_ARG
+    return c.cnn_conv2d_forward(Y, X, W, b, <const c.cnn_conv2d_shape *>s,
+                                <c.cnn_activation>activation, alpha, work, n_threads)
+
+cdef int cnn_conv2d_backward(float *dX, float *dW, float *db, const float *dY, const float *X,
+                             const float *W, const cnn_conv2d_shape *s, float *work,
+                             int n_threads) noexcept nogil:
+    return c.cnn_conv2d_backward(dX, dW, db, dY, X, W, <const c.cnn_conv2d_shape *>s, work,
+                                 n_threads)
+
+cdef int cnn_pool2d_shape_init(cnn_pool2d_shape *s, int64_t batch, int64_t in_h, int64_t in_w,
+                               int64_t channels, int64_t size, int64_t stride) noexcept nogil:
+    return c.cnn_pool2d_shape_init(<c.cnn_pool2d_shape *>s, batch, in_h, in_w, channels, size,
+                                   stride)
+
+cdef int cnn_maxpool2d_forward(float *Y, const float *X, const cnn_pool2d_shape *s,
+                               int n_threads) noexcept nogil:
+    return c.cnn_maxpool2d_forward(Y, X, <const c.cnn_pool2d_shape *>s, n_threads)
+
+cdef int cnn_avgpool2d_forward(float *Y, const float *X, const cnn_pool2d_shape *s,
+                               int n_threads) noexcept nogil:
+    return c.cnn_avgpool2d_forward(Y, X, <const c.cnn_pool2d_shape *>s, n_threads)
+
+cdef int cnn_maxpool2d_backward(float *dX, const float *dY, const float *X,
+                                const cnn_pool2d_shape *s, int n_threads) noexcept nogil:
+    return c.cnn_maxpool2d_backward(dX, dY, X, <const c.cnn_pool2d_shape *>s, n_threads)
+
+cdef int cnn_avgpool2d_backward(float *dX, const float *dY, const cnn_pool2d_shape *s,
+                                int n_threads) noexcept nogil:
+    return c.cnn_avgpool2d_backward(dX, dY, <const c.cnn_pool2d_shape *>s, n_threads)
 
 
 # ---- status codes and argument checks -------------------------------------------
@@ -544,6 +590,286 @@ def gather_rows(X, index):
         status = cnn_gather_rows(_ptr(o), xp, dtype, &iv[0] if k else &dummy, k, n, d)
     _raise_for(status)
     return out
+
+
+# ---- convolution, pooling, dropout (NHWC) --------------------------------------------
+
+PADDINGS = {"valid": 0, "same": 1}
+
+
+def _int_arg(value, str name, low, high=1 << 40):
+    """Validate an int argument in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low or value > high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
+    return int(value)
+
+
+def _image_batch(a, str name):
+    """a as a float32 C-contiguous 4-D NHWC array (checked, not converted)."""
+    _contiguous(a, name, np.float32, 4)
+    if 0 in a.shape[1:]:
+        raise ValueError(f"{name} must have nonzero height, width and channels, "
+                         f"got shape {a.shape}")
+    return a
+
+
+cdef float *_data(a) except? NULL:
+    """Data pointer of a C-contiguous float32 array (a valid address if it is empty)."""
+    return <float *>cnp.PyArray_DATA(a) if a.size else _EMPTY
+
+
+def conv2d_geometry(in_h, in_w, kernel_size, stride=1, padding="valid"):
+    """Return (out_h, out_w, pad_top, pad_left) of a Conv2D over an in_h x in_w input.
+
+    kernel_size: an int or (kernel_h, kernel_w); padding "valid" (out = (in - k) //
+    stride + 1, needs in >= k) or "same" (TensorFlow's rule: out = ceil(in / stride),
+    the total padding max((out - 1) * stride + k - in, 0) split with the smaller half at
+    the top/left).  ValueError if the kernel does not fit.
+    """
+    cdef c.cnn_conv2d_shape s
+    _conv_shape(&s, (0, in_h, in_w, 1), kernel_size, 1, stride, padding)
+    return int(s.out_h), int(s.out_w), int(s.pad_top), int(s.pad_left)
+
+
+cdef int _conv_shape(c.cnn_conv2d_shape *s, x_shape, kernel_size, out_c, stride,
+                     padding) except -1:
+    """Fill *s for an NHWC input of x_shape, or raise naming the offending argument."""
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+    if isinstance(kernel_size, (tuple, list)) and len(kernel_size) == 2:
+        kh, kw = kernel_size
+    else:
+        kh = kw = kernel_size
+    kh = _int_arg(kh, "kernel_size", 1)
+    kw = _int_arg(kw, "kernel_size", 1)
+    cdef int64_t st = _int_arg(stride, "stride", 1)
+    batch, in_h, in_w, in_c = x_shape
+    in_h = _int_arg(in_h, "in_h", 1)
+    in_w = _int_arg(in_w, "in_w", 1)
+    if padding == "valid" and (kh > in_h or kw > in_w):
+        raise ValueError(f"a {kh}x{kw} kernel does not fit a {in_h}x{in_w} input with "
+                         f"padding 'valid'")
+    if c.cnn_conv2d_shape_init(s, batch, in_h, in_w, in_c, out_c, kh, kw, st,
+                               PADDINGS[padding]) != c.CNN_OK:
+        raise ValueError(f"invalid convolution: input {tuple(x_shape)}, kernel {kh}x{kw}, "
+                         f"{out_c} filters, stride {st}, padding {padding!r}")
+    return 0
+
+
+cdef int _conv_operands(c.cnn_conv2d_shape *s, X, W, stride, padding) except -1:
+    """Check X (batch, in_h, in_w, in_c) and W (kh, kw, in_c, out_c); fill *s."""
+    _image_batch(X, "X")
+    _contiguous(W, "W", np.float32, 4)
+    if W.shape[2] != X.shape[3] or 0 in W.shape:
+        raise ValueError(f"W must have shape (kernel_h, kernel_w, {X.shape[3]}, out_c) "
+                         f"with nonzero sizes to match X, got {W.shape}")
+    _conv_shape(s, X.shape, (W.shape[0], W.shape[1]), W.shape[3], stride, padding)
+    return 0
+
+
+def conv2d_forward(X, W, b, stride=1, padding="valid", activation="identity", *,
+                   alpha=0.01, n_threads=None, reference=False):
+    """Return act(conv(X, W) + b), a cross-correlation over NHWC images.
+
+    X: float32 (batch, in_h, in_w, in_c); W: float32 (kernel_h, kernel_w, in_c, out_c);
+    b: float32 (out_c,); all C-contiguous.  padding "valid" or "same" (see
+    :func:`conv2d_geometry`); activation one of ACTIVATIONS except softmax.  Returns
+    float32 (batch, out_h, out_w, out_c).  reference=True runs the plain loops (float64
+    accumulation), the oracle of the fast path.  Bit-identical for any n_threads.
+    """
+    cdef c.cnn_conv2d_shape s
+    _conv_operands(&s, X, W, stride, padding)
+    cdef int code = _activation_code(activation)
+    if code == ACTIVATIONS["softmax"]:
+        raise ValueError("activation 'softmax' is not available for a convolution")
+    _contiguous(b, "b", np.float32, 1)
+    if b.shape[0] != s.out_c:
+        raise ValueError(f"b must have shape ({s.out_c},), got {b.shape}")
+    cdef int threads = _threads(n_threads)
+    Y = np.empty((s.batch, s.out_h, s.out_w, s.out_c), dtype=np.float32)
+    work = _workspace(max(c.cnn_conv2d_workspace_floats(&s, threads), 16))
+    cdef float *yp = _data(Y)
+    cdef const float *xp = _data(X)
+    cdef const float *wp = _data(W)
+    cdef const float *bp = _data(b)
+    cdef float *kp = _data(work)
+    cdef float a = alpha
+    cdef bint ref = bool(reference)
+    cdef int status
+    with nogil:
+        if ref:
+            status = c.cnn_conv2d_forward_ref(yp, xp, wp, bp, &s, <c.cnn_activation>code, a)
+        else:
+            status = c.cnn_conv2d_forward(yp, xp, wp, bp, &s, <c.cnn_activation>code, a, kp,
+                                          threads)
+    _raise_for(status)
+    return Y
+
+
+def conv2d_backward(X, W, dY, stride=1, padding="valid", *, compute_dX=True, n_threads=None,
+                    reference=False):
+    """Return (dX, dW, db) of a Conv2D from dY, the gradient of its pre-activation output.
+
+    X (batch, in_h, in_w, in_c), W (kernel_h, kernel_w, in_c, out_c) and dY (batch, out_h,
+    out_w, out_c): float32 C-contiguous.  dX has X's shape (None when compute_dX is
+    false), dW W's, db (out_c,).  reference=True runs the plain loops.
+    """
+    cdef c.cnn_conv2d_shape s
+    _conv_operands(&s, X, W, stride, padding)
+    _contiguous(dY, "dY", np.float32, 4)
+    expected = (s.batch, s.out_h, s.out_w, s.out_c)
+    if dY.shape != expected:
+        raise ValueError(f"dY must have shape {expected}, got {dY.shape}")
+    cdef int threads = _threads(n_threads)
+    dX = np.empty(X.shape, dtype=np.float32) if compute_dX else None
+    dW = np.empty(W.shape, dtype=np.float32)
+    db = np.empty(s.out_c, dtype=np.float32)
+    work = _workspace(max(c.cnn_conv2d_workspace_floats(&s, threads), 16))
+    cdef float *dxp = _data(dX) if compute_dX else NULL
+    cdef float *dwp = _data(dW)
+    cdef float *dbp = _data(db)
+    cdef const float *dyp = _data(dY)
+    cdef const float *xp = _data(X)
+    cdef const float *wp = _data(W)
+    cdef float *kp = _data(work)
+    cdef bint ref = bool(reference)
+    cdef int status
+    with nogil:
+        if ref:
+            status = c.cnn_conv2d_backward_ref(dxp, dwp, dbp, dyp, xp, wp, &s)
+        else:
+            status = c.cnn_conv2d_backward(dxp, dwp, dbp, dyp, xp, wp, &s, kp, threads)
+    _raise_for(status)
+    return dX, dW, db
+
+
+cdef int _pool_shape(c.cnn_pool2d_shape *s, x_shape, size, stride) except -1:
+    """Fill *s for an NHWC input of x_shape, or raise naming the offending argument."""
+    cdef int64_t k = _int_arg(size, "size", 1)
+    cdef int64_t st = k if stride is None else _int_arg(stride, "stride", 1)
+    batch, in_h, in_w, ch = x_shape
+    if k > in_h or k > in_w:
+        raise ValueError(f"pool size {k} does not fit a {in_h}x{in_w} input")
+    if c.cnn_pool2d_shape_init(s, batch, in_h, in_w, ch, k, st) != c.CNN_OK:
+        raise ValueError(f"invalid pooling: input {tuple(x_shape)}, size {k}, stride {st}")
+    return 0
+
+
+def _pool_forward(X, size, stride, n_threads, bint reference, bint average):
+    cdef c.cnn_pool2d_shape s
+    _image_batch(X, "X")
+    _pool_shape(&s, X.shape, size, stride)
+    cdef int threads = _threads(n_threads)
+    Y = np.empty((s.batch, s.out_h, s.out_w, s.channels), dtype=np.float32)
+    cdef float *yp = _data(Y)
+    cdef const float *xp = _data(X)
+    cdef int status
+    with nogil:
+        if average:
+            status = (c.cnn_avgpool2d_forward_ref(yp, xp, &s) if reference
+                      else c.cnn_avgpool2d_forward(yp, xp, &s, threads))
+        else:
+            status = (c.cnn_maxpool2d_forward_ref(yp, xp, &s) if reference
+                      else c.cnn_maxpool2d_forward(yp, xp, &s, threads))
+    _raise_for(status)
+    return Y
+
+
+def _pool_backward(dY, X, input_shape, size, stride, n_threads, bint reference,
+                   bint average):
+    cdef c.cnn_pool2d_shape s
+    if not average:
+        _image_batch(X, "X")
+        input_shape = X.shape
+    elif (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 4):
+        raise ValueError(f"input_shape must be (batch, in_h, in_w, channels), "
+                         f"got {input_shape!r}")
+    input_shape = tuple(_int_arg(v, "input_shape", 0) for v in input_shape)
+    _pool_shape(&s, input_shape, size, stride)
+    _contiguous(dY, "dY", np.float32, 4)
+    expected = (s.batch, s.out_h, s.out_w, s.channels)
+    if dY.shape != expected:
+        raise ValueError(f"dY must have shape {expected}, got {dY.shape}")
+    cdef int threads = _threads(n_threads)
+    dX = np.empty(input_shape, dtype=np.float32)
+    cdef float *dxp = _data(dX)
+    cdef const float *dyp = _data(dY)
+    cdef const float *xp = _data(X) if not average else NULL
+    cdef int status
+    with nogil:
+        if average:
+            status = (c.cnn_avgpool2d_backward_ref(dxp, dyp, &s) if reference
+                      else c.cnn_avgpool2d_backward(dxp, dyp, &s, threads))
+        else:
+            status = (c.cnn_maxpool2d_backward_ref(dxp, dyp, xp, &s) if reference
+                      else c.cnn_maxpool2d_backward(dxp, dyp, xp, &s, threads))
+    _raise_for(status)
+    return dX
+
+
+def maxpool2d_forward(X, size, stride=None, *, n_threads=None, reference=False):
+    """Return the maxima of size x size windows moved by stride (default size), valid
+    padding ; X float32 (batch, in_h, in_w, channels) C-contiguous -> (batch, out_h,
+    out_w, channels), out = (in - size) // stride + 1."""
+    return _pool_forward(X, size, stride, n_threads, bool(reference), False)
+
+
+def maxpool2d_backward(dY, X, size, stride=None, *, n_threads=None, reference=False):
+    """Return dX: each dY routed to the first maximum (row-major) of its window in X,
+    summed where windows overlap ; dY (batch, out_h, out_w, channels), X as forward."""
+    return _pool_backward(dY, X, None, size, stride, n_threads, bool(reference), False)
+
+
+def avgpool2d_forward(X, size, stride=None, *, n_threads=None, reference=False):
+    """Return the means of size x size windows moved by stride (default size), valid
+    padding ; shapes as :func:`maxpool2d_forward`."""
+    return _pool_forward(X, size, stride, n_threads, bool(reference), True)
+
+
+def avgpool2d_backward(dY, input_shape, size, stride=None, *, n_threads=None,
+                       reference=False):
+    """Return dX of input_shape (batch, in_h, in_w, channels): each dY / size**2 added
+    to every input of its window."""
+    return _pool_backward(dY, None, input_shape, size, stride, n_threads, bool(reference),
+                          True)
+
+
+def _dropout(X, str name, rate, seed, offset, n_threads, bint reference):
+    _contiguous(X, name, np.float32, X.ndim if isinstance(X, np.ndarray) else 1)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating, np.integer)):
+        raise TypeError(f"rate must be a float, got {rate!r}")
+    if not (0.0 <= rate < 1.0):
+        raise ValueError(f"rate must be in [0, 1), got {rate}")
+    cdef uint64_t sd = _int_arg(seed, "seed", 0, (1 << 64) - 1)
+    cdef uint64_t off = _int_arg(offset, "offset", 0, (1 << 64) - 1)
+    cdef int threads = _threads(n_threads)
+    Y = np.empty_like(X)
+    cdef float *yp = _data(Y)
+    cdef const float *xp = _data(X)
+    cdef int64_t n = X.size
+    cdef float r = rate
+    cdef int status
+    with nogil:
+        status = (c.cnn_dropout_forward_ref(yp, xp, n, r, sd, off) if reference
+                  else c.cnn_dropout_forward(yp, xp, n, r, sd, off, threads))
+    _raise_for(status)
+    return Y
+
+
+def dropout_forward(X, rate, seed, offset=0, *, n_threads=None, reference=False):
+    """Return X * keep / (1 - rate) (inverted dropout) ; X float32 C-contiguous, any shape.
+
+    Element i (in C order) is kept with probability 1 - rate, decided by a hash of
+    (seed, offset + i) alone, so the mask does not depend on n_threads.
+    """
+    return _dropout(X, "X", rate, seed, offset, n_threads, bool(reference))
+
+
+def dropout_backward(dY, rate, seed, offset=0, *, n_threads=None, reference=False):
+    """Return dY * keep / (1 - rate) with the mask of :func:`dropout_forward`."""
+    return _dropout(dY, "dY", rate, seed, offset, n_threads, bool(reference))
 
 
 # ---- the Network engine -------------------------------------------------------------

@@ -158,6 +158,99 @@ int cnn_dense_backward(float *dW, float *db, float *dX, const float *X, const fl
 /* Floats of workspace cnn_dense_forward / cnn_dense_backward need. */
 int64_t cnn_dense_workspace_floats(int64_t B, int64_t n_in, int64_t n_out, int n_threads);
 
+/* ---- convolution, pooling, dropout -------------------------------------- */
+/* Activations are NHWC, row-major: (batch, height, width, channels).  Conv2D weights are
+   (kernel_h, kernel_w, in_c, out_c), bias (out_c,); the convolution is a
+   cross-correlation.  Padded positions are zeros. */
+typedef struct cnn_conv2d_shape {
+    int64_t batch, in_h, in_w, in_c;       /* X  (batch, in_h, in_w, in_c)         */
+    int64_t out_h, out_w, out_c;           /* Y  (batch, out_h, out_w, out_c)      */
+    int64_t kernel_h, kernel_w, stride;    /* W  (kernel_h, kernel_w, in_c, out_c) */
+    int64_t pad_top, pad_left;             /* zeros; bottom/right follow from out_h/out_w */
+} cnn_conv2d_shape;
+
+/* Fill *s for padding "valid" (same_padding == 0: out = (in - k) / stride + 1, needs
+   in >= k) or "same" (TensorFlow's rule: out = ceil(in / stride), total padding
+   max((out - 1) stride + k - in, 0), top/left = total / 2).  CNN_ERR_ARG if the result
+   fails cnn_conv2d_shape_check. */
+int cnn_conv2d_shape_init(cnn_conv2d_shape *s, int64_t batch, int64_t in_h, int64_t in_w,
+                          int64_t in_c, int64_t out_c, int64_t kernel_h, int64_t kernel_w,
+                          int64_t stride, int same_padding);
+
+/* CNN_OK if batch >= 0, every other size and the stride >= 1, 0 <= pad < kernel, every
+   window starts inside the input ((out - 1) stride - pad < in) and the arrays fit
+   int64; else CNN_ERR_ARG. */
+int cnn_conv2d_shape_check(const cnn_conv2d_shape *s);
+
+/* Floats of workspace cnn_conv2d_forward / cnn_conv2d_backward need (-1 for a bad s). */
+int64_t cnn_conv2d_workspace_floats(const cnn_conv2d_shape *s, int n_threads);
+
+/* Y = act(conv(X, W) + b) ; X (batch, in_h, in_w, in_c), W (kernel_h, kernel_w, in_c,
+   out_c), b (out_c,), Y (batch, out_h, out_w, out_c).  act is not softmax.  work: at
+   least cnn_conv2d_workspace_floats(s, n_threads) floats, 64-byte aligned. */
+int cnn_conv2d_forward(float *Y, const float *X, const float *W, const float *b,
+                       const cnn_conv2d_shape *s, cnn_activation act, float alpha,
+                       float *work, int n_threads);
+int cnn_conv2d_forward_ref(float *Y, const float *X, const float *W, const float *b,
+                           const cnn_conv2d_shape *s, cnn_activation act, float alpha);
+
+/* dX = conv_transpose(dY, W) (skipped when dX is NULL), dW = correlation of X with dY,
+   db = sum of dY over batch and positions ; dY is the gradient of the PRE-activation
+   output (batch, out_h, out_w, out_c), X and dX (batch, in_h, in_w, in_c), W and dW
+   (kernel_h, kernel_w, in_c, out_c), db (out_c,).  Workspace as for the forward pass. */
+int cnn_conv2d_backward(float *dX, float *dW, float *db, const float *dY, const float *X,
+                        const float *W, const cnn_conv2d_shape *s, float *work, int n_threads);
+int cnn_conv2d_backward_ref(float *dX, float *dW, float *db, const float *dY, const float *X,
+                            const float *W, const cnn_conv2d_shape *s);
+
+/* Pooling over size x size windows moved by stride, valid padding:
+   out = (in - size) / stride + 1.  Channels are independent. */
+typedef struct cnn_pool2d_shape {
+    int64_t batch, in_h, in_w, channels;   /* X (batch, in_h, in_w, channels)   */
+    int64_t out_h, out_w, size, stride;    /* Y (batch, out_h, out_w, channels) */
+} cnn_pool2d_shape;
+
+/* Fill *s from the input shape, size and stride (CNN_ERR_ARG if it fails the check). */
+int cnn_pool2d_shape_init(cnn_pool2d_shape *s, int64_t batch, int64_t in_h, int64_t in_w,
+                          int64_t channels, int64_t size, int64_t stride);
+
+/* CNN_OK if batch >= 0, the other sizes >= 1, in >= size and out matches the rule. */
+int cnn_pool2d_shape_check(const cnn_pool2d_shape *s);
+
+/* Y = the maximum of each window ; X (batch, in_h, in_w, channels), Y (batch, out_h,
+   out_w, channels).  A NaN first in its window is kept. */
+int cnn_maxpool2d_forward(float *Y, const float *X, const cnn_pool2d_shape *s, int n_threads);
+int cnn_maxpool2d_forward_ref(float *Y, const float *X, const cnn_pool2d_shape *s);
+
+/* dX = each dY routed to the FIRST maximum of its window (row-major scan), summed where
+   windows overlap, 0 elsewhere ; dY (batch, out_h, out_w, channels), X and dX (batch,
+   in_h, in_w, channels). */
+int cnn_maxpool2d_backward(float *dX, const float *dY, const float *X, const cnn_pool2d_shape *s,
+                           int n_threads);
+int cnn_maxpool2d_backward_ref(float *dX, const float *dY, const float *X,
+                               const cnn_pool2d_shape *s);
+
+/* Y = the mean of each window (sum in row-major order, divided by size * size). */
+int cnn_avgpool2d_forward(float *Y, const float *X, const cnn_pool2d_shape *s, int n_threads);
+int cnn_avgpool2d_forward_ref(float *Y, const float *X, const cnn_pool2d_shape *s);
+
+/* dX = each dY / (size * size) added to every input of its window, 0 elsewhere. */
+int cnn_avgpool2d_backward(float *dX, const float *dY, const cnn_pool2d_shape *s, int n_threads);
+int cnn_avgpool2d_backward_ref(float *dX, const float *dY, const cnn_pool2d_shape *s);
+
+/* Inverted dropout over n elements: element i is kept with probability 1 - rate, decided
+   by a hash of (seed, offset + i) alone (the same mask for any n_threads), and kept
+   elements are scaled by 1 / (1 - rate): Y = X * keep / (1 - rate).  rate in [0, 1);
+   Y may alias X.  The backward pass recomputes the mask: dX = dY * keep / (1 - rate). */
+int cnn_dropout_forward(float *Y, const float *X, int64_t n, float rate, uint64_t seed,
+                        uint64_t offset, int n_threads);
+int cnn_dropout_forward_ref(float *Y, const float *X, int64_t n, float rate, uint64_t seed,
+                            uint64_t offset);
+int cnn_dropout_backward(float *dX, const float *dY, int64_t n, float rate, uint64_t seed,
+                         uint64_t offset, int n_threads);
+int cnn_dropout_backward_ref(float *dX, const float *dY, int64_t n, float rate,
+                             uint64_t seed, uint64_t offset);
+
 /* ---- optimizers (update in place) --------------------------------------- */
 typedef struct cnn_optimizer {
     cnn_optimizer_kind kind;
