@@ -82,14 +82,13 @@ def _memory_limit():
     return min(limits) if limits else None
 
 
-def _check_memory(needed, what, largest):
+def _check_memory(needed, what, largest, advice="use smaller layers"):
     """MemoryError before allocating `needed` bytes for `what` if it cannot fit; `largest`
     names the biggest part (e.g. the layer) and its bytes."""
     limit = _memory_limit()
     if limit is not None and needed > limit:
         raise MemoryError(f"{what} needs {needed / 1e9:.3g} GB ({largest}), more than the "
-                          f"{limit / 1e9:.3g} GB of memory this process can use; use "
-                          f"smaller layers")
+                          f"{limit / 1e9:.3g} GB of memory this process can use; {advice}")
 
 
 def _layer_bytes(sizes, per_param):
@@ -143,6 +142,7 @@ class Network:
         self.history_ = None
         self._fitting = threading.Lock()    # held by fit
         self._snapshot = None               # the _MLP predict uses while fit runs
+        self._readers = []                  # inference calls under way
         self._set_params(self._initial_params(), adopt=True)
 
     # ---- parameters -------------------------------------------------------------------
@@ -185,6 +185,12 @@ class Network:
             offset += n_out
         self._mlp = kernels._MLP(self.layer_sizes, kernels.ACTIVATIONS[self.activation],
                                  self.leaky_slope, self._params)
+
+    def _copy_of_params(self):
+        """An aligned copy of the parameter vector."""
+        copy = kernels._workspace(self._params.shape[0])
+        copy[:] = self._params
+        return copy
 
     @property
     def n_features(self):
@@ -273,7 +279,8 @@ class Network:
         _, largest = _layer_bytes(self.layer_sizes, 4 * (2 if optimizer == "sgd" else 3))
         _check_memory(4 * floats + self._params.nbytes,
                       f"fit(batch_size={batch_size}) of Network({self.layer_sizes}) for its "
-                      f"gradients, optimizer state, workspace and last-epoch copy", largest)
+                      f"gradients, optimizer state, workspace and last-epoch copy", largest,
+                      "use smaller layers, a smaller batch_size or optimizer='sgd'")
         if not self._fitting.acquire(blocking=False):
             raise RuntimeError("this Network is already being trained by fit in another "
                                "thread; train copies in parallel, or wait for that fit")
@@ -299,17 +306,20 @@ class Network:
         n_batches = -(-n // batch_size)
         weight_total = float(w.sum()) if w is not None else float(n)
         self.history_ = history = History()
-        for epoch in range(1, epochs + 1):
-            if shuffle:
-                self._rng.shuffle(order)
-            start = time.perf_counter()
-            progress = EpochProgress(epoch, epochs, n) if verbose else None
-            before = kernels._workspace(self._params.shape[0])
-            before[:] = self._params
-            self._snapshot = kernels._MLP(self.layer_sizes, kernels.ACTIVATIONS[self.activation],
-                                          self.leaky_slope, before)
-            loss_sum, correct, done, chunk = 0.0, 0, 0, 1
-            try:
+        started = None      # the weights at the start of an epoch not yet recorded
+        try:
+            for epoch in range(1, epochs + 1):
+                if shuffle:
+                    self._rng.shuffle(order)
+                start = time.perf_counter()
+                progress = EpochProgress(epoch, epochs, n) if verbose else None
+                started = self._copy_of_params()
+                self._snapshot = kernels._MLP(self.layer_sizes,
+                                              kernels.ACTIVATIONS[self.activation],
+                                              self.leaky_slope, started)
+                while epoch == 1 and self._readers:     # see _begin_inference
+                    time.sleep(1e-4)
+                loss_sum, correct, done, chunk = 0.0, 0, 0, 1
                 while done < n_batches:
                     chunk = min(chunk, n_batches - done)
                     t0 = time.perf_counter()
@@ -323,42 +333,64 @@ class Network:
                                         loss_sum / (done * batch_size))
                     # ~0.1 s per call: responsive progress and Ctrl-C, negligible overhead
                     chunk = max(1, min(chunk * 4, int(chunk * 0.1 / max(elapsed, 1e-6))))
-            except KeyboardInterrupt:
-                self._params[:] = before    # back to the end of the last complete epoch
-                raise
-            if not (math.isfinite(loss_sum) and np.isfinite(self._params).all()):
-                self._params[:] = before
-                raise FloatingPointError(
-                    f"training diverged in epoch {epoch} (loss is not finite); the weights "
-                    f"from before that epoch were kept. Try a smaller learning_rate.")
-            record = {"epoch": epoch, "loss": loss_sum / (weight_total or 1.0),
-                      "accuracy": correct / n}
-            if validation_data is not None:
-                record["val_loss"], record["val_accuracy"] = self._evaluate(
-                    X_val, y_val, None, n_threads, self._mlp)
-            record["seconds"] = time.perf_counter() - start
-            history.records.append(record)
-            if progress:
-                progress.finish(record)
+                if not (math.isfinite(loss_sum) and np.isfinite(self._params).all()):
+                    raise FloatingPointError(
+                        f"training diverged in epoch {epoch} (loss is not finite); the "
+                        f"weights from before that epoch were kept. Try a smaller "
+                        f"learning_rate.")
+                record = {"epoch": epoch, "loss": loss_sum / (weight_total or 1.0),
+                          "accuracy": correct / n}
+                if validation_data is not None:
+                    record["val_loss"], record["val_accuracy"] = self._evaluate(
+                        X_val, y_val, None, n_threads, self._mlp)
+                record["seconds"] = time.perf_counter() - start
+                history.records.append(record)
+                started = None
+                if progress:
+                    progress.finish(record)
+        except (KeyboardInterrupt, FloatingPointError):
+            # Ctrl-C or divergence: back to the end of the last recorded epoch
+            if started is not None:
+                self._params[:] = started
+            raise
         return history
 
     # ---- inference --------------------------------------------------------------------
-    def _serving(self):
-        """The _MLP inference uses: the live weights, or while fit runs in another thread
-        the snapshot of its last completed epoch (never weights in mid-update)."""
+    # While fit runs, inference reads self._snapshot, the weights at the start of the
+    # current epoch, never the live ones in mid-update.  A caller announces itself in
+    # self._readers (list.append and pop are atomic) before it looks at the snapshot, and
+    # fit waits for the announced callers after publishing its first snapshot: whoever
+    # looked before then finishes with the live weights before training changes them.
+    def _begin_inference(self):
+        """The _MLP to infer with; the caller pops self._readers when done."""
+        self._readers.append(None)
         snapshot = self._snapshot
-        return snapshot if snapshot is not None else self._mlp
+        return self._mlp if snapshot is None else snapshot
 
     def predict_proba(self, X, *, n_threads=None):
         """Class probabilities, float32 (n, n_classes), for X (n, n_features)."""
-        return self._serving().predict(X, False, kernels._threads(n_threads))
+        mlp = self._begin_inference()
+        try:
+            return mlp.predict(X, False, kernels._threads(n_threads))
+        finally:
+            self._readers.pop()
 
     def predict(self, X, *, n_threads=None):
         """Predicted class labels, int64 (n,), for X (n, n_features)."""
-        return self._serving().predict_labels(X, kernels._threads(n_threads))
+        mlp = self._begin_inference()
+        try:
+            return mlp.predict_labels(X, kernels._threads(n_threads))
+        finally:
+            self._readers.pop()
 
     def _evaluate(self, X, y, w, n_threads, mlp=None):
-        logits = (mlp if mlp is not None else self._serving()).predict(X, True, n_threads)
+        if mlp is None:
+            mlp = self._begin_inference()
+            try:
+                return self._evaluate(X, y, w, n_threads, mlp)
+            finally:
+                self._readers.pop()
+        logits = mlp.predict(X, True, n_threads)
         loss, _, _, correct = kernels.softmax_cross_entropy(logits, y, w)
         if w is None:
             return loss, correct / X.shape[0]

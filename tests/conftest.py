@@ -11,6 +11,14 @@ MNIST_SPLIT = SHARED_DATA / "mnist-t10k-split"
 
 
 @pytest.fixture(scope="session")
+def mnist_split_dir():
+    """The folder of the real 8,000 / 2,000 image split (four gzipped IDX files)."""
+    if not MNIST_SPLIT.is_dir():
+        pytest.skip(f"real MNIST data not found at {MNIST_SPLIT}")
+    return MNIST_SPLIT
+
+
+@pytest.fixture(scope="session")
 def mnist_split():
     """((X_train, y_train), (X_test, y_test)) of the real 8,000 / 2,000 image split."""
     if not MNIST_SPLIT.is_dir():
