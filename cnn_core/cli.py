@@ -1,5 +1,5 @@
 """The ``cnn-core`` command line (also ``python -m cnn_core``): train an MLP on MNIST,
-evaluate a saved model, show build facts.
+evaluate a saved model, convert between model files and ONNX, show build facts.
 
 ``main(argv)`` parses the arguments, runs one subcommand and returns the exit status:
 0 on success, 2 for a bad option, path, data or model file (reported as one line
@@ -174,6 +174,19 @@ def build_parser():
     _add_data(evaluate)
     _add_threads(evaluate)
 
+    convert = commands.add_parser(
+        "convert", help="convert between cnn_core model files (.cnn) and ONNX (.onnx)",
+        description="Convert a network between formats, told apart by the file names: a "
+                    "cnn_core model file (.cnn), ONNX (.onnx), or, with --unsafe-pickle "
+                    "only, a pickled scikit-learn MLPClassifier (.pkl, .pickle, .joblib) as "
+                    "the source. The target is written atomically.")
+    convert.add_argument("source", metavar="SOURCE", type=Path, help="file to read")
+    convert.add_argument("target", metavar="TARGET", type=Path,
+                         help="file to write: .cnn or .onnx")
+    convert.add_argument("--unsafe-pickle", action="store_true",
+                         help="allow a pickled scikit-learn model as SOURCE; unpickling runs "
+                              "any code the file holds, so use it only for files you trust")
+
     commands.add_parser("info", help="show the version, GEMM kernel, OpenMP and threads",
                         description="Show cnn_core's version and build and runtime facts.")
     return parser
@@ -265,6 +278,54 @@ def _evaluate(args):
     return EXIT_OK
 
 
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
+
+
+def _read_network(path, unsafe_pickle):
+    """The Network in `path`: a model file, ONNX, or (if allowed) a pickled MLPClassifier."""
+    if not path.is_file():
+        reason = "is a folder" if path.is_dir() else "does not exist"
+        raise CommandError(f"source {path} {reason}")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return Network.from_onnx(path)
+    if suffix in _PICKLE_SUFFIXES:
+        if not unsafe_pickle:
+            raise CommandError(f"{path} is a pickle, and unpickling runs any code the file "
+                               f"holds; pass --unsafe-pickle if you trust it")
+        try:
+            if suffix == ".joblib":
+                import joblib
+                estimator = joblib.load(path)
+            else:
+                import pickle
+                with open(path, "rb") as f:
+                    estimator = pickle.load(f)
+        except Exception as exc:   # a pickle can fail in any way its code chooses
+            raise CommandError(f"cannot unpickle {path}: {_one_line(exc)}") from None
+        return Network.from_sklearn(estimator)
+    return Network.load(path)
+
+
+def _convert(args):
+    target = args.target
+    suffix = target.suffix.lower()
+    if suffix not in (".cnn", ".onnx"):
+        raise CommandError(f"cannot tell the format of {target}: name it .cnn (cnn_core "
+                           f"model file) or .onnx")
+    _check_output(target)
+    net = _read_network(args.source, args.unsafe_pickle)
+    if suffix == ".onnx":
+        from .interop import OPSET
+        net.to_onnx(target)
+        kind = f"ONNX, opset {OPSET}"
+    else:
+        net.save(target)
+        kind = "cnn_core model file"
+    print(f"converted {args.source} ({_describe(net)}) to {target} ({kind})")
+    return EXIT_OK
+
+
 def _info(args):
     for key, value in cnn_core.info().items():
         if isinstance(value, bool):
@@ -275,7 +336,7 @@ def _info(args):
     return EXIT_OK
 
 
-_COMMANDS = {"train": _train, "evaluate": _evaluate, "info": _info}
+_COMMANDS = {"train": _train, "evaluate": _evaluate, "convert": _convert, "info": _info}
 
 
 def _one_line(exc):
@@ -312,5 +373,5 @@ def main(argv=None):
         return EXIT_ERROR
     except MemoryError as exc:
         return _error(f"out of memory{': ' + _one_line(exc) if str(exc) else ''}")
-    except (ValueError, TypeError, OSError, ArithmeticError) as exc:
+    except (ValueError, TypeError, OSError, ArithmeticError, ImportError) as exc:
         return _error(_one_line(exc))

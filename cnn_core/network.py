@@ -422,3 +422,29 @@ class Network:
         net._set_params(params)
         net.seed = None
         return net
+
+    # ---- other frameworks (cnn_core.interop) ------------------------------------------
+    def to_onnx(self, path, *, classes=None):
+        """Write this network as an ONNX file, atomically; see cnn_core.interop.to_onnx."""
+        from .interop import to_onnx
+        return to_onnx(self, path, classes)
+
+    @classmethod
+    def from_onnx(cls, path):
+        """A network read from an ONNX file; see cnn_core.interop.from_onnx."""
+        from .interop import from_onnx
+        return from_onnx(path)
+
+    @classmethod
+    def from_sklearn(cls, mlp):
+        """A network equal to a fitted scikit-learn MLPClassifier (labels in ``classes_``);
+        see cnn_core.interop.from_sklearn."""
+        from .interop import from_sklearn
+        return from_sklearn(mlp)
+
+    @classmethod
+    def from_torch(cls, module, input_shape):
+        """A network equal to a PyTorch nn.Sequential taking samples of `input_shape`;
+        see cnn_core.interop.from_torch."""
+        from .interop import from_torch
+        return from_torch(module, input_shape)

@@ -1,0 +1,372 @@
+"""cnn_core.interop: networks exported to ONNX run in ONNX Runtime as they do in cnn_core;
+networks trained by scikit-learn and PyTorch on real MNIST rows, imported, predict as
+their originals do, and go on through the model file, the C API and export_c."""
+import importlib.util
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.neural_network import MLPClassifier, MLPRegressor
+
+from cnn_core import Network, model_file
+from cnn_core.cli import main
+from cnn_core.interop import IR_VERSION, OPSET, ConversionError
+
+
+def _sibling(name):
+    """A sibling test module, for its C build helpers (tests/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_interop_{name}",
+                                                  Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+embedding, export = _sibling("test_embedding"), _sibling("test_export")
+c_compiler, predict_exe = embedding.c_compiler, embedding.predict_exe   # fixtures
+
+# float32 rounding: different summation orders of the same float32 products
+ATOL = 2e-6
+
+
+def ort_run(path, X, n_threads=1):
+    """(labels, probabilities) of an ONNX file in ONNX Runtime."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = n_threads
+    session = onnxruntime.InferenceSession(str(path), options,
+                                           providers=["CPUExecutionProvider"])
+    labels, probs = session.run(["label", "probabilities"], {"input": X})
+    return labels, probs
+
+
+def assert_same_predictions(labels, probs, ref_labels, ref_probs):
+    """Probabilities within float32 rounding; labels equal except on rows whose two best
+    classes are within that rounding (a tie either side may break)."""
+    np.testing.assert_allclose(probs, ref_probs, rtol=0, atol=ATOL)
+    top2 = np.sort(ref_probs, axis=1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * ATOL
+    assert decided.mean() > 0.99
+    np.testing.assert_array_equal(np.asarray(labels)[decided], np.asarray(ref_labels)[decided])
+
+
+def short_fit(net, mnist, rows=2000):
+    net.fit(mnist[0][:rows], mnist[1][:rows], epochs=1, batch_size=32, optimizer="adam",
+            learning_rate=0.003)
+    return net
+
+
+# ---- ONNX export -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("activation", model_file.HIDDEN_ACTIVATIONS)
+def test_onnx_runtime_predicts_like_the_network(mnist, tmp_path, activation):
+    net = short_fit(Network([784, 48, 24, 10], activation, seed=4, leaky_slope=0.2), mnist)
+    X = mnist[2]                                  # the 2,000 held-out rows, float32
+    path = net.to_onnx(tmp_path / "net.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    labels, probs = ort_run(path, X)
+    assert labels.dtype == np.int64 and probs.dtype == np.float32
+    assert_same_predictions(labels, probs, net.predict(X), net.predict_proba(X))
+    assert (labels == mnist[3]).mean() > 0.5      # it learned something
+
+
+def test_onnx_graph_is_standard(trained, tmp_path):
+    model = onnx.load(str(trained.to_onnx(tmp_path / "m.onnx")))
+    assert model.ir_version == IR_VERSION
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", OPSET)]
+    [graph_input] = model.graph.input
+    dims = graph_input.type.tensor_type.shape.dim
+    assert graph_input.name == "input" and dims[0].dim_param and dims[1].dim_value == 784
+    assert [o.name for o in model.graph.output] == ["label", "probabilities"]
+    assert {n.op_type for n in model.graph.node} == {"Gemm", "Relu", "Softmax", "ArgMax"}
+
+
+def test_onnx_batch_dimension_is_dynamic(trained, mnist, tmp_path):
+    path = trained.to_onnx(tmp_path / "m.onnx")
+    options = onnxruntime.SessionOptions()
+    session = onnxruntime.InferenceSession(str(path), options,
+                                           providers=["CPUExecutionProvider"])
+    for n in (1, 1000):
+        X = mnist[2][:n]
+        labels, probs = session.run(None, {"input": X})
+        assert probs.shape == (n, 10) and labels.shape == (n,)
+        assert_same_predictions(labels, probs, trained.predict(X), trained.predict_proba(X))
+
+
+@pytest.mark.parametrize("classes", [np.array([3, 1, 4, 15, 9, 26, 5, 35, 8, 97]),
+                                     np.array(list("abcdefghij"))])
+def test_onnx_label_output_maps_classes(trained, mnist, tmp_path, classes):
+    X = mnist[2][:300]
+    path = trained.to_onnx(tmp_path / "m.onnx", classes=classes)
+    labels, _ = ort_run(path, X)
+    np.testing.assert_array_equal(labels, classes[trained.predict(X)])
+    back = Network.from_onnx(path)
+    np.testing.assert_array_equal(back.classes_, classes)
+
+
+def test_onnx_round_trip_gives_the_same_network(trained, tmp_path):
+    back = Network.from_onnx(trained.to_onnx(tmp_path / "m.onnx"))
+    assert back.layer_sizes == trained.layer_sizes and back.activation == trained.activation
+    for W, W_back in zip(trained.weights + trained.biases, back.weights + back.biases):
+        np.testing.assert_array_equal(W, W_back)
+
+
+def test_onnx_import_of_matmul_add_and_transposed_gemm(mnist, tmp_path):
+    """The other common spellings of a dense layer: MatMul + Add (skl2onnx) and Gemm with
+    transB=1 (torch.onnx), opening with a Flatten of (1, 28, 28) images."""
+    rng = np.random.default_rng(0)
+    W0, b0 = rng.standard_normal((784, 20)).astype(np.float32) * 0.05, rng.standard_normal(20)
+    W1, b1 = rng.standard_normal((20, 10)).astype(np.float32), rng.standard_normal(10)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in
+             ((W0, "W0"), (b0, "b0"), (W1.T.copy(), "W1t"), (b1, "b1"))]
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "W0"], ["z0"]),
+             helper.make_node("Add", ["z0", "b0"], ["a0"]),
+             helper.make_node("Tanh", ["a0"], ["h0"]),
+             helper.make_node("Gemm", ["h0", "W1t", "b1"], ["logits"], transB=1),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 28, 28])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, 10])], inits)
+    path = tmp_path / "foreign.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(path))
+    net = Network.from_onnx(path)
+    assert net.layer_sizes == [784, 20, 10] and net.activation == "tanh"
+    X = mnist[2][:500]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    [probs] = session.run(None, {"x": X.reshape(-1, 1, 28, 28)})
+    np.testing.assert_allclose(net.predict_proba(X), probs, rtol=0, atol=ATOL)
+
+
+def test_onnx_import_refuses_unknown_nodes(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Abs", ["x"], ["y"], name="magnitude")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])])
+    path = tmp_path / "abs.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(path))
+    with pytest.raises(ConversionError, match="'magnitude' \\(Abs\\).*no counterpart"):
+        Network.from_onnx(path)
+
+
+def test_onnx_export_to_a_missing_folder(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        trained.to_onnx(tmp_path / "absent" / "m.onnx")
+    assert not (tmp_path / "absent").exists()
+
+
+def test_onnx_export_refuses_classes_of_the_wrong_length(trained, tmp_path):
+    with pytest.raises(ValueError, match="one label per class \\(10\\)"):
+        trained.to_onnx(tmp_path / "m.onnx", classes=[0, 1])
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- scikit-learn ------------------------------------------------------------------------
+
+def fit_sklearn(X, y, estimator=MLPClassifier, **options):
+    """A short fit (6 epochs), its convergence warning silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return estimator(max_iter=6, learning_rate_init=0.005, random_state=0,
+                         **options).fit(X, y)
+
+
+def c_api_and_export_c_agree(net, X, tmp_path, exe, cc):
+    """net saved, loaded back, run by the C API and by export_c's C: all predict as net."""
+    path = tmp_path / "net.cnn"
+    net.save(path)
+    loaded = Network.load(path)
+    np.testing.assert_array_equal(loaded.predict_proba(X), net.predict_proba(X))
+    probs, labels = embedding.c_predict(exe, path, X, tmp_path)
+    np.testing.assert_array_equal(labels, net.predict(X))
+    np.testing.assert_array_equal(probs, net.predict_proba(X))
+    report = net.export_c(tmp_path / "c", name="imported")
+    probs, labels = export.compile_and_run(cc, report, X, tmp_path)
+    assert_same_predictions(labels, probs, net.predict(X), net.predict_proba(X))
+
+
+@pytest.fixture(scope="module")
+def sklearn_mlps(mnist):
+    """MLPClassifiers trained briefly on 1,500 real MNIST rows, one per activation."""
+    X = (mnist[0][:1500] / np.float32(255)).astype(np.float32)
+    return {activation: fit_sklearn(X, mnist[1][:1500], hidden_layer_sizes=(40, 20),
+                                    activation=activation)
+            for activation in ("relu", "logistic", "tanh", "identity")}
+
+
+@pytest.mark.parametrize("activation", ["relu", "logistic", "tanh", "identity"])
+def test_sklearn_classifier_imports_exactly(sklearn_mlps, mnist, activation):
+    mlp = sklearn_mlps[activation]
+    net = Network.from_sklearn(mlp)
+    assert net.layer_sizes == [784, 40, 20, 10]
+    X = mnist[2]
+    assert_same_predictions(net.classes_[net.predict(X)], net.predict_proba(X),
+                            mlp.predict(X), mlp.predict_proba(X))
+    assert (mlp.predict(X) == mnist[3]).mean() > 0.6
+
+
+def test_sklearn_import_runs_in_c(sklearn_mlps, mnist, tmp_path, predict_exe, c_compiler):
+    c_api_and_export_c_agree(Network.from_sklearn(sklearn_mlps["tanh"]), mnist[2][:500],
+                             tmp_path, predict_exe, c_compiler)
+
+
+def test_sklearn_binary_classifier_with_string_labels(mnist, tmp_path, predict_exe,
+                                                      c_compiler):
+    X_all, y_all = mnist[0][:4000], mnist[1][:4000]
+    keep = (y_all == 3) | (y_all == 8)
+    names = np.where(y_all[keep] == 3, "three", "eight")
+    mlp = fit_sklearn((X_all[keep] / np.float32(255)).astype(np.float32), names,
+                      hidden_layer_sizes=(16,))
+    assert mlp.out_activation_ == "logistic" and mlp.n_outputs_ == 1
+    net = Network.from_sklearn(mlp)
+    assert net.layer_sizes == [784, 16, 2]
+    np.testing.assert_array_equal(net.classes_, ["eight", "three"])
+    X = mnist[2]
+    assert_same_predictions(net.classes_[net.predict(X)], net.predict_proba(X),
+                            mlp.predict(X), mlp.predict_proba(X))
+    labels, probs = ort_run(net.to_onnx(tmp_path / "b.onnx"), X)
+    assert labels.dtype == object
+    assert_same_predictions(labels, probs, mlp.predict(X), mlp.predict_proba(X))
+    c_api_and_export_c_agree(net, X[:300], tmp_path, predict_exe, c_compiler)
+
+
+def test_sklearn_refuses_what_it_cannot_convert(mnist):
+    X, y = (mnist[0][:300] / np.float32(255)).astype(np.float32), mnist[1][:300]
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        Network.from_sklearn(MLPClassifier())
+    with pytest.raises(TypeError, match="MLPClassifier, got .*MLPRegressor"):
+        Network.from_sklearn(fit_sklearn(X, y.astype(float), MLPRegressor))
+    multilabel = np.stack([y % 2, y > 4], axis=1).astype(int)
+    with pytest.raises(ConversionError, match="multilabel"):
+        Network.from_sklearn(fit_sklearn(X, multilabel))
+
+
+# ---- PyTorch -----------------------------------------------------------------------------
+
+def train_torch(model, X, y, steps=150):
+    """A short Adam training of `model` on float32 rows X (n, ...) and labels y."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # small batches: a second thread only waits
+    X_t, y_t = torch.from_numpy(X), torch.from_numpy(y.astype(np.int64))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(steps):
+        idx = torch.randint(0, len(X_t), (64,))
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(X_t[idx]), y_t[idx]).backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    return model.eval()
+
+
+def torch_predictions(model, X):
+    with torch.no_grad():
+        out = model(torch.from_numpy(X))
+    probs = torch.softmax(out, dim=1).numpy()
+    return probs.argmax(axis=1), probs
+
+
+def test_torch_sequential_imports_exactly(mnist, tmp_path, predict_exe, c_compiler):
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Dropout(0.2),
+                          nn.Sequential(nn.Linear(64, 32), nn.ReLU()), nn.Linear(32, 10))
+    X_train = (mnist[0][:4000] / np.float32(255)).astype(np.float32).reshape(-1, 1, 28, 28)
+    train_torch(model, X_train, mnist[1][:4000])
+    net = Network.from_torch(model, (1, 28, 28))
+    assert net.layer_sizes == [784, 64, 32, 10] and net.activation == "relu"
+    X = mnist[2]
+    labels, probs = torch_predictions(model, X.reshape(-1, 1, 28, 28))
+    assert_same_predictions(net.predict(X), net.predict_proba(X), labels, probs)
+    assert (labels == mnist[3]).mean() > 0.8
+    c_api_and_export_c_agree(net, X[:500], tmp_path, predict_exe, c_compiler)
+
+
+@pytest.mark.parametrize("activation", [torch.nn.Tanh(), torch.nn.Sigmoid(),
+                                        torch.nn.LeakyReLU(0.1), torch.nn.Identity()])
+def test_torch_activations_and_a_final_softmax(mnist, activation):
+    torch.manual_seed(1)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(784, 32), activation, nn.Linear(32, 10),
+                          nn.LogSoftmax(dim=1)).eval()
+    net = Network.from_torch(model, (784,))
+    X = mnist[2]
+    with torch.no_grad():
+        probs = model(torch.from_numpy(X)).exp().numpy()
+    assert_same_predictions(net.predict(X), net.predict_proba(X), probs.argmax(axis=1), probs)
+
+
+def test_torch_flatten_of_channels_first_samples(mnist):
+    """torch flattens (C, H, W), cnn_core takes rows of (H, W, C): the first Linear's
+    weights are reordered; real MNIST pixels read as 4 channels of 14x14."""
+    torch.manual_seed(2)
+    nn = torch.nn
+    model = nn.Sequential(nn.Flatten(), nn.ReLU(), nn.Linear(784, 10)).eval()
+    net = Network.from_torch(model, (4, 14, 14))
+    X_nchw = mnist[2][:400].reshape(-1, 4, 14, 14)
+    labels, probs = torch_predictions(model, X_nchw)
+    X_nhwc = np.ascontiguousarray(X_nchw.transpose(0, 2, 3, 1)).reshape(len(X_nchw), -1)
+    assert_same_predictions(net.predict(X_nhwc), net.predict_proba(X_nhwc), labels, probs)
+
+
+def test_torch_refuses_what_it_cannot_convert():
+    nn = torch.nn
+    with pytest.raises(ConversionError, match=r"module 1 \(BatchNorm1d.*no counterpart"):
+        Network.from_torch(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3),
+                                         nn.Linear(3, 2)), (4,))
+    with pytest.raises(TypeError, match="nn.Sequential, got torch.nn.modules.linear.Linear"):
+        Network.from_torch(nn.Linear(4, 3), (4,))
+    with pytest.raises(ConversionError, match="takes 5 features, but gets 4"):
+        Network.from_torch(nn.Sequential(nn.Linear(5, 3)), (4,))
+    with pytest.raises(ConversionError, match="mixes hidden activations"):
+        Network.from_torch(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 3),
+                                         nn.Tanh(), nn.Linear(3, 2)), (4,))
+    with pytest.raises(ConversionError, match="after its last linear layer"):
+        Network.from_torch(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), (4,))
+    with pytest.raises(ValueError, match="input_shape"):
+        Network.from_torch(nn.Sequential(nn.Linear(4, 3)), (0,))
+
+
+# ---- cnn-core convert --------------------------------------------------------------------
+
+def test_cli_converts_model_files_and_onnx(trained, mnist, tmp_path, capsys):
+    trained.save(tmp_path / "m.cnn")
+    assert main(["convert", str(tmp_path / "m.cnn"), str(tmp_path / "m.onnx")]) == 0
+    assert main(["convert", str(tmp_path / "m.onnx"), str(tmp_path / "back.cnn")]) == 0
+    assert "m.onnx" in capsys.readouterr().out
+    X = mnist[2]
+    labels, probs = ort_run(tmp_path / "m.onnx", X)
+    assert_same_predictions(labels, probs, trained.predict(X), trained.predict_proba(X))
+    assert (tmp_path / "back.cnn").read_bytes() == (tmp_path / "m.cnn").read_bytes()
+
+
+def test_cli_reads_sklearn_pickles_only_when_told(mnist, tmp_path, capsys):
+    X, y = (mnist[0][:500] / np.float32(255)).astype(np.float32), mnist[1][:500]
+    mlp = fit_sklearn(X, y, hidden_layer_sizes=(8,))
+    source = tmp_path / "mlp.pkl"
+    source.write_bytes(pickle.dumps(mlp))
+    target = tmp_path / "mlp.cnn"
+    assert main(["convert", str(source), str(target)]) == 2
+    assert "--unsafe-pickle" in capsys.readouterr().err and not target.exists()
+    assert main(["convert", "--unsafe-pickle", str(source), str(target)]) == 0
+    np.testing.assert_array_equal(Network.load(target).predict(mnist[2]),
+                                  Network.from_sklearn(mlp).predict(mnist[2]))
+
+
+def test_cli_convert_errors(trained, tmp_path, capsys):
+    trained.save(tmp_path / "m.cnn")
+    cases = [([str(tmp_path / "m.cnn"), str(tmp_path / "absent" / "m.onnx")], "does not exist"),
+             ([str(tmp_path / "none.cnn"), str(tmp_path / "m.onnx")], "does not exist"),
+             ([str(tmp_path / "m.cnn"), str(tmp_path / "m.txt")], "m.txt")]
+    for args, message in cases:
+        assert main(["convert", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("cnn-core: error:") and message in err, err
