@@ -12,11 +12,11 @@
 #include <string.h>
 #include "cnn_core.h"
 #include "cnn_internal.h"
+#include "gemm/cnn_gemm_kernels.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-enum { CONV_CHUNK_FLOATS = 1 << 15 };
 /* Multiply-adds below which a pass stays on one thread. */
 #define CONV_PARALLEL_MIN_MACS (1 << 18)
 
@@ -195,176 +195,489 @@ int cnn_conv2d_backward_ref(float *dX, float *dW, float *db, const float *dY, co
     return CNN_OK;
 }
 
-/* ---- the fast path: patches and the packed GEMM --------------------------------- */
+/* ---- the fast path: register tiles read straight from the (padded) image ---------- */
 
-/* How a pass over a shape is cut: R output rows per chunk, and the workspace slots. */
-typedef struct conv_plan {
-    int64_t K;             /* kernel_h * kernel_w * in_c: one patch */
-    int64_t rows;          /* batch * out_h output rows */
-    int64_t R;             /* output rows per chunk */
-    int64_t patch_floats;  /* one chunk's patch matrix (R out_w, K), rounded up */
-    int64_t gemm1;         /* GEMM workspace of a chunk on one thread */
-    int64_t gemmT;         /* GEMM workspace of a chunk (or of dW) on n_threads */
-    int direct;            /* 1x1 kernel, stride 1, no padding: X is its own patch matrix */
-} conv_plan;
+/* Output channels per register tile: two 8-lane vectors (one when out_c <= 8), with
+   MR2 or MR1 pixels (or weight rows, for dW) beside them: 12 or 8 accumulators. */
+enum { CONV_MR2 = 6, CONV_MR1 = 8, CONV_MR_MAX = 8, CONV_NR = 16, CONV_DX_VECS = 4 };
 
-static int64_t chunk_gemm_floats(const cnn_conv2d_shape *s, int64_t K, int64_t m, int threads)
+/* Where a pass finds its operands. */
+typedef struct conv_geom {
+    int64_t K, span;       /* kernel_h kernel_w in_c ; kernel_w in_c: one patch row   */
+    int64_t Hp, Wp;        /* the padded image that holds every window              */
+    int64_t ldx;           /* floats between image rows (padded or X's own)         */
+    int64_t image;         /* floats of a padded image slot, rounded up             */
+    int64_t o_pad;         /* out_c rounded up to whole tiles (8 nv)                */
+    int64_t span_pad;      /* span rounded up to 8                                  */
+    int nv;                /* vectors of output channels per tile: 1 or 2           */
+    int mr;                /* pixels (or dW rows) per tile                          */
+    int in_place;          /* no padding and every window inside X: read X itself   */
+} conv_geom;
+
+static conv_geom make_geom(const cnn_conv2d_shape *s)
 {
-    /* the largest workspace of Y = P W, dP = dY W^T and dW = P^T dY over m positions */
-    const int64_t a = cnn_sgemm_workspace_floats(m, s->out_c, K, threads);
-    const int64_t b = cnn_sgemm_workspace_floats(m, K, s->out_c, threads);
-    const int64_t c = cnn_sgemm_workspace_floats(K, s->out_c, m, threads);
-    return cnn_round_up_floats(max64(a, max64(b, c)));
+    /* shape -> geometry */
+    conv_geom g;
+    g.span = s->kernel_w * s->in_c;
+    g.K = s->kernel_h * g.span;
+    g.Hp = (s->out_h - 1) * s->stride + s->kernel_h;
+    g.Wp = (s->out_w - 1) * s->stride + s->kernel_w;
+    g.in_place = s->pad_top == 0 && s->pad_left == 0 && g.Hp <= s->in_h && g.Wp <= s->in_w;
+    g.ldx = (g.in_place ? s->in_w : g.Wp) * s->in_c;
+    g.image = cnn_round_up_floats(g.Hp * g.Wp * s->in_c);
+    g.nv = s->out_c > 8 ? 2 : 1;
+    g.o_pad = (s->out_c + 8 * g.nv - 1) / (8 * g.nv) * (8 * g.nv);
+    g.span_pad = (g.span + 7) / 8 * 8;
+    g.mr = g.nv == 2 ? CONV_MR2 : CONV_MR1;
+    return g;
 }
 
-static conv_plan make_plan(const cnn_conv2d_shape *s, int n_threads)
+/* Workspace: packed weights (K, o_pad) for the forward pass, their transpose per kernel
+   row (kernel_h, out_c, span_pad) for dX, dW accumulators (K, o_pad), then one padded
+   image per thread. */
+static int64_t shared_floats(const cnn_conv2d_shape *s, const conv_geom *g)
 {
-    /* (shape, threads) -> plan; R depends on the shape alone */
-    conv_plan p;
-    p.K = s->kernel_h * s->kernel_w * s->in_c;
-    p.rows = s->batch * s->out_h;
-    p.R = max64(1, min64(CONV_CHUNK_FLOATS / (s->out_w * p.K), max64(p.rows, 1)));
-    p.direct = s->kernel_h == 1 && s->kernel_w == 1 && s->stride == 1 &&
-               s->pad_top == 0 && s->pad_left == 0;
-    p.patch_floats = cnn_round_up_floats(p.R * s->out_w * p.K);
-    p.gemm1 = chunk_gemm_floats(s, p.K, p.R * s->out_w, 1);
-    p.gemmT = chunk_gemm_floats(s, p.K, p.R * s->out_w, n_threads);
-    return p;
+    /* -> floats before the per-thread images */
+    return 2 * cnn_round_up_floats(g->K * g->o_pad) +
+           cnn_round_up_floats(s->kernel_h * s->out_c * g->span_pad);
 }
 
 int64_t cnn_conv2d_workspace_floats(const cnn_conv2d_shape *s, int n_threads)
 {
-    /* (shape, threads) -> floats: n_threads one-thread slots, or one n_threads slot */
+    /* (shape, threads) -> floats */
     if (cnn_conv2d_shape_check(s) != CNN_OK || n_threads < 1)
         return -1;
-    const conv_plan p = make_plan(s, n_threads);
-    return max64(n_threads * (p.patch_floats + p.gemm1), p.patch_floats + p.gemmT);
+    const conv_geom g = make_geom(s);
+    return shared_floats(s, &g) + n_threads * g.image;
 }
 
-/* P (rows g0 .. g1-1 times out_w, K) = the patches of those output rows. */
-static void im2col(float *P, const float *X, const cnn_conv2d_shape *s, int64_t g0, int64_t g1)
+/* dst (Hp, Wp, in_c) = image n of X placed at (pad_top, pad_left) in zeros. */
+static void pad_image(float *dst, const float *X, const cnn_conv2d_shape *s,
+                      const conv_geom *g, int64_t n)
 {
-    /* X (batch, in_h, in_w, in_c) -> P ((g1 - g0) out_w, kernel_h kernel_w in_c) */
-    const int64_t C = s->in_c, KW = s->kernel_w * C;
-    for (int64_t g = g0; g < g1; ++g) {
-        const int64_t n = g / s->out_h, oy = g % s->out_h;
-        const float *xn = X + n * s->in_h * s->in_w * C;
-        for (int64_t ox = 0; ox < s->out_w; ++ox) {
-            const int64_t ix0 = ox * s->stride - s->pad_left;
-            const int64_t lo = ix0 < 0 ? -ix0 : 0;                   /* first kx inside */
-            const int64_t hi = min64(s->kernel_w, s->in_w - ix0);    /* past the last */
-            for (int64_t ky = 0; ky < s->kernel_h; ++ky, P += KW) {
-                const int64_t iy = oy * s->stride - s->pad_top + ky;
-                if (iy < 0 || iy >= s->in_h) {
-                    for (int64_t j = 0; j < KW; ++j)
-                        P[j] = 0.0f;
-                    continue;
-                }
-                const float *x = xn + (iy * s->in_w + ix0 + lo) * C;
-                for (int64_t j = 0; j < lo * C; ++j)
-                    P[j] = 0.0f;
-                for (int64_t j = 0; j < (hi - lo) * C; ++j)
-                    P[lo * C + j] = x[j];
-                for (int64_t j = hi * C; j < KW; ++j)
-                    P[j] = 0.0f;
-            }
+    /* X (batch, in_h, in_w, in_c) -> dst */
+    const int64_t C = s->in_c;
+    const int64_t left = min64(s->pad_left, g->Wp) * C;
+    const int64_t mid = max64(0, min64(s->in_w, g->Wp - s->pad_left)) * C;
+    for (int64_t y = 0; y < g->Hp; ++y) {
+        float *d = dst + y * g->ldx;
+        const int64_t iy = y - s->pad_top;
+        if (iy < 0 || iy >= s->in_h) {
+            memset(d, 0, (size_t)g->ldx * sizeof(float));
+            continue;
         }
+        memset(d, 0, (size_t)left * sizeof(float));
+        memcpy(d + left, X + ((n * s->in_h + iy) * s->in_w) * C, (size_t)mid * sizeof(float));
+        memset(d + left + mid, 0, (size_t)(g->ldx - left - mid) * sizeof(float));
     }
 }
 
-/* dX += the patch gradients dP of output rows g0 .. g1-1, scattered back (col2im). */
-static void col2im(float *dX, const float *dP, const cnn_conv2d_shape *s, int64_t g0, int64_t g1)
+/* Image n of X as the passes read it: X itself, or padded into `slot`. */
+static const float *image_of(const float *X, const cnn_conv2d_shape *s, const conv_geom *g,
+                             int64_t n, float *slot)
 {
-    /* dP ((g1 - g0) out_w, K) -> dX (batch, in_h, in_w, in_c), added */
-    const int64_t C = s->in_c, KW = s->kernel_w * C;
-    for (int64_t g = g0; g < g1; ++g) {
-        const int64_t n = g / s->out_h, oy = g % s->out_h;
-        float *xn = dX + n * s->in_h * s->in_w * C;
-        for (int64_t ox = 0; ox < s->out_w; ++ox) {
-            const int64_t ix0 = ox * s->stride - s->pad_left;
-            const int64_t lo = ix0 < 0 ? -ix0 : 0;
-            const int64_t hi = min64(s->kernel_w, s->in_w - ix0);
-            for (int64_t ky = 0; ky < s->kernel_h; ++ky, dP += KW) {
-                const int64_t iy = oy * s->stride - s->pad_top + ky;
-                if (iy < 0 || iy >= s->in_h)
-                    continue;
-                float *x = xn + (iy * s->in_w + ix0 + lo) * C;
-                for (int64_t j = 0; j < (hi - lo) * C; ++j)
-                    x[j] += dP[lo * C + j];
+    /* -> the image's top-left window corner, rows g->ldx apart */
+    if (g->in_place)
+        return X + n * s->in_h * s->in_w * s->in_c;
+    pad_image(slot, X, s, g, n);
+    return slot;
+}
+
+/* The kernel families: a forward tile, a dW tile and a dX scatter, each in portable C
+   and (x86-64) AVX2+FMA.  Every output accumulates over its terms in one fixed order. */
+
+/* out (MR, 16) = sum over kernel rows ky and j < span of a_i[ky ldx + j] w[(ky span + j)
+   ldw + 0:8 NV] ; a holds the MR pixels' window corners. */
+CNN_ALWAYS_INLINE void fwd_tile_generic(const int MR, const int NV, float *out,
+                                        const float *const *a, int64_t kh, int64_t span,
+                                        int64_t ldx, const float *w, int64_t ldw)
+{
+    /* -> out rows 16 apart */
+    float acc[CONV_MR_MAX][CONV_NR] = {{0.0f}};
+    for (int64_t ky = 0; ky < kh; ++ky)
+        for (int64_t j = 0; j < span; ++j) {
+            const float *wr = w + (ky * span + j) * ldw;
+            for (int i = 0; i < MR; ++i) {
+                const float x = a[i][ky * ldx + j];
+                for (int v = 0; v < 8 * NV; ++v)
+                    acc[i][v] += x * wr[v];
             }
         }
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < 8 * NV; ++v)
+            out[i * CONV_NR + v] = acc[i][v];
+}
+
+/* dw rows 0..MRJ-1 (ldw apart, 8 NV columns) += sum over the pixels of image `img` of
+   a_p[jj] dY[p, 0:8 NV] (nvalid of them real) ; a_p = window corner + koff. */
+CNN_ALWAYS_INLINE void dw_tile_generic(const int MRJ, const int NV, float *dw, int64_t ldw,
+                                       const float *img, int64_t koff,
+                                       const cnn_conv2d_shape *s, const conv_geom *g,
+                                       const float *dy, int64_t nvalid)
+{
+    /* dy: image's dY at the tile's first channel, rows out_c apart */
+    float acc[CONV_MR_MAX][CONV_NR];
+    for (int jj = 0; jj < MRJ; ++jj)
+        for (int v = 0; v < 8 * NV; ++v)
+            acc[jj][v] = dw[jj * ldw + v];
+    for (int64_t oy = 0; oy < s->out_h; ++oy)
+        for (int64_t ox = 0; ox < s->out_w; ++ox, dy += s->out_c) {
+            const float *a = img + oy * s->stride * g->ldx + ox * s->stride * s->in_c + koff;
+            for (int jj = 0; jj < MRJ; ++jj)
+                for (int v = 0; v < nvalid; ++v)
+                    acc[jj][v] += a[jj] * dy[v];
+        }
+    for (int jj = 0; jj < MRJ; ++jj)
+        for (int v = 0; v < 8 * NV; ++v)
+            dw[jj * ldw + v] = acc[jj][v];
+}
+
+/* t[0:span] += sum over o of d[o] wt[o span_pad + 0:span] for one pixel and kernel row. */
+static void dx_row_generic(float *t, const float *d, const float *wt, int64_t out_c,
+                           int64_t span, int64_t span_pad)
+{
+    /* t (span,), d (out_c,), wt (out_c, span_pad) */
+    for (int64_t j0 = 0; j0 < span; j0 += 8 * CONV_DX_VECS) {
+        const int64_t n = min64(8 * CONV_DX_VECS, span - j0);
+        float acc[8 * CONV_DX_VECS] = {0.0f};
+        for (int64_t o = 0; o < out_c; ++o)
+            for (int64_t j = 0; j < n; ++j)
+                acc[j] += d[o] * wt[o * span_pad + j0 + j];
+        for (int64_t j = 0; j < n; ++j)
+            t[j0 + j] += acc[j];
     }
 }
 
-/* Threads for a pass of `macs` multiply-adds over `units` independent units. */
-static int pass_threads(int n_threads, int64_t units, double macs)
+#ifdef CNN_AVX2_BUILD
+#include <immintrin.h>
+#define CONV_AVX2 static inline __attribute__((always_inline, target("avx2,fma")))
+
+/* Mask of the low n lanes of 8 (n clamped to [0, 8]). */
+CONV_AVX2 __m256i lanes8(int64_t n)
 {
-    /* (threads, units, macs) -> threads */
-    int64_t t = min64(n_threads, units);
-    t = min64(t, 1 + (int64_t)(macs / CONV_PARALLEL_MIN_MACS));
-    return (int)max64(t, 1);
+    /* n -> (8,) int mask */
+    const int32_t m = n <= 0 ? 0 : (n >= 8 ? 8 : (int32_t)n);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-/* One pass's operands, handed to each thread's range of units. */
-typedef struct conv_call {
-    float *out;                /* Y (forward) or dX (backward) */
-    const float *in;           /* X (forward) or dY (backward) */
-    const float *W;
-    const cnn_epilogue *ep;    /* forward only */
+CONV_AVX2 void fwd_tile_avx2(const int MR, const int NV, float *out, const float *const *a,
+                             int64_t kh, int64_t span, int64_t ldx, const float *w,
+                             int64_t ldw)
+{
+    /* as fwd_tile_generic, with fused multiply-adds */
+    __m256 acc0[CONV_MR_MAX], acc1[CONV_MR_MAX];
+    CNN_UNROLL
+    for (int i = 0; i < MR; ++i)
+        acc0[i] = acc1[i] = _mm256_setzero_ps();
+    for (int64_t ky = 0; ky < kh; ++ky) {
+        const float *row[CONV_MR_MAX];
+        CNN_UNROLL
+        for (int i = 0; i < MR; ++i)
+            row[i] = a[i] + ky * ldx;
+        const float *wr = w + ky * span * ldw;
+        for (int64_t j = 0; j < span; ++j, wr += ldw) {
+            const __m256 b0 = _mm256_loadu_ps(wr);
+            const __m256 b1 = NV == 2 ? _mm256_loadu_ps(wr + 8) : b0;
+            CNN_UNROLL
+            for (int i = 0; i < MR; ++i) {
+                const __m256 x = _mm256_broadcast_ss(row[i] + j);
+                acc0[i] = _mm256_fmadd_ps(x, b0, acc0[i]);
+                if (NV == 2)
+                    acc1[i] = _mm256_fmadd_ps(x, b1, acc1[i]);
+            }
+        }
+    }
+    CNN_UNROLL
+    for (int i = 0; i < MR; ++i) {
+        _mm256_storeu_ps(out + i * CONV_NR, acc0[i]);
+        if (NV == 2)
+            _mm256_storeu_ps(out + i * CONV_NR + 8, acc1[i]);
+    }
+}
+
+CONV_AVX2 void dw_tile_avx2(const int MRJ, const int NV, float *dw, int64_t ldw,
+                            const float *img, int64_t koff, const cnn_conv2d_shape *s,
+                            const conv_geom *g, const float *dy, int64_t nvalid)
+{
+    /* as dw_tile_generic, with fused multiply-adds */
+    __m256 acc0[CONV_MR_MAX], acc1[CONV_MR_MAX];
+    const __m256i m0 = lanes8(nvalid), m1 = lanes8(nvalid - 8);
+    CNN_UNROLL
+    for (int jj = 0; jj < MRJ; ++jj) {
+        acc0[jj] = _mm256_loadu_ps(dw + jj * ldw);
+        acc1[jj] = NV == 2 ? _mm256_loadu_ps(dw + jj * ldw + 8) : acc0[jj];
+    }
+    const int64_t step = s->stride * s->in_c;
+    for (int64_t oy = 0; oy < s->out_h; ++oy) {
+        const float *a = img + oy * s->stride * g->ldx + koff;
+        for (int64_t ox = 0; ox < s->out_w; ++ox, a += step, dy += s->out_c) {
+            const __m256 b0 = _mm256_maskload_ps(dy, m0);
+            const __m256 b1 = NV == 2 ? _mm256_maskload_ps(dy + 8, m1) : b0;
+            CNN_UNROLL
+            for (int jj = 0; jj < MRJ; ++jj) {
+                const __m256 x = _mm256_broadcast_ss(a + jj);
+                acc0[jj] = _mm256_fmadd_ps(x, b0, acc0[jj]);
+                if (NV == 2)
+                    acc1[jj] = _mm256_fmadd_ps(x, b1, acc1[jj]);
+            }
+        }
+    }
+    CNN_UNROLL
+    for (int jj = 0; jj < MRJ; ++jj) {
+        _mm256_storeu_ps(dw + jj * ldw, acc0[jj]);
+        if (NV == 2)
+            _mm256_storeu_ps(dw + jj * ldw + 8, acc1[jj]);
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static void dx_row_avx2(float *t, const float *d, const float *wt, int64_t out_c,
+                        int64_t span, int64_t span_pad)
+{
+    /* as dx_row_generic, with fused multiply-adds, CONV_DX_VECS vectors at a time */
+    for (int64_t j0 = 0; j0 < span; j0 += 8 * CONV_DX_VECS) {
+        __m256 acc[CONV_DX_VECS];
+        CNN_UNROLL
+        for (int v = 0; v < CONV_DX_VECS; ++v)
+            acc[v] = _mm256_setzero_ps();
+        const float *w = wt + j0;
+        for (int64_t o = 0; o < out_c; ++o, w += span_pad) {
+            const __m256 x = _mm256_broadcast_ss(d + o);
+            CNN_UNROLL
+            for (int v = 0; v < CONV_DX_VECS; ++v)
+                if (j0 + 8 * v < span_pad)
+                    acc[v] = _mm256_fmadd_ps(x, _mm256_loadu_ps(w + 8 * v), acc[v]);
+        }
+        CNN_UNROLL
+        for (int v = 0; v < CONV_DX_VECS; ++v) {
+            const __m256i m = lanes8(span - j0 - 8 * v);
+            float *tv = t + j0 + 8 * v;
+            if (j0 + 8 * v < span)
+                _mm256_maskstore_ps(tv, m, _mm256_add_ps(_mm256_maskload_ps(tv, m), acc[v]));
+        }
+    }
+}
+#endif
+
+/* Compile-time tile sizes for the bodies above. */
+#define CONV_DW_CASE(F, R, NV) \
+    case R: F(R, NV, dw, ldw, img, koff, s, g, dy, nvalid); break;
+#define CONV_DW_SWITCH(F, NV) \
+    switch (mrj) { CONV_DW_CASE(F, 1, NV) CONV_DW_CASE(F, 2, NV) CONV_DW_CASE(F, 3, NV) \
+                   CONV_DW_CASE(F, 4, NV) CONV_DW_CASE(F, 5, NV) CONV_DW_CASE(F, 6, NV) \
+                   CONV_DW_CASE(F, 7, NV) default: F(8, NV, dw, ldw, img, koff, s, g, dy, \
+                                                     nvalid); break; }
+/* One family's fwd_tile and dw_tile: the tile bodies at their compile-time sizes. */
+#define CONV_FAMILY(ATTR, FWD, DW, NAME)                                                   \
+    ATTR static void fwd_tile_##NAME(float *out, const float *const *a, int64_t kh,       \
+                                     int64_t span, int64_t ldx, const float *w,           \
+                                     int64_t ldw, int nv)                                 \
+    {                                                                                      \
+        /* -> out (mr, 16) */                                                              \
+        if (nv == 2)                                                                       \
+            FWD(CONV_MR2, 2, out, a, kh, span, ldx, w, ldw);                               \
+        else                                                                               \
+            FWD(CONV_MR1, 1, out, a, kh, span, ldx, w, ldw);                               \
+    }                                                                                      \
+    ATTR static void dw_tile_##NAME(float *dw, int64_t ldw, const float *img, int64_t koff, \
+                                    const cnn_conv2d_shape *s, const conv_geom *g,         \
+                                    const float *dy, int64_t nvalid, int mrj)              \
+    {                                                                                      \
+        /* mrj (<= g->mr) rows of dw += this image's terms */                             \
+        if (g->nv == 2) {                                                                  \
+            CONV_DW_SWITCH(DW, 2)                                                          \
+        } else {                                                                           \
+            CONV_DW_SWITCH(DW, 1)                                                          \
+        }                                                                                  \
+    }
+
+CONV_FAMILY(, fwd_tile_generic, dw_tile_generic, portable)
+#ifdef CNN_AVX2_BUILD
+CONV_FAMILY(__attribute__((target("avx2,fma"))), fwd_tile_avx2, dw_tile_avx2, x86)
+#endif
+
+static void fwd_tile(float *out, const float *const *a, int64_t kh, int64_t span,
+                     int64_t ldx, const float *w, int64_t ldw, int nv, int avx2)
+{
+    /* -> out (mr, 16) with the selected family */
+#ifdef CNN_AVX2_BUILD
+    if (avx2) {
+        fwd_tile_x86(out, a, kh, span, ldx, w, ldw, nv);
+        return;
+    }
+#endif
+    (void)avx2;
+    fwd_tile_portable(out, a, kh, span, ldx, w, ldw, nv);
+}
+
+static void dw_tile(float *dw, int64_t ldw, const float *img, int64_t koff,
+                    const cnn_conv2d_shape *s, const conv_geom *g, const float *dy,
+                    int64_t nvalid, int mrj, int avx2)
+{
+    /* mrj rows of dw += this image's terms, with the selected family */
+#ifdef CNN_AVX2_BUILD
+    if (avx2) {
+        dw_tile_x86(dw, ldw, img, koff, s, g, dy, nvalid, mrj);
+        return;
+    }
+#endif
+    (void)avx2;
+    dw_tile_portable(dw, ldw, img, koff, s, g, dy, nvalid, mrj);
+}
+
+/* Everything a pass needs, shared by its threads. */
+typedef struct conv_ctx {
     const cnn_conv2d_shape *s;
-    const conv_plan *p;
-} conv_call;
+    conv_geom g;
+    const float *X, *dY;
+    float *Y, *dX;
+    const float *wpk;     /* (K, o_pad) */
+    float *wt;            /* (kernel_h, out_c, span_pad) */
+    float *dwp;           /* (K, o_pad) */
+    const cnn_epilogue *ep;
+    float *images;        /* n_threads padded images */
+    int avx2;
+} conv_ctx;
 
-typedef int (*conv_range)(const conv_call *c, int64_t u0, int64_t u1, float *slot, int threads);
-
-/* Chunks u0 .. u1-1 of Y = act(P W + b), P built in `slot` (GEMM on `threads`). */
-static int forward_chunks(const conv_call *c, int64_t u0, int64_t u1, float *slot, int threads)
+/* Forward pass over images n0 .. n1-1 (slot: this thread's padded image). */
+static void forward_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
 {
-    /* rows [u0 R, u1 R) of Y, chunk by chunk */
-    const cnn_conv2d_shape *s = c->s;
-    const conv_plan *p = c->p;
-    float *gemm_work = slot + p->patch_floats;
-    const int64_t g1 = min64(p->rows, u1 * p->R);
-    for (int64_t c0 = u0 * p->R; c0 < g1; c0 += p->R) {
-        const int64_t c1 = min64(g1, c0 + p->R), m = (c1 - c0) * s->out_w;
-        const float *P = c->in + c0 * s->out_w * p->K;
-        if (!p->direct) {
-            im2col(slot, c->in, s, c0, c1);
-            P = slot;
+    /* Y images [n0, n1) */
+    const cnn_conv2d_shape *s = x->s;
+    const conv_geom *g = &x->g;
+    const int64_t npix = s->out_h * s->out_w, O = s->out_c;
+    float tile[CONV_MR_MAX * CONV_NR];
+    for (int64_t n = n0; n < n1; ++n) {
+        const float *img = image_of(x->X, s, g, n, slot);
+        for (int64_t q0 = 0; q0 < npix; q0 += g->mr) {
+            const int64_t mr = min64(g->mr, npix - q0);
+            const float *a[CONV_MR_MAX];
+            for (int i = 0; i < g->mr; ++i) {
+                const int64_t q = q0 + min64(i, mr - 1), oy = q / s->out_w, ox = q % s->out_w;
+                a[i] = img + oy * s->stride * g->ldx + ox * s->stride * s->in_c;
+            }
+            for (int64_t o0 = 0; o0 < O; o0 += 8 * g->nv) {
+                const int64_t no = min64(8 * g->nv, O - o0);
+                fwd_tile(tile, a, s->kernel_h, g->span, g->ldx, x->wpk + o0, g->o_pad, g->nv,
+                         x->avx2);
+                for (int64_t i = 0; i < mr; ++i) {
+                    float *y = x->Y + (n * npix + q0 + i) * O + o0;
+                    memcpy(y, tile + i * CONV_NR, (size_t)no * sizeof(float));
+                    cnn_epilogue_row(y, x->ep, 0, o0, no);
+                }
+            }
         }
-        const int status = cnn_sgemm_ex(c->out + c0 * s->out_w * s->out_c, P, c->W, m,
-                                        s->out_c, p->K, s->out_c, p->K, s->out_c, CNN_NO_TRANS,
-                                        CNN_NO_TRANS, 1.0f, 0.0f, c->ep, gemm_work, threads);
-        if (status != CNN_OK)
-            return status;
     }
-    return CNN_OK;
 }
 
-/* fn over units [0, units): one contiguous range per thread with one-thread GEMMs in its
-   own workspace slot, or (T == 1) all of them with the threads inside each GEMM. */
-static int run_split(const conv_call *c, conv_range fn, int64_t units, int T, float *work,
-                     int n_threads)
+/* dW tiles t0 .. t1-1 (kernel row, block of dW rows, block of channels) over every image. */
+static void weight_tiles(const conv_ctx *x, int64_t t0, int64_t t1, float *slot)
 {
-    /* -> the first failing status, or CNN_OK */
+    /* dwp rows of tiles [t0, t1) */
+    const cnn_conv2d_shape *s = x->s;
+    const conv_geom *g = &x->g;
+    const int64_t nj = (g->span + g->mr - 1) / g->mr, no = (s->out_c + 8 * g->nv - 1) / (8 * g->nv);
+    for (int64_t t = t0; t < t1; ++t) {
+        const int64_t ky = t / (nj * no), j0 = (t / no) % nj * g->mr, o0 = t % no * 8 * g->nv;
+        float *dw = x->dwp + (ky * g->span + j0) * g->o_pad + o0;
+        for (int64_t jj = 0; jj < min64(g->mr, g->span - j0); ++jj)
+            memset(dw + jj * g->o_pad, 0, 8 * (size_t)g->nv * sizeof(float));
+    }
+    for (int64_t n = 0; n < s->batch; ++n) {
+        const float *img = image_of(x->X, s, g, n, slot);
+        const float *dy = x->dY + n * s->out_h * s->out_w * s->out_c;
+        for (int64_t t = t0; t < t1; ++t) {
+            const int64_t ky = t / (nj * no), j0 = (t / no) % nj * g->mr, o0 = t % no * 8 * g->nv;
+            dw_tile(x->dwp + (ky * g->span + j0) * g->o_pad + o0, g->o_pad, img,
+                    ky * g->ldx + j0, s, g, dy + o0, min64(8 * g->nv, s->out_c - o0),
+                    (int)min64(g->mr, g->span - j0), x->avx2);
+        }
+    }
+}
+
+/* dX of images n0 .. n1-1: each pixel's dY times the weights added to its window. */
+static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
+{
+    /* dX images [n0, n1) */
+    const cnn_conv2d_shape *s = x->s;
+    const conv_geom *g = &x->g;
+    const int64_t C = s->in_c, image = s->in_h * s->in_w * C;
+    for (int64_t n = n0; n < n1; ++n) {
+        float *t = g->in_place ? x->dX + n * image : slot;
+        memset(t, 0, (size_t)(g->in_place ? image : g->Hp * g->ldx) * sizeof(float));
+        const float *dy = x->dY + n * s->out_h * s->out_w * s->out_c;
+        for (int64_t oy = 0; oy < s->out_h; ++oy)
+            for (int64_t ox = 0; ox < s->out_w; ++ox, dy += s->out_c) {
+                float *corner = t + oy * s->stride * g->ldx + ox * s->stride * C;
+                for (int64_t ky = 0; ky < s->kernel_h; ++ky) {
+                    const float *wt = x->wt + ky * s->out_c * g->span_pad;
+#ifdef CNN_AVX2_BUILD
+                    if (x->avx2) {
+                        dx_row_avx2(corner + ky * g->ldx, dy, wt, s->out_c, g->span, g->span_pad);
+                        continue;
+                    }
+#endif
+                    dx_row_generic(corner + ky * g->ldx, dy, wt, s->out_c, g->span, g->span_pad);
+                }
+            }
+        if (g->in_place)
+            continue;
+        /* the part of the padded gradient that lies on the image */
+        const int64_t mid = max64(0, min64(s->in_w, g->Wp - s->pad_left)) * C;
+        for (int64_t iy = 0; iy < s->in_h; ++iy) {
+            float *d = x->dX + n * image + iy * s->in_w * C;
+            const int64_t y = iy + s->pad_top;
+            if (y < g->Hp)
+                memcpy(d, t + y * g->ldx + s->pad_left * C, (size_t)mid * sizeof(float));
+            memset(d + (y < g->Hp ? mid : 0), 0,
+                   (size_t)(s->in_w * C - (y < g->Hp ? mid : 0)) * sizeof(float));
+        }
+    }
+}
+
+typedef void (*conv_range)(const conv_ctx *x, int64_t u0, int64_t u1, float *slot);
+
+/* fn over units [0, units), one contiguous range per thread, each with its own slot. */
+static void run_split(const conv_ctx *x, conv_range fn, int64_t units, int n_threads)
+{
+    /* -> fn called over a partition of [0, units) */
+    const int T = (int)min64(n_threads, units);
 #ifdef _OPENMP
     if (T > 1) {
-        int status = CNN_OK;
-        const int64_t slot = c->p->patch_floats + c->p->gemm1;
 #pragma omp parallel num_threads(T)
         {
             const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            const int st = fn(c, units * t / nt, units * (t + 1) / nt, work + t * slot, 1);
-            if (st != CNN_OK) {
-#pragma omp critical(cnn_conv_status)
-                status = st;
-            }
+            fn(x, units * t / nt, units * (t + 1) / nt, x->images + t * x->g.image);
         }
-        return status;
+        return;
     }
 #endif
     (void)T;
-    return fn(c, 0, units, work, n_threads);
+    fn(x, 0, units, x->images);
+}
+
+/* Threads worth waking for `macs` multiply-adds. */
+static int pass_threads(int n_threads, double macs)
+{
+    /* (threads, macs) -> threads */
+    return (int)max64(1, min64(n_threads, 1 + (int64_t)(macs / CONV_PARALLEL_MIN_MACS)));
+}
+
+static conv_ctx make_ctx(const cnn_conv2d_shape *s, float *work)
+{
+    /* shape, workspace -> context with the workspace carved */
+    conv_ctx x;
+    memset(&x, 0, sizeof x);
+    x.s = s;
+    x.g = make_geom(s);
+    x.wpk = work;
+    x.dwp = work + cnn_round_up_floats(x.g.K * x.g.o_pad);
+    x.wt = x.dwp + cnn_round_up_floats(x.g.K * x.g.o_pad);
+    x.images = work + shared_floats(s, &x.g);
+#ifdef CNN_AVX2_BUILD
+    x.avx2 = cnn_use_avx2_build();
+#endif
+    return x;
 }
 
 int cnn_conv2d_forward(float *Y, const float *X, const float *W, const float *b,
@@ -379,42 +692,24 @@ int cnn_conv2d_forward(float *Y, const float *X, const float *W, const float *b,
         return CNN_OK;
     if (!Y || !X || !W || !b || !work)
         return CNN_ERR_ARG;
-    const conv_plan p = make_plan(s, n_threads);
+    conv_ctx x = make_ctx(s, work);
     cnn_epilogue ep = {0};
     ep.bias = b;
     ep.act = act;
     ep.grad_act = CNN_ACT_IDENTITY;
     ep.alpha = alpha;
-    const conv_call c = { Y, X, W, &ep, s, &p };
-    const int64_t n_chunks = (p.rows + p.R - 1) / p.R;
-    const int T = pass_threads(n_threads, n_chunks, (double)p.rows * s->out_w * p.K * s->out_c);
-    return run_split(&c, forward_chunks, n_chunks, T, work, n_threads);
-}
-
-/* dX of images n0 .. n1-1: zeroed, then every chunk's dP = dY W^T scattered in. */
-static int backward_data(const conv_call *c, int64_t n0, int64_t n1, float *slot, int threads)
-{
-    /* images [n0, n1) of dX */
-    const cnn_conv2d_shape *s = c->s;
-    const conv_plan *p = c->p;
-    float *dX = c->out;
-    const float *dY = c->in, *W = c->W;
-    const int64_t image = s->in_h * s->in_w * s->in_c;
-    float *gemm_work = slot + p->patch_floats;
-    if (!p->direct)
-        memset(dX + n0 * image, 0, (size_t)((n1 - n0) * image) * sizeof(float));
-    const int64_t g1 = n1 * s->out_h;
-    for (int64_t c0 = n0 * s->out_h; c0 < g1; c0 += p->R) {
-        const int64_t c1 = min64(g1, c0 + p->R), m = (c1 - c0) * s->out_w;
-        float *dP = p->direct ? dX + c0 * s->out_w * p->K : slot;
-        const int status = cnn_sgemm_ex(dP, dY + c0 * s->out_w * s->out_c, W, m, p->K,
-                                        s->out_c, p->K, s->out_c, s->out_c, CNN_NO_TRANS,
-                                        CNN_TRANS, 1.0f, 0.0f, NULL, gemm_work, threads);
-        if (status != CNN_OK)
-            return status;
-        if (!p->direct)
-            col2im(dX, dP, s, c0, c1);
+    x.ep = &ep;
+    x.X = X;
+    x.Y = Y;
+    /* weights with out_c padded to whole vectors by zeros */
+    float *wpk = work;
+    for (int64_t k = 0; k < x.g.K; ++k) {
+        memcpy(wpk + k * x.g.o_pad, W + k * s->out_c, (size_t)s->out_c * sizeof(float));
+        memset(wpk + k * x.g.o_pad + s->out_c, 0,
+               (size_t)(x.g.o_pad - s->out_c) * sizeof(float));
     }
+    const double macs = (double)s->batch * s->out_h * s->out_w * x.g.K * s->out_c;
+    run_split(&x, forward_images, s->batch, pass_threads(n_threads, macs));
     return CNN_OK;
 }
 
@@ -424,37 +719,41 @@ int cnn_conv2d_backward(float *dX, float *dW, float *db, const float *dY, const 
     /* dX (batch, in_h, in_w, in_c), dW (kernel_h, kernel_w, in_c, out_c), db (out_c,) */
     if (cnn_conv2d_shape_check(s) != CNN_OK || n_threads < 1 || !dW || !db)
         return CNN_ERR_ARG;
-    const int64_t K = s->kernel_h * s->kernel_w * s->in_c;
+    const int64_t K = s->kernel_h * s->kernel_w * s->in_c, O = s->out_c;
     if (s->batch == 0) {
-        memset(dW, 0, (size_t)(K * s->out_c) * sizeof(float));
-        memset(db, 0, (size_t)s->out_c * sizeof(float));
+        memset(dW, 0, (size_t)(K * O) * sizeof(float));
+        memset(db, 0, (size_t)O * sizeof(float));
         return CNN_OK;
     }
     if (!dY || !X || !W || !work)
         return CNN_ERR_ARG;
-    const conv_plan p = make_plan(s, n_threads);
-    cnn_bias_backward(db, dY, p.rows * s->out_w, s->out_c);
+    conv_ctx x = make_ctx(s, work);
+    x.X = X;
+    x.dY = dY;
+    x.dX = dX;
+    cnn_bias_backward(db, dY, s->batch * s->out_h * s->out_w, O);
+    const double macs = (double)s->batch * s->out_h * s->out_w * K * O;
 
-    /* dW: the chunks in order, accumulated; the threads work inside each GEMM */
-    for (int64_t c0 = 0; c0 < p.rows; c0 += p.R) {
-        const int64_t c1 = min64(p.rows, c0 + p.R), m = (c1 - c0) * s->out_w;
-        const float *P = X + c0 * s->out_w * K;
-        if (!p.direct) {
-            im2col(work, X, s, c0, c1);
-            P = work;
-        }
-        const int status = cnn_sgemm_ex(dW, P, dY + c0 * s->out_w * s->out_c, K, s->out_c, m,
-                                        s->out_c, K, s->out_c, CNN_TRANS, CNN_NO_TRANS, 1.0f,
-                                        c0 == 0 ? 0.0f : 1.0f, NULL, work + p.patch_floats,
-                                        n_threads);
-        if (status != CNN_OK)
-            return status;
-    }
+    /* dW: tiles of (kernel row, dW rows, channels) per thread, every image in order */
+    const conv_geom *g = &x.g;
+    const int64_t n_tiles = s->kernel_h * ((g->span + g->mr - 1) / g->mr) *
+                            ((O + 8 * g->nv - 1) / (8 * g->nv));
+    run_split(&x, weight_tiles, n_tiles, pass_threads(n_threads, macs));
+    for (int64_t k = 0; k < K; ++k)
+        memcpy(dW + k * O, x.dwp + k * g->o_pad, (size_t)O * sizeof(float));
     if (!dX)
         return CNN_OK;
 
-    /* dX: whole images per thread */
-    const conv_call c = { dX, dY, W, NULL, s, &p };
-    const int T = pass_threads(n_threads, s->batch, (double)p.rows * s->out_w * K * s->out_c);
-    return run_split(&c, backward_data, s->batch, T, work, n_threads);
+    /* dX: whole images per thread; the weights transposed per kernel row */
+    float *wt = x.wt;
+    for (int64_t ky = 0; ky < s->kernel_h; ++ky)
+        for (int64_t o = 0; o < O; ++o) {
+            float *row = wt + (ky * O + o) * g->span_pad;
+            for (int64_t j = 0; j < g->span; ++j)
+                row[j] = W[(ky * g->span + j) * O + o];
+            for (int64_t j = g->span; j < g->span_pad; ++j)
+                row[j] = 0.0f;
+        }
+    run_split(&x, data_images, s->batch, pass_threads(n_threads, macs));
+    return CNN_OK;
 }
