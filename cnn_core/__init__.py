@@ -34,7 +34,7 @@ def get_library_dir():
 
 
 def info():
-    """Build and runtime facts: version, GEMM kernel in use, OpenMP, thread count."""
+    """Build and runtime facts: version, GEMM kernel in use, OpenMP, default thread count."""
     return {
         "version": __version__,
         "kernel": kernels.get_kernel(),
@@ -58,3 +58,7 @@ def _select_kernel_from_environment():
 
 
 _select_kernel_from_environment()
+
+from ._threadpool import register_with_threadpoolctl as _register_with_threadpoolctl  # noqa: E402
+
+_register_with_threadpoolctl()

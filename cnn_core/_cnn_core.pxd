@@ -47,6 +47,7 @@ cdef extern from "cnn_core.h" nogil:
     const char *cnn_kernel_name(cnn_kernel kernel)
     int cnn_openmp_enabled()
     int cnn_max_threads()
+    int cnn_set_max_threads(int n_threads)
 
     int cnn_sgemm(float *C, const float *A, const float *B,
                   int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,

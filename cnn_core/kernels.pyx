@@ -216,7 +216,7 @@ cdef float *_ptr1(float[::1] v) noexcept nogil:
 
 
 def _threads(n_threads):
-    """Validate n_threads (None -> the OpenMP default)."""
+    """Validate n_threads (None -> max_threads())."""
     if n_threads is None:
         return max(1, c.cnn_max_threads())
     if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
@@ -270,7 +270,8 @@ def openmp_enabled():
 
 
 def max_threads():
-    """Threads used when n_threads is None (OMP_NUM_THREADS or threadpoolctl's setting)."""
+    """Threads used when n_threads is None: OMP_NUM_THREADS if set, else the CPUs this
+    process may use (affinity mask, cgroup CPU quota), capped by threadpoolctl's limit."""
     return max(1, c.cnn_max_threads())
 
 

@@ -68,9 +68,14 @@ int cnn_set_kernel(cnn_kernel kernel);
 cnn_kernel cnn_get_kernel(void);
 /* "generic", "avx2", "avx512" or "neon". */
 const char *cnn_kernel_name(cnn_kernel kernel);
-/* 1 if compiled with OpenMP, else 0; and the number of threads OpenMP would use. */
+/* 1 if compiled with OpenMP, else 0 (the kernels' threads are cnn_core's own pool). */
 int cnn_openmp_enabled(void);
+/* Threads the kernels use by default: OMP_NUM_THREADS if set, else the CPUs this process
+   may run on (affinity mask, cgroup CPU quota); at most the limit set below. */
 int cnn_max_threads(void);
+/* Limit cnn_max_threads() to n_threads (0 removes the limit; threadpoolctl uses this).
+   CNN_ERR_ARG unless 0 <= n_threads <= 1024. */
+int cnn_set_max_threads(int n_threads);
 
 /* ---- GEMM --------------------------------------------------------------- */
 /* C = alpha op(A) op(B) + beta C ; op(A) is (M, K), op(B) is (K, N), C is (M, N).

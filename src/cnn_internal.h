@@ -14,6 +14,23 @@
 float *cnn_aligned_alloc_floats(int64_t n);
 void cnn_aligned_free(float *p);
 
+/* Most threads a parallel loop runs on (thread indices are below this). */
+#define CNN_MAX_THREADS 256
+
+/* One task of a parallel loop: `thread` (0 for the caller, < the loop's n_threads) only
+   picks the task's scratch space; what a task computes must not depend on it. */
+typedef void (*cnn_task_fn)(void *ctx, int64_t task, int thread);
+
+/* Run fn(ctx, task, thread) for every task in [0, n_tasks) on the calling thread and up
+   to n_threads - 1 pool workers, which claim tasks one at a time; returns when all have
+   finished.  Runs serially while the pool is busy (nested or concurrent calls). */
+void cnn_parallel_for(int n_threads, int64_t n_tasks, cnn_task_fn fn, void *ctx);
+
+/* cnn_gather_rows with the rows shared out over n_threads threads once there are
+   enough of them (same result). */
+int cnn_gather_rows_threaded(float *out, const void *X, cnn_dtype dtype, const int64_t *index,
+                             int64_t n_index, int64_t n_rows, int64_t n_cols, int n_threads);
+
 /* Apply `ep` to row i of C, columns j0 .. j0 + n - 1 (c points at column j0). */
 void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, int64_t n);
 

@@ -55,3 +55,42 @@ int cnn_gather_rows(float *out, const void *X, cnn_dtype dtype, const int64_t *i
     gather_generic(out, X, dtype, index, n_index, n_cols);
     return CNN_OK;
 }
+
+/* Rows per task of a threaded gather. */
+#define CNN_GATHER_ROWS 16
+
+typedef struct gather_job {
+    float *out;
+    const void *X;
+    cnn_dtype dtype;
+    const int64_t *index;
+    int64_t n_index, n_rows, n_cols;
+} gather_job;
+
+static void gather_task(void *arg, int64_t task, int thread)
+{
+    /* rows [16 task, 16 task + 16) */
+    gather_job *j = (gather_job *)arg;
+    const int64_t r0 = task * CNN_GATHER_ROWS;
+    const int64_t k = j->n_index - r0 < CNN_GATHER_ROWS ? j->n_index - r0 : CNN_GATHER_ROWS;
+    (void)thread;
+    (void)cnn_gather_rows(j->out + r0 * j->n_cols, j->X, j->dtype, j->index + r0, k, j->n_rows,
+                          j->n_cols); /* the indices were checked before */
+}
+
+int cnn_gather_rows_threaded(float *out, const void *X, cnn_dtype dtype, const int64_t *index,
+                             int64_t n_index, int64_t n_rows, int64_t n_cols, int n_threads)
+{
+    /* cnn_gather_rows, rows shared out in tasks once there are enough */
+    if (dtype != CNN_DTYPE_FLOAT32 && dtype != CNN_DTYPE_UINT8)
+        return CNN_ERR_ARG;
+    if (n_threads < 2 || n_index * n_cols < 16384)
+        return cnn_gather_rows(out, X, dtype, index, n_index, n_rows, n_cols);
+    for (int64_t r = 0; r < n_index; ++r)
+        if (index[r] < 0 || index[r] >= n_rows)
+            return CNN_ERR_ARG;
+    gather_job j = { out, X, dtype, index, n_index, n_rows, n_cols };
+    cnn_parallel_for(n_threads, (n_index + CNN_GATHER_ROWS - 1) / CNN_GATHER_ROWS, gather_task,
+                     &j);
+    return CNN_OK;
+}

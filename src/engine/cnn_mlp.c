@@ -3,9 +3,6 @@
 #include <string.h>
 #include "cnn_core.h"
 #include "cnn_internal.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 int64_t cnn_mlp_param_count(const cnn_mlp *net)
 {
@@ -85,19 +82,30 @@ static uint32_t nonfinite_bits(const float *x, int64_t n)
     return bad;
 }
 
+typedef struct finite_job {
+    const float *x;
+    int64_t n;
+    uint32_t bad[CNN_MAX_THREADS]; /* per thread */
+} finite_job;
+
+static void finite_task(void *arg, int64_t task, int thread)
+{
+    /* elements [4096 task, 4096 task + 4096) of x */
+    finite_job *j = (finite_job *)arg;
+    const int64_t i = task * 4096;
+    j->bad[thread] |= nonfinite_bits(j->x + i, j->n - i < 4096 ? j->n - i : 4096);
+}
+
 static int all_finite(const float *x, int64_t n, int n_threads)
 {
     /* 1 if no element of x (n,) is NaN or infinite, else 0 */
-    uint32_t bad = 0;
     if (n < 65536 || n_threads < 2)
         return nonfinite_bits(x, n) == 0;
-#if defined(_OPENMP) && _OPENMP >= 200805
-#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(|:bad)
-    for (int64_t i = 0; i < n; i += 4096)
-        bad |= nonfinite_bits(x + i, n - i < 4096 ? n - i : 4096);
-#else
-    bad = nonfinite_bits(x, n);
-#endif
+    finite_job j = { x, n, {0} };
+    uint32_t bad = 0;
+    cnn_parallel_for(n_threads, (n + 4095) / 4096, finite_task, &j);
+    for (int t = 0; t < CNN_MAX_THREADS; ++t)
+        bad |= j.bad[t];
     return bad == 0;
 }
 
@@ -169,19 +177,43 @@ static int predict_chunk(float *probs, const cnn_mlp *net, const void *X, cnn_dt
 /* Chunks [c0, c1) of B rows, in order; the status of the first that fails. */
 static int predict_chunks(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
                           int64_t n, int64_t B, int64_t c0, int64_t c1, int logits,
-                          float *slot, int n_threads, int64_t *failed)
+                          float *slot, int n_threads)
 {
-    /* probs[c0 B : c1 B] ; *failed = index of the failing chunk */
+    /* probs[c0 B : c1 B] */
     for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t r0 = ch * B, rows = n - r0 < B ? n - r0 : B;
         int status = predict_chunk(probs, net, X, dtype, n, B, r0, rows, logits, slot,
                                    n_threads);
-        if (status != CNN_OK) {
-            *failed = ch;
+        if (status != CNN_OK)
             return status;
-        }
     }
     return CNN_OK;
+}
+
+/* A threaded predict: chunk `task` in thread `thread`'s slot; per thread, the first
+   chunk that failed and its status. */
+typedef struct predict_job {
+    float *probs;
+    const cnn_mlp *net;
+    const void *X;
+    cnn_dtype dtype;
+    int64_t n, B, slot;
+    int logits;
+    float *work;
+    int64_t failed[CNN_MAX_THREADS];
+    int status[CNN_MAX_THREADS];
+} predict_job;
+
+static void predict_task(void *arg, int64_t task, int thread)
+{
+    /* chunk `task` */
+    predict_job *j = (predict_job *)arg;
+    const int st = predict_chunks(j->probs, j->net, j->X, j->dtype, j->n, j->B, task, task + 1,
+                                  j->logits, j->work + thread * j->slot, 1);
+    if (st != CNN_OK && j->status[thread] == CNN_OK) {
+        j->failed[thread] = task;  /* a thread claims chunks in increasing order */
+        j->status[thread] = st;
+    }
 }
 
 int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
@@ -192,60 +224,24 @@ int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype d
         n_threads < 1)
         return CNN_ERR_ARG;
     const int64_t B = batch_size, chunks = (n + B - 1) / B;
-    int64_t failed = 0;
     if (chunks < 2 || n_threads < 2)
-        return predict_chunks(probs, net, X, dtype, n, B, 0, chunks, logits, work, n_threads,
-                              &failed);
-    /* Several chunks: each thread runs its own range of chunks with one-thread GEMMs in
-       its own workspace slot (no barriers at all).  Results do not depend on the split. */
-    const int T = chunks < n_threads ? (int)chunks : n_threads;
-    const int64_t slot = predict_slot_floats(net, B, 1);
-    int status = CNN_OK;
-    int64_t first_failed = chunks;
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(T)
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        int64_t at = 0;
-        int st = predict_chunks(probs, net, X, dtype, n, B, t * chunks / nt,
-                                (t + 1) * chunks / nt, logits, work + t * slot, 1, &at);
-        if (st != CNN_OK) {
-#pragma omp critical(cnn_mlp_predict_status)
-            if (at < first_failed) {
-                first_failed = at;
-                status = st;
-            }
-        }
+        return predict_chunks(probs, net, X, dtype, n, B, 0, chunks, logits, work, n_threads);
+    /* Several chunks: threads claim chunks and run each with one-thread GEMMs in their
+       own workspace slot (no barriers at all).  Results do not depend on the split. */
+    predict_job j;
+    j.probs = probs; j.net = net; j.X = X; j.dtype = dtype; j.n = n; j.B = B;
+    j.logits = logits; j.work = work; j.slot = predict_slot_floats(net, B, 1);
+    for (int t = 0; t < CNN_MAX_THREADS; ++t) {
+        j.failed[t] = chunks;
+        j.status[t] = CNN_OK;
     }
-#else
-    (void)T; (void)slot; (void)first_failed;
-    status = predict_chunks(probs, net, X, dtype, n, B, 0, chunks, logits, work, 1, &failed);
-#endif
-    return status;
-}
-
-/* cnn_gather_rows split over the threads by rows once the batch is large enough. */
-static int gather_batch(float *x, const void *X, cnn_dtype dtype, const int64_t *idx,
-                        int64_t rows, int64_t n_in, int n_threads)
-{
-    /* x (rows, n_in) = X[idx] */
-    if (n_threads < 2 || rows * n_in < 16384)
-        return cnn_gather_rows(x, X, dtype, idx, rows, INT64_MAX, n_in);
+    cnn_parallel_for(n_threads, chunks, predict_task, &j);
     int status = CNN_OK;
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(n_threads)
-    {
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t r0 = t * rows / nt, r1 = (t + 1) * rows / nt;
-        int st = cnn_gather_rows(x + r0 * n_in, X, dtype, idx + r0, r1 - r0, INT64_MAX, n_in);
-        if (st != CNN_OK) {
-#pragma omp critical(cnn_mlp_gather_status)
-            status = st;
+    for (int t = 0, first = 0; t < CNN_MAX_THREADS; ++t)
+        if (j.status[t] != CNN_OK && (status == CNN_OK || j.failed[t] < j.failed[first])) {
+            first = t;
+            status = j.status[t];
         }
-    }
-#else
-    status = cnn_gather_rows(x, X, dtype, idx, rows, INT64_MAX, n_in);
-#endif
     return status;
 }
 
@@ -298,7 +294,7 @@ int cnn_mlp_train_batches(cnn_mlp *net, cnn_optimizer *opt, float *state1, float
             return CNN_ERR_ARG;
         const int64_t rows = n_order - r0 < B ? n_order - r0 : B;
         const int64_t *idx = order + r0;
-        int status = gather_batch(x, X, dtype, idx, rows, n_in, n_threads);
+        int status = cnn_gather_rows_threaded(x, X, dtype, idx, rows, INT64_MAX, n_in, n_threads);
         if (status != CNN_OK)
             return status;
         if (batch + 1 < first_batch + n_batches && r0 + B < n_order)

@@ -1,13 +1,10 @@
 /* cnn_optim.c -- parameter updates: SGD (momentum, Nesterov, L2) and Adam / AdamW.
-   Every update is elementwise: threads take contiguous ranges, and the x86-64 AVX2 build
+   Every update is elementwise: threads claim chunks of it, and the x86-64 AVX2 build
    of the loops only widens the vectors (ISO C mode contracts no multiply-add), so the
    result is the same for any thread count and kernel family. */
 #include <math.h>
 #include "cnn_core.h"
 #include "cnn_internal.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 typedef struct update {
     float *p, *s1, *s2;       /* parameters, first and second state */
@@ -65,26 +62,34 @@ __attribute__((target("avx2")))
 static void update_avx2(const update *u, int64_t i0, int64_t i1) { update_body(u, i0, i1); }
 #endif
 
+/* Elements per task of a threaded update (a multiple of every vector width). */
+#define CNN_UPDATE_CHUNK 16384
+
+typedef struct update_job {
+    const update *u;
+    void (*range)(const update *, int64_t, int64_t);
+    int64_t n;
+} update_job;
+
+static void update_task(void *arg, int64_t task, int thread)
+{
+    /* elements [task CHUNK, (task + 1) CHUNK) */
+    const update_job *j = (const update_job *)arg;
+    const int64_t i0 = task * CNN_UPDATE_CHUNK;
+    (void)thread;
+    j->range(j->u, i0, j->n - i0 < CNN_UPDATE_CHUNK ? j->n : i0 + CNN_UPDATE_CHUNK);
+}
+
 static void run(const update *u, int64_t n, int n_threads)
 {
-    /* the update over [0, n), split into one contiguous range per thread */
-    void (*range)(const update *, int64_t, int64_t) = update_generic;
+    /* the update over [0, n), in chunks claimed by the threads */
+    update_job j = { u, update_generic, n };
 #ifdef CNN_AVX2_BUILD
     if (cnn_use_avx2_build())
-        range = update_avx2;
+        j.range = update_avx2;
 #endif
-#ifdef _OPENMP
-    if (n >= 32768 && n_threads > 1) {
-#pragma omp parallel num_threads(n_threads)
-        {
-            const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-            range(u, n * t / T, n * (t + 1) / T);
-        }
-        return;
-    }
-#endif
-    (void)n_threads;
-    range(u, 0, n);
+    cnn_parallel_for(n >= 2 * CNN_UPDATE_CHUNK ? n_threads : 1,
+                     (n + CNN_UPDATE_CHUNK - 1) / CNN_UPDATE_CHUNK, update_task, &j);
 }
 
 int cnn_optimizer_update(float *p, float *state1, float *state2, cnn_optimizer *opt,

@@ -1,21 +1,18 @@
 /* cnn_gemm.c -- single-precision GEMM: the plain reference, the epilogue, the portable
-   micro-kernel family, and the blocked, packed, threaded driver (GotoBLAS/BLIS loops)
-   that runs whichever family cnn_get_kernel() selects.
+   micro-kernel family, and the blocked, packed driver (GotoBLAS/BLIS loops) that runs
+   whichever family cnn_get_kernel() selects.
 
    Families (see cnn_gemm_kernels.h): AVX-512F 14 x 32 tiles, AVX2+FMA 5 x 16, NEON
-   8 x 12, portable C 4 x 8.  Threads split C into row ranges (op(B) blocks packed
-   jointly) or column ranges (op(A) blocks packed jointly), whichever a small cost
-   model prefers; K is blocked the same way for every thread count, so results are
-   bit-identical for any n_threads.  Problems below 256k multiply-adds run serially. */
+   8 x 12, portable C 4 x 8.  With several threads C is cut into independent blocks
+   (tasks of cnn_parallel_for, each packing its own operands, no barrier); K is blocked
+   the same way for any split, so results are bit-identical for any n_threads.
+   Problems below 256k multiply-adds run on one thread. */
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #include "cnn_core.h"
 #include "cnn_internal.h"
 #include "cnn_gemm_kernels.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 void cnn_sgemm_ref(float *C, const float *A, const float *B,
                    int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,
@@ -242,7 +239,7 @@ const cnn_gemm_family *cnn_gemm_family_for(cnn_kernel kernel)
     return NULL;
 }
 
-/* ---- plan: threads, blocks, workspace -------------------------------------- */
+/* ---- blocks, tasks, workspace ------------------------------------------------ */
 
 CNN_INLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 CNN_INLINE int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -257,48 +254,23 @@ CNN_INLINE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 #define CNN_GEMM_ROW_MAX_M 2
 /* Below this many multiply-adds the row path runs on one thread. */
 #define CNN_GEMM_ROW_PARALLEL_MIN_FMAS 131072.0
-/* Columns of C are handed to threads in units of this many (one AVX-512 vector). */
+/* Columns of C are handed to tasks in units of this many (one AVX-512 vector). */
 #define CNN_GEMM_COL_UNIT 16
+/* Most row blocks and column blocks a parallel GEMM is cut into. */
+#define CNN_GEMM_MAX_BLOCKS 8
 
-/* How the threads share a GEMM.  Each thread owns a range of rows of C (split_n == 0;
-   the packed op(B) blocks are then packed jointly and shared) or a range of columns
-   (split_n == 1; the packed op(A) blocks are shared).  K is never split, so every
-   element of C is computed by one thread in the same order for any thread count. */
-typedef struct gemm_plan {
-    int n_threads;
-    int split_n;
-    int64_t rows, cols;  /* most rows / columns of C one thread owns */
-} gemm_plan;
+/* How a parallel GEMM cuts C into tasks: blocks of `rows` rows (a multiple of the
+   family's tallest tile) by `cols` columns (a multiple of CNN_GEMM_COL_UNIT), row-major.
+   Each task computes its block over all of K from its own packed copies of op(A) and
+   op(B): no data is shared, so no task waits for another, and every element of C is
+   accumulated over the same K blocks whatever the split. */
+typedef struct gemm_split {
+    int64_t rows, cols, n_rows, n_cols; /* block sizes; blocks down and across */
+} gemm_split;
 
-/* Rough cycles for one thread to compute an (m, n, K) block of C with 14 x 32 tiles,
-   counting padded tiles and short tiles as full ones. */
-static double tile_cycles(int64_t m, int64_t n, int64_t K)
-{
-    /* (m, n, K) -> cycles */
-    if (m <= 0 || n <= 0)
-        return 0.0;
-    const int64_t tiles = ceil_div(m, 14);
-    const int64_t mrs = ceil_div(m, tiles);
-    const double rows = (double)tiles * (double)max64(mrs, 6);
-    return rows * (double)round_up(n, CNN_GEMM_COL_UNIT) * (double)K / 28.0
-         + 40.0 * (double)(tiles * ceil_div(n, 32));
-}
-
-/* Threads for the row path: each reads its own columns of op(B), so two threads halve
-   the time once op(B) is large enough to outweigh waking them. */
-static int row_threads(int64_t M, int64_t N, int64_t K, int n_threads)
-{
-    /* (M, N, K, n_threads) -> threads */
-    const double fmas = (double)M * (double)N * (double)K;
-    const int64_t most = ceil_div(N, CNN_GEMM_COL_UNIT);
-    if (fmas < CNN_GEMM_ROW_PARALLEL_MIN_FMAS || most < 2)
-        return 1;
-    return (int)min64(min64(n_threads, most), 1 + (int64_t)(fmas / CNN_GEMM_ROW_PARALLEL_MIN_FMAS));
-}
-
-/* What the plan needs to know about the operands: whether packing op(A) / op(B)
-   transposes (the source is x-major), and whether a thread that owns its B panels
-   can have the micro-kernel pack them on the fly (fused). */
+/* What the split needs to know about the operands: whether packing op(A) / op(B)
+   transposes (the source is x-major), and whether the micro-kernel packs the B panels
+   on the fly (fused). */
 typedef struct gemm_shape {
     int64_t M, N, K;
     int a_xmajor, b_xmajor, b_fused;
@@ -312,80 +284,61 @@ static double pack_cycles(double n, int xmajor, int fused)
     return n * (fused ? 0.05 : (xmajor ? 0.4 : 0.3));
 }
 
-/* Split C over n_threads threads (or fewer, or one for small problems). */
-static gemm_plan make_plan(const gemm_shape *sh, int n_threads)
+/* Rough cycles for one task: an (m, n) block of C over K with family f's tiles
+   (padded tiles count in full, two vector FMAs a cycle), plus packing its operands. */
+static double block_cycles(const cnn_gemm_family *f, const gemm_shape *sh, int64_t m,
+                           int64_t n)
 {
-    /* (shape, threads) -> plan */
-    const int64_t M = sh->M, N = sh->N, K = sh->K;
-    gemm_plan serial = { 1, 0, M, N };
-    if (n_threads <= 1 || M <= 0 || N <= 0 || K <= 0 ||
-        (double)M * (double)N * (double)K < CNN_GEMM_PARALLEL_MIN_FMAS)
-        return serial;
-    const double dK = (double)K;
-    const double overhead = 3000.0; /* entering a parallel region */
-    const double barrier = 300.0;
-    const int64_t nk = ceil_div(K, 512);
-    double best = tile_cycles(M, N, K) + pack_cycles((double)M * dK, sh->a_xmajor, 0) +
-                  pack_cycles((double)N * dK, sh->b_xmajor, sh->b_fused);
-    gemm_plan plan = serial;
-    /* Rows: thread t owns rows [t M / T, (t + 1) M / T); B blocks are packed jointly. */
-    const int tm = (int)min64(n_threads, M);
-    if (tm > 1) {
-        const int64_t rows = ceil_div(M, tm);
-        const double cost = tile_cycles(rows, N, K) +
-                            pack_cycles((double)rows * dK, sh->a_xmajor, 0) +
-                            pack_cycles((double)N * dK / tm, sh->b_xmajor, 0) +
-                            overhead + barrier * (double)nk;
-        if (cost < best) {
-            best = cost;
-            plan.n_threads = tm; plan.split_n = 0; plan.rows = rows; plan.cols = N;
-        }
-    }
-    /* Columns: thread t owns units [t U / T, (t + 1) U / T) of CNN_GEMM_COL_UNIT;
-       A blocks are packed jointly, B privately. */
-    const int64_t units = ceil_div(N, CNN_GEMM_COL_UNIT);
-    const int tn = (int)min64(n_threads, units);
-    if (tn > 1) {
-        const int64_t cols = ceil_div(units, tn) * CNN_GEMM_COL_UNIT;
-        const double cost = tile_cycles(M, cols, K) +
-                            pack_cycles((double)M * dK / tn, sh->a_xmajor, 0) +
-                            pack_cycles((double)cols * dK, sh->b_xmajor, sh->b_fused) +
-                            overhead + barrier * (double)nk * (double)ceil_div(M, 168);
-        if (cost < best) {
-            best = cost;
-            plan.n_threads = tn; plan.split_n = 1; plan.rows = M; plan.cols = cols;
-        }
-    }
-    return plan;
+    /* (f, shape, block) -> cycles */
+    const double K = (double)sh->K;
+    const double rows = (double)round_up(m, f->mr_max), cols = (double)round_up(n, f->nr_step);
+    return rows * cols * K / (2.0 * f->nr_step) + pack_cycles((double)m * K, sh->a_xmajor, 0) +
+           pack_cycles((double)n * K, sh->b_xmajor, sh->b_fused) + 1000.0;
 }
 
-/* Rows [i0, i1) of C owned by thread t under `plan`. */
-static void thread_rows(const gemm_plan *plan, int64_t M, int t, int64_t *i0, int64_t *i1)
+/* The split of C for n_threads threads that finishes soonest by a small cost model:
+   the work of all tasks shared out, plus half a task for the last one to finish (tasks
+   are claimed one at a time, so a late or descheduled thread costs at most one).  One
+   block (serial) when nothing beats it. */
+static gemm_split choose_split(const cnn_gemm_family *f, const gemm_shape *sh, int n_threads)
 {
-    /* (plan, t) -> row range */
-    const int T = plan->n_threads;
-    if (plan->split_n) {
-        *i0 = 0;
-        *i1 = M;
-    } else {
-        *i0 = (int64_t)t * M / T;
-        *i1 = (int64_t)(t + 1) * M / T;
+    /* (f, shape, threads) -> split */
+    const int64_t M = sh->M, N = sh->N;
+    gemm_split best = { M, N, 1, 1 };
+    if (n_threads <= 1 || (double)M * (double)N * (double)sh->K < CNN_GEMM_PARALLEL_MIN_FMAS)
+        return best;
+    double best_cost = block_cycles(f, sh, M, N);
+    for (int64_t r = 1; r <= CNN_GEMM_MAX_BLOCKS; ++r) {
+        const int64_t rows = round_up(ceil_div(M, r), f->mr_max), n_rows = ceil_div(M, rows);
+        if (n_rows != r)
+            continue;
+        for (int64_t c = 1; c <= CNN_GEMM_MAX_BLOCKS; ++c) {
+            const int64_t cols = round_up(ceil_div(N, c), CNN_GEMM_COL_UNIT);
+            const int64_t n_cols = ceil_div(N, cols);
+            if (n_cols != c || r * c < 2)
+                continue;
+            const double task = block_cycles(f, sh, rows, cols);
+            const double cost = task * (double)(r * c) / (double)min64(n_threads, r * c) +
+                                0.5 * task;
+            if (cost < best_cost) {
+                best_cost = cost;
+                best.rows = rows; best.cols = cols; best.n_rows = r; best.n_cols = c;
+            }
+        }
     }
+    return best;
 }
 
-/* Columns [j0, j1) of C owned by thread t under `plan`. */
-static void thread_cols(const gemm_plan *plan, int64_t N, int t, int64_t *j0, int64_t *j1)
+/* Threads for the row path: each reads its own columns of op(B), so two threads halve
+   the time once op(B) is large enough to outweigh waking them. */
+static int row_threads(int64_t M, int64_t N, int64_t K, int n_threads)
 {
-    /* (plan, t) -> column range */
-    const int T = plan->n_threads;
-    if (!plan->split_n) {
-        *j0 = 0;
-        *j1 = N;
-    } else {
-        const int64_t units = ceil_div(N, CNN_GEMM_COL_UNIT);
-        *j0 = min64(N, (int64_t)t * units / T * CNN_GEMM_COL_UNIT);
-        *j1 = min64(N, (int64_t)(t + 1) * units / T * CNN_GEMM_COL_UNIT);
-    }
+    /* (M, N, K, n_threads) -> threads */
+    const double fmas = (double)M * (double)N * (double)K;
+    const int64_t most = ceil_div(N, CNN_GEMM_COL_UNIT);
+    if (fmas < CNN_GEMM_ROW_PARALLEL_MIN_FMAS || most < 2)
+        return 1;
+    return (int)min64(min64(n_threads, most), 1 + (int64_t)(fmas / CNN_GEMM_ROW_PARALLEL_MIN_FMAS));
 }
 
 /* How a range of m rows is cut into tiles of mrs rows (the last may be shorter),
@@ -439,36 +392,18 @@ static int64_t b_block_floats(const cnn_gemm_family *f, int64_t n, int64_t K)
     return cnn_round_up_floats(round_up(min64(n, f->nc), f->nr) * min64(K, f->kc));
 }
 
-/* Workspace layout of a plan: `shared` floats used by all threads (double-buffered
-   when there are several), then `priv` floats per thread. */
-static void plan_floats(const cnn_gemm_family *f, const gemm_plan *plan, int64_t M,
-                        int64_t N, int64_t K, int64_t *shared, int64_t *priv)
+/* Floats of one thread's scratch for tiled blocks: one packed op(A) block and one
+   packed op(B) block, for the hungriest compiled family. */
+static int64_t block_slot_floats(int64_t M, int64_t N, int64_t K)
 {
-    /* (f, plan) -> sizes */
-    const int64_t copies = plan->n_threads > 1 ? 2 : 1;
-    if (plan->split_n) {
-        *shared = copies * a_block_floats(f, M, K);
-        *priv = b_block_floats(f, plan->cols, K);
-    } else {
-        *shared = copies * b_block_floats(f, N, K);
-        *priv = a_block_floats(f, plan->rows, K);
-    }
-}
-
-/* Floats a plan needs with the hungriest compiled family. */
-static int64_t plan_total(const gemm_plan *plan, int64_t M, int64_t N, int64_t K)
-{
-    /* plan -> floats */
+    /* (M, N, K) -> floats */
     static const cnn_kernel ids[4] = { CNN_KERNEL_GENERIC, CNN_KERNEL_AVX2,
                                        CNN_KERNEL_AVX512, CNN_KERNEL_NEON };
     int64_t most = 0;
     for (int t = 0; t < 4; ++t) {
         const cnn_gemm_family *f = cnn_gemm_family_for(ids[t]);
-        if (!f)
-            continue;
-        int64_t shared, priv;
-        plan_floats(f, plan, M, N, K, &shared, &priv);
-        most = max64(most, shared + plan->n_threads * priv);
+        if (f)
+            most = max64(most, a_block_floats(f, M, K) + b_block_floats(f, N, K));
     }
     return most;
 }
@@ -486,31 +421,27 @@ static int64_t sparse_rows_floats(int64_t K)
                                    2 * (CNN_GEMM_ROW_MAX_K + 16));
 }
 
+/* Floats of one thread's slot of the workspace (tiled blocks or the sparse path). */
+static int64_t slot_floats(int64_t M, int64_t N, int64_t K)
+{
+    /* (M, N, K) -> floats, a multiple of 16 */
+    return cnn_round_up_floats(max64(block_slot_floats(M, N, K), sparse_rows_floats(K)));
+}
+
 int64_t cnn_sgemm_workspace_floats(int64_t M, int64_t N, int64_t K, int n_threads)
 {
     /* (M, N, K, threads) -> floats of workspace for cnn_sgemm_ex */
     if (M <= 0 || N <= 0 || K <= 0)
         return 0;
-    /* Enough for the plan of every transpose case and kernel family, and for the
-       serial plan, the fallback when OpenMP grants fewer threads than asked. */
-    int64_t most = 0;
-    for (int c = 0; c < 8; ++c) {
-        const gemm_shape sh = { M, N, K, c & 1, (c >> 1) & 1, c >> 2 };
-        const gemm_plan plan = make_plan(&sh, n_threads < 1 ? 1 : n_threads);
-        const gemm_plan serial = make_plan(&sh, 1);
-        most = max64(most, max64(plan_total(&plan, M, N, K), plan_total(&serial, M, N, K)));
-    }
-    /* And for the sparse transposed path, one buffer per thread. */
-    most = max64(most, (int64_t)(n_threads < 1 ? 1 : n_threads) * sparse_rows_floats(K));
-    /* 16 floats of slack let the start be aligned to 64 bytes. */
-    return most + CNN_ALIGN / (int64_t)sizeof(float);
+    /* One slot per thread; 16 floats of slack let the start be aligned to 64 bytes. */
+    return (int64_t)(n_threads < 1 ? 1 : n_threads) * slot_floats(M, N, K) +
+           CNN_ALIGN / (int64_t)sizeof(float);
 }
 
 /* ---- driver ---------------------------------------------------------------- */
 
 typedef struct gemm_ctx {
     const cnn_gemm_family *f;
-    gemm_plan plan;
     float *C;
     const float *A, *B;
     int64_t M, N, K, ldc, lda, ldb;
@@ -518,25 +449,13 @@ typedef struct gemm_ctx {
     int b_fused;       /* the kernel may pack full B panels (kernel_packb) */
     float alpha, beta;
     const cnn_epilogue *ep;
-    float *shared[2];  /* shared packed blocks (the same buffer twice when serial) */
-    float *priv;       /* thread t's buffer is priv + t * priv_floats */
-    int64_t priv_floats;
     int a_sparse;      /* compact packed A panels (op(A) is mostly zeros) */
     int64_t a_index;   /* floats from a packed A block to its index records */
+    float *work;       /* 64-byte aligned; thread t's slot is work + t * slot */
+    int64_t slot;
+    gemm_split split;  /* tiled path */
+    int64_t units;     /* row path: columns per task; sparse path unused */
 } gemm_ctx;
-
-/* Synchronise the threads of a parallel plan. */
-CNN_INLINE void plan_barrier(const gemm_ctx *x)
-{
-    /* () -> all threads past this point */
-#ifdef _OPENMP
-    if (x->plan.n_threads > 1) {
-#pragma omp barrier
-    }
-#else
-    (void)x;
-#endif
-}
 
 /* Pack panels [p0, p1) of the op(B) block (kc, nc) at column j, K offset k0; with
    fused, only the last panel if it is partial (the kernel packs the full ones). */
@@ -688,35 +607,26 @@ static void run_sparse_transposed(const gemm_ctx *x, int64_t i0, int64_t i1, flo
     }
 }
 
-/* Thread t's share when it owns a range of rows: op(B) blocks are packed jointly into
-   the shared buffers (each thread packs some panels), op(A) privately. */
-static void run_rows(const gemm_ctx *x, int t)
+/* The block C[i0:i1, j0:j1] on one thread, from its own packed blocks: abuf holds one
+   op(A) block (index records at a_index), bbuf one op(B) block. */
+static void run_block(const gemm_ctx *x, int64_t i0, int64_t i1, int64_t j0, int64_t j1,
+                      float *abuf, float *bbuf)
 {
-    /* C[rows of t, :] */
+    /* C[i0:i1, j0:j1] */
     const cnn_gemm_family *f = x->f;
-    const int T = x->plan.n_threads;
-    const int64_t N = x->N, K = x->K, nr = f->nr;
-    int64_t i0, i1;
-    thread_rows(&x->plan, x->M, t, &i0, &i1);
+    const int64_t K = x->K, nr = f->nr, n = j1 - j0;
     const row_tiling rt = tile_rows(f, i1 - i0);
     const int64_t nk = ceil_div(K, f->kc);
-    const int64_t nj = ceil_div(N, f->nc);
-    const int64_t ncb = round_up(ceil_div(N, nj), nr);
-    float *abuf = x->priv + (int64_t)t * x->priv_floats;
-    /* With one thread the first tile of each B panel can pack it, and when there is
-       only one tile of rows, that tile can read the panel where it is. */
-    const int fuse = T == 1 && x->b_fused;
-    const int direct = fuse && rt.tiles == 1;
-    int64_t step = 0;
-    for (int64_t jc = 0; jc < N; jc += ncb) {
-        const int64_t nc = min64(ncb, N - jc);
-        const int64_t npb = ceil_div(nc, nr);
-        for (int64_t b = 0; b < nk; ++b, ++step) {
+    const int64_t ncb = round_up(ceil_div(n, ceil_div(n, f->nc)), nr);
+    /* The first tile of each B panel can pack it, and when there is only one tile of
+       rows, that tile can read the panel where it is. */
+    const int fuse = x->b_fused, direct = fuse && rt.tiles == 1;
+    for (int64_t jc = j0; jc < j1; jc += ncb) {
+        const int64_t nc = min64(ncb, j1 - jc);
+        for (int64_t b = 0; b < nk; ++b) {
             int64_t k0, kc;
             k_block(K, nk, b, &k0, &kc);
-            float *bbuf = x->shared[step & 1];
-            pack_b(x, bbuf, t * npb / T, (t + 1) * npb / T, jc, nc, k0, kc, fuse);
-            plan_barrier(x);
+            pack_b(x, bbuf, 0, ceil_div(nc, nr), jc, nc, k0, kc, fuse);
             const float beta = b == 0 ? x->beta : 1.0f;
             const cnn_epilogue *ep = b == nk - 1 ? x->ep : NULL;
             for (int64_t blk = 0; blk < rt.blocks; ++blk) {
@@ -731,53 +641,35 @@ static void run_rows(const gemm_ctx *x, int t)
     }
 }
 
-/* Thread t's share when it owns a range of columns: op(A) blocks are packed jointly
-   into the shared buffers, op(B) privately. */
-static void run_cols(const gemm_ctx *x, int t)
+/* Task: block `task` of the split (row-major over the blocks). */
+static void block_task(void *arg, int64_t task, int thread)
 {
-    /* C[:, columns of t] */
-    const cnn_gemm_family *f = x->f;
-    const int T = x->plan.n_threads;
-    const int64_t M = x->M, K = x->K, nr = f->nr;
-    int64_t j0, j1;
-    thread_cols(&x->plan, x->N, t, &j0, &j1);
-    const int64_t n = j1 - j0;
-    const row_tiling rt = tile_rows(f, M);
-    const int64_t nk = ceil_div(K, f->kc);
-    /* The same number of column blocks in every thread keeps the barriers matched. */
-    const int64_t nj = ceil_div(x->plan.cols, f->nc);
-    const int64_t ncb = round_up(ceil_div(n, nj), nr);
-    float *bbuf = x->priv + (int64_t)t * x->priv_floats;
-    /* The first tile of each (private) B panel packs it, or reads it in place when
-       there is only one tile of rows. */
-    const int fuse = x->b_fused;
-    const int direct = fuse && rt.tiles == 1;
-    int64_t step = 0;
-    for (int64_t c = 0; c < nj; ++c) {
-        const int64_t jc = j0 + c * ncb;
-        const int64_t nc = max64(0, min64(ncb, j1 - jc));
-        for (int64_t b = 0; b < nk; ++b) {
-            int64_t k0, kc;
-            k_block(K, nk, b, &k0, &kc);
-            if (nc > 0)
-                pack_b(x, bbuf, 0, ceil_div(nc, nr), jc, nc, k0, kc, fuse);
-            const float beta = b == 0 ? x->beta : 1.0f;
-            const cnn_epilogue *ep = b == nk - 1 ? x->ep : NULL;
-            for (int64_t blk = 0; blk < rt.blocks; ++blk, ++step) {
-                const int64_t i = blk * rt.tpb * rt.mrs;
-                const int64_t mc = min64(rt.tpb * rt.mrs, M - i);
-                const int64_t tiles = ceil_div(mc, rt.mrs);
-                float *abuf = x->shared[step & 1];
-                const float *bsrc = fuse && blk == 0 ? x->B + k0 * x->ldb + jc : NULL;
-                pack_a(x, abuf, t * tiles / T, (t + 1) * tiles / T, rt.mrs, i, mc, k0, kc,
-                       fuse && blk == 0);
-                plan_barrier(x);
-                if (nc > 0)
-                    macro_kernel(x, abuf, bbuf, bsrc, direct, i, mc, rt.mrs, jc, nc, kc,
-                                 beta, ep);
-            }
-        }
-    }
+    /* C block */
+    const gemm_ctx *x = (const gemm_ctx *)arg;
+    const gemm_split *s = &x->split;
+    const int64_t i0 = task / s->n_cols * s->rows, j0 = task % s->n_cols * s->cols;
+    float *abuf = x->work + thread * x->slot;
+    run_block(x, i0, min64(x->M, i0 + s->rows), j0, min64(x->N, j0 + s->cols), abuf,
+              abuf + a_block_floats(x->f, x->M, x->K));
+}
+
+/* Task: columns [task units, (task + 1) units) of the row path. */
+static void row_task(void *arg, int64_t task, int thread)
+{
+    /* C[:, columns] */
+    const gemm_ctx *x = (const gemm_ctx *)arg;
+    (void)thread;
+    run_row_cols(x, min64(x->N, task * x->units), min64(x->N, (task + 1) * x->units));
+}
+
+/* Task: rows [16 task, 16 task + 16) of the sparse transposed path. */
+static void sparse_task(void *arg, int64_t task, int thread)
+{
+    /* C[rows, :] */
+    const gemm_ctx *x = (const gemm_ctx *)arg;
+    const int64_t i0 = task * CNN_GEMM_SPARSE_ROWS;
+    run_sparse_transposed(x, i0, min64(x->M, i0 + CNN_GEMM_SPARSE_ROWS),
+                          x->work + thread * x->slot);
 }
 
 /* C = ep(beta C) when there is nothing to multiply (K == 0 or alpha == 0). */
@@ -794,20 +686,6 @@ static void scale_only(const gemm_ctx *x)
         if (x->ep)
             cnn_epilogue_row(c, x->ep, i, 0, x->N);
     }
-}
-
-/* Point the context's buffers into the 64-byte aligned workspace for its plan. */
-static void layout_workspace(gemm_ctx *x, float *work)
-{
-    /* work -> x->shared, x->priv */
-    float *base = (float *)(((uintptr_t)work + CNN_ALIGN - 1) & ~(uintptr_t)(CNN_ALIGN - 1));
-    int64_t shared, priv;
-    plan_floats(x->f, &x->plan, x->M, x->N, x->K, &shared, &priv);
-    x->shared[0] = base;
-    x->shared[1] = x->plan.n_threads > 1 ? base + shared / 2 : base;
-    x->priv = base + shared;
-    x->priv_floats = priv;
-    x->a_index = a_panels_floats(x->f, x->plan.split_n ? x->M : x->plan.rows, x->K);
 }
 
 /* Whether op(A) is mostly zeros (an image batch, not dense activations), judged from
@@ -864,86 +742,34 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
     x.f = cnn_gemm_family_for(cnn_get_kernel());
     if (!x.f)
         x.f = cnn_gemm_family_generic();
+    x.work = (float *)(((uintptr_t)work + CNN_ALIGN - 1) & ~(uintptr_t)(CNN_ALIGN - 1));
+    x.slot = slot_floats(M, N, K);
     if (M <= CNN_GEMM_ROW_MAX_M && !x.b_xmajor && x.f->row && x.f->kc <= CNN_GEMM_ROW_MAX_K) {
-        /* A few rows (single inferences): read op(B) in place, no packing. */
-#ifdef _OPENMP
+        /* A few rows (single inferences): read op(B) in place, no packing; tasks take
+           ranges of columns. */
         const int T = row_threads(M, N, K, n_threads);
-        if (T > 1) {
-#pragma omp parallel num_threads(T)
-            {
-                const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-                const int64_t units = ceil_div(N, CNN_GEMM_COL_UNIT);
-                const int64_t j0 = min64(N, t * units / nt * CNN_GEMM_COL_UNIT);
-                const int64_t j1 = min64(N, (t + 1) * units / nt * CNN_GEMM_COL_UNIT);
-                run_row_cols(&x, j0, j1);
-            }
-            return CNN_OK;
-        }
-#endif
-        run_row_cols(&x, 0, N);
+        const int64_t units = ceil_div(N, CNN_GEMM_COL_UNIT);
+        x.units = ceil_div(units, min64(units, 2 * T)) * CNN_GEMM_COL_UNIT;
+        cnn_parallel_for(T, ceil_div(N, x.units), row_task, &x);
         return CNN_OK;
     }
     /* Fuse B packing into the kernel for row-contiguous op(B) whose rows are less than
        a page apart; farther apart, every row is a new page for the kernel and the
        separate pack, which streams along each row, is faster. */
-    const int fuse = x.f->kernel_packb != NULL && !x.b_xmajor &&
-                     ldb < CNN_GEMM_FUSE_MAX_LDB;
-    const gemm_shape sh = { M, N, K, x.a_xmajor, x.b_xmajor, fuse };
-    x.b_fused = fuse;
+    x.b_fused = x.f->kernel_packb != NULL && !x.b_xmajor && ldb < CNN_GEMM_FUSE_MAX_LDB;
     x.a_sparse = x.f->compact && x.f->kernel_sparse &&
                  mostly_zeros(A, x.a_xmajor ? M : K, x.a_xmajor ? K : M, lda);
     if (x.a_sparse && !x.a_xmajor && !x.b_xmajor && x.f->terms && x.f->row_terms &&
         x.f->kc <= CNN_GEMM_ROW_MAX_K) {
-        /* Threads own ranges of rows of C: no shared data, no barrier. */
-        float *base = (float *)(((uintptr_t)work + CNN_ALIGN - 1) & ~(uintptr_t)(CNN_ALIGN - 1));
-#ifdef _OPENMP
-        const int T = (int)min64(n_threads, ceil_div(M, CNN_GEMM_SPARSE_ROWS));
-        if (T > 1) {
-#pragma omp parallel num_threads(T)
-            {
-                const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-                run_sparse_transposed(&x, t * M / nt, (t + 1) * M / nt,
-                                      base + t * sparse_rows_floats(K));
-            }
-            return CNN_OK;
-        }
-#endif
-        run_sparse_transposed(&x, 0, M, base);
+        /* Tasks take groups of rows of C. */
+        const int T = (double)M * (double)N * (double)K < CNN_GEMM_PARALLEL_MIN_FMAS ? 1 : n_threads;
+        cnn_parallel_for(T, ceil_div(M, CNN_GEMM_SPARSE_ROWS), sparse_task, &x);
         return CNN_OK;
     }
-    x.plan = make_plan(&sh, n_threads);
-    if (x.plan.n_threads == 1) {
-        layout_workspace(&x, work);
-        if (x.plan.split_n)
-            run_cols(&x, 0);
-        else
-            run_rows(&x, 0);
-        return CNN_OK;
-    }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(x.plan.n_threads)
-    {
-        if (omp_get_num_threads() == x.plan.n_threads) {
-            gemm_ctx y = x;
-            layout_workspace(&y, work);
-            const int t = omp_get_thread_num();
-            if (y.plan.split_n)
-                run_cols(&y, t);
-            else
-                run_rows(&y, t);
-        } else if (omp_get_thread_num() == 0) {
-            /* Fewer threads than planned (nested region, thread limit): run serially. */
-            gemm_ctx y = x;
-            y.plan = make_plan(&sh, 1);
-            layout_workspace(&y, work);
-            run_rows(&y, 0);
-        }
-    }
-#else
-    x.plan = make_plan(&sh, 1);
-    layout_workspace(&x, work);
-    run_rows(&x, 0);
-#endif
+    const gemm_shape sh = { M, N, K, x.a_xmajor, x.b_xmajor, x.b_fused };
+    x.split = choose_split(x.f, &sh, n_threads);
+    x.a_index = a_panels_floats(x.f, M, K);
+    cnn_parallel_for(n_threads, x.split.n_rows * x.split.n_cols, block_task, &x);
     return CNN_OK;
 }
 

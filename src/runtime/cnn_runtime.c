@@ -1,5 +1,5 @@
-/* cnn_runtime.c -- CPU feature detection, kernel selection, threads, status strings,
-   aligned memory. */
+/* cnn_runtime.c -- CPU feature detection, kernel selection, status strings, aligned
+   memory (the thread pool is in cnn_threads.c). */
 #if !defined(_WIN32) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200112L /* posix_memalign */
 #endif
@@ -8,9 +8,6 @@
 #include "cnn_core.h"
 #include "cnn_internal.h"
 #include "gemm/cnn_gemm_kernels.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #if defined(_WIN32)
 #include <malloc.h>
 #endif
@@ -146,16 +143,6 @@ int cnn_openmp_enabled(void)
     return 1;
 #else
     return 0;
-#endif
-}
-
-int cnn_max_threads(void)
-{
-    /* () -> threads an OpenMP region would use (1 without OpenMP) */
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
 #endif
 }
 
