@@ -25,7 +25,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from cnn_core import Network, model_file, network
+from cnn_core import Network, kernels, model_file, network
 
 posix_only = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and POSIX signals")
 MODES = [pytest.param(True, id="unnamed-tmpfile"), pytest.param(False, id="named-fallback")]
@@ -169,7 +169,10 @@ def test_network_too_large_for_memory_names_the_layer(monkeypatch):
 def test_fit_too_large_for_memory_is_refused_before_allocating(monkeypatch, mnist):
     X, y = mnist[0][:64], mnist[1][:64]
     net = Network([784, 4096, 10], seed=0)    # 13 MB of parameters
-    monkeypatch.setattr(network, "_memory_limit", lambda: 56 << 20)
+    # a limit between what SGD and Adam need (Adam keeps one more copy of the parameters)
+    needs = [4 * kernels._trainer_floats(net._mlp, opt, 64, kernels.max_threads())
+             + net._params.nbytes for opt in ("sgd", "adam")]
+    monkeypatch.setattr(network, "_memory_limit", lambda: sum(needs) // 2)
     with pytest.raises(MemoryError, match=r"fit\(batch_size=64\).*layer 1, 784 x 4096"):
         net.fit(X, y, epochs=1, optimizer="adam")
     net.fit(X, y, epochs=1, optimizer="sgd", momentum=0.0)   # SGD needs less: it fits

@@ -392,20 +392,12 @@ static int64_t b_block_floats(const cnn_gemm_family *f, int64_t n, int64_t K)
     return cnn_round_up_floats(round_up(min64(n, f->nc), f->nr) * min64(K, f->kc));
 }
 
-/* Floats of one thread's scratch for tiled blocks: one packed op(A) block and one
-   packed op(B) block, for the hungriest compiled family. */
-static int64_t block_slot_floats(int64_t M, int64_t N, int64_t K)
+/* Floats of one thread's scratch for the blocks of a split: one packed op(A) block and
+   one packed op(B) block. */
+static int64_t split_slot_floats(const cnn_gemm_family *f, const gemm_split *s, int64_t K)
 {
-    /* (M, N, K) -> floats */
-    static const cnn_kernel ids[4] = { CNN_KERNEL_GENERIC, CNN_KERNEL_AVX2,
-                                       CNN_KERNEL_AVX512, CNN_KERNEL_NEON };
-    int64_t most = 0;
-    for (int t = 0; t < 4; ++t) {
-        const cnn_gemm_family *f = cnn_gemm_family_for(ids[t]);
-        if (f)
-            most = max64(most, a_block_floats(f, M, K) + b_block_floats(f, N, K));
-    }
-    return most;
+    /* (f, split, K) -> floats */
+    return a_block_floats(f, s->rows, K) + b_block_floats(f, s->cols, K);
 }
 
 /* Rows of op(A) handled together on the sparse transposed path. */
@@ -421,21 +413,39 @@ static int64_t sparse_rows_floats(int64_t K)
                                    2 * (CNN_GEMM_ROW_MAX_K + 16));
 }
 
-/* Floats of one thread's slot of the workspace (tiled blocks or the sparse path). */
-static int64_t slot_floats(int64_t M, int64_t N, int64_t K)
+/* Floats of one thread's slot for family f and a split (tiled blocks, or the sparse
+   path, which uses the same slots). */
+static int64_t slot_floats(const cnn_gemm_family *f, const gemm_split *s, int64_t K)
 {
-    /* (M, N, K) -> floats, a multiple of 16 */
-    return cnn_round_up_floats(max64(block_slot_floats(M, N, K), sparse_rows_floats(K)));
+    /* (f, split, K) -> floats, a multiple of 16 */
+    return cnn_round_up_floats(max64(split_slot_floats(f, s, K), sparse_rows_floats(K)));
 }
 
 int64_t cnn_sgemm_workspace_floats(int64_t M, int64_t N, int64_t K, int n_threads)
 {
     /* (M, N, K, threads) -> floats of workspace for cnn_sgemm_ex */
+    static const cnn_kernel ids[4] = { CNN_KERNEL_GENERIC, CNN_KERNEL_AVX2,
+                                       CNN_KERNEL_AVX512, CNN_KERNEL_NEON };
     if (M <= 0 || N <= 0 || K <= 0)
         return 0;
-    /* One slot per thread; 16 floats of slack let the start be aligned to 64 bytes. */
-    return (int64_t)(n_threads < 1 ? 1 : n_threads) * slot_floats(M, N, K) +
-           CNN_ALIGN / (int64_t)sizeof(float);
+    const int T = n_threads < 1 ? 1 : n_threads;
+    /* One slot per thread that the split of any compiled family and transpose case
+       can keep busy (a call runs min(n_threads, tasks) threads). */
+    int64_t most = 0;
+    for (int i = 0; i < 4; ++i) {
+        const cnn_gemm_family *f = cnn_gemm_family_for(ids[i]);
+        if (!f)
+            continue;
+        for (int c = 0; c < 8; ++c) {
+            const gemm_shape sh = { M, N, K, c & 1, (c >> 1) & 1, c >> 2 };
+            const gemm_split s = choose_split(f, &sh, T);
+            const int64_t threads = min64(T, max64(s.n_rows * s.n_cols,
+                                                   ceil_div(M, CNN_GEMM_SPARSE_ROWS)));
+            most = max64(most, threads * slot_floats(f, &s, K));
+        }
+    }
+    /* 16 floats of slack let the start be aligned to 64 bytes. */
+    return most + CNN_ALIGN / (int64_t)sizeof(float);
 }
 
 /* ---- driver ---------------------------------------------------------------- */
@@ -650,7 +660,7 @@ static void block_task(void *arg, int64_t task, int thread)
     const int64_t i0 = task / s->n_cols * s->rows, j0 = task % s->n_cols * s->cols;
     float *abuf = x->work + thread * x->slot;
     run_block(x, i0, min64(x->M, i0 + s->rows), j0, min64(x->N, j0 + s->cols), abuf,
-              abuf + a_block_floats(x->f, x->M, x->K));
+              abuf + a_block_floats(x->f, s->rows, x->K));
 }
 
 /* Task: columns [task units, (task + 1) units) of the row path. */
@@ -743,13 +753,12 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
     if (!x.f)
         x.f = cnn_gemm_family_generic();
     x.work = (float *)(((uintptr_t)work + CNN_ALIGN - 1) & ~(uintptr_t)(CNN_ALIGN - 1));
-    x.slot = slot_floats(M, N, K);
     if (M <= CNN_GEMM_ROW_MAX_M && !x.b_xmajor && x.f->row && x.f->kc <= CNN_GEMM_ROW_MAX_K) {
         /* A few rows (single inferences): read op(B) in place, no packing; tasks take
            ranges of columns. */
         const int T = row_threads(M, N, K, n_threads);
         const int64_t units = ceil_div(N, CNN_GEMM_COL_UNIT);
-        x.units = ceil_div(units, min64(units, 2 * T)) * CNN_GEMM_COL_UNIT;
+        x.units = ceil_div(units, min64(units, 2 * T)) * CNN_GEMM_COL_UNIT; /* no scratch */
         cnn_parallel_for(T, ceil_div(N, x.units), row_task, &x);
         return CNN_OK;
     }
@@ -762,13 +771,15 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
     if (x.a_sparse && !x.a_xmajor && !x.b_xmajor && x.f->terms && x.f->row_terms &&
         x.f->kc <= CNN_GEMM_ROW_MAX_K) {
         /* Tasks take groups of rows of C. */
+        x.slot = cnn_round_up_floats(sparse_rows_floats(K));
         const int T = (double)M * (double)N * (double)K < CNN_GEMM_PARALLEL_MIN_FMAS ? 1 : n_threads;
         cnn_parallel_for(T, ceil_div(M, CNN_GEMM_SPARSE_ROWS), sparse_task, &x);
         return CNN_OK;
     }
     const gemm_shape sh = { M, N, K, x.a_xmajor, x.b_xmajor, x.b_fused };
     x.split = choose_split(x.f, &sh, n_threads);
-    x.a_index = a_panels_floats(x.f, M, K);
+    x.slot = slot_floats(x.f, &x.split, K);
+    x.a_index = a_panels_floats(x.f, x.split.rows, K);
     cnn_parallel_for(n_threads, x.split.n_rows * x.split.n_cols, block_task, &x);
     return CNN_OK;
 }
