@@ -26,6 +26,8 @@ cdef extern from "cnn_core.h" nogil:
         CNN_ACT_TANH
         CNN_ACT_SOFTMAX
 
+    const char *cnn_activation_name(cnn_activation act)
+
     ctypedef enum cnn_dtype:
         CNN_DTYPE_FLOAT32
         CNN_DTYPE_UINT8

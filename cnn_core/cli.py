@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import cnn_core
-from . import model_file
+from . import kernels, model_file
 from .datasets import load_mnist
 from .network import DEFAULT_LEARNING_RATE, Network
 
@@ -135,7 +135,7 @@ def build_parser():
                        help="comma-separated hidden layer sizes, e.g. 256,128; "
                             "'none' for no hidden layer (default: %(default)s)")
     train.add_argument("--activation", default="relu",
-                       choices=list(model_file.HIDDEN_ACTIVATIONS),
+                       choices=list(kernels.HIDDEN_ACTIVATIONS),
                        help="activation of the hidden layers (default: %(default)s)")
     train.add_argument("--epochs", metavar="N", type=_positive_int, default=10,
                        help="passes over the training images (default: %(default)s)")

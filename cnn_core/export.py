@@ -29,7 +29,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import model_file
+from . import kernels, model_file
 
 __all__ = ["export_c", "ExportReport"]
 
@@ -341,7 +341,7 @@ def _network_parts(network):
     except AttributeError:
         raise TypeError(f"network must be a cnn_core.Network, got "
                         f"{type(network).__name__}") from None
-    if activation not in model_file.HIDDEN_ACTIVATIONS:
+    if activation not in kernels.HIDDEN_ACTIVATIONS:
         raise ValueError(f"cannot export hidden activation {activation!r}")
     for W, b in zip(weights, biases):
         if not (np.isfinite(W).all() and np.isfinite(b).all()):

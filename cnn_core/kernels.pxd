@@ -4,8 +4,9 @@
 #
 # The names match the C functions of cnn_core.h; each is a `noexcept nogil` free function over raw pointers and dimensions
 # (row-major float32, explicit leading dimensions) returning a status: 0 on success,
-# 1 out of memory, 2 invalid argument.  Activation codes: 0 identity, 1 relu,
-# 2 leaky_relu, 3 sigmoid, 4 tanh, 5 softmax.  Optimizer codes: 0 sgd, 1 adam, 2 adamw.
+# 1 out of memory, 2 invalid argument.  Activation codes: cnn_core.kernels.ACTIVATIONS
+# maps each name to its code (0 identity, 1 relu, 2 leaky_relu, 3 sigmoid, 4 tanh,
+# 5 softmax, as in cnn_core.h).  Optimizer codes: 0 sgd, 1 adam, 2 adamw.
 # Input dtype codes: 0 float32, 1 uint8 (scaled by 1/255).  Functions taking `work`
 # need a 64-byte aligned workspace of the size the matching *_workspace_floats returns.
 # Linking is automatic: the functions are imported from the installed cnn_core.kernels

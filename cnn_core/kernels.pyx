@@ -6,6 +6,10 @@ kernel with the GIL released, and turns a non-zero status into an exception.  Th
 functions declared in ``kernels.pxd`` are the public ``cimport`` API; the Python wrappers
 below call them too.  ``_MLP`` and ``_Trainer`` are the private engine of
 :class:`cnn_core.Network`.
+
+The names of the C enumerations live here once (``ACTIVATIONS`` and
+``HIDDEN_ACTIVATIONS`` with their codes read from the C library, ``OPTIMIZERS``,
+``KERNELS``); the rest of the package imports them.
 """
 import numpy as np
 
@@ -13,8 +17,19 @@ cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from cnn_core cimport _cnn_core as c
 
-ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4,
-               "softmax": 5}
+
+
+def _activation_names():
+    """{name: code} of every activation the C library defines (codes 0, 1, ... in order)."""
+    names, code = {}, 0
+    while c.cnn_activation_name(<c.cnn_activation>code) != NULL:
+        names[c.cnn_activation_name(<c.cnn_activation>code).decode()] = code
+        code += 1
+    return names
+
+
+ACTIVATIONS = _activation_names()
+HIDDEN_ACTIVATIONS = tuple(name for name in ACTIVATIONS if name != "softmax")
 OPTIMIZERS = {"sgd": 0, "adam": 1, "adamw": 2}
 KERNELS = {"generic": 0, "avx2": 1, "avx512": 2, "neon": 3}
 
@@ -26,6 +41,9 @@ cnp.import_array()
 
 # ---- the public C-level API (see kernels.pxd) -----------------------------------
 
+cdef inline bint _known_activation(int code) noexcept nogil:
+    return code >= 0 and c.cnn_activation_name(<c.cnn_activation>code) != NULL
+
 cdef int cnn_sgemm(float *C, const float *A, const float *B,
                int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,
                bint trans_a, bint trans_b, float alpha, float beta) noexcept nogil:
@@ -36,7 +54,7 @@ cdef int cnn_sgemm(float *C, const float *A, const float *B,
 cdef int cnn_dense_forward(float *Y, const float *X, const float *W, const float *b,
                        int64_t B, int64_t n_in, int64_t n_out, int activation, float alpha,
                        float *work, int n_threads) noexcept nogil:
-    if activation < 0 or activation > 5 or n_threads < 1:
+    if not _known_activation(activation) or n_threads < 1:
         return c.CNN_ERR_ARG
     return c.cnn_dense_forward(Y, X, W, b, B, n_in, n_out, <c.cnn_activation>activation,
                                alpha, work, n_threads)
@@ -54,13 +72,13 @@ cdef int64_t cnn_dense_workspace_floats(int64_t B, int64_t n_in, int64_t n_out,
 
 cdef int cnn_activation_forward(float *Y, const float *X, int64_t n, int64_t n_cols,
                             int activation, float alpha) noexcept nogil:
-    if activation < 0 or activation > 5:
+    if not _known_activation(activation):
         return c.CNN_ERR_ARG
     return c.cnn_activation_forward(Y, X, n, n_cols, <c.cnn_activation>activation, alpha)
 
 cdef int cnn_activation_backward(float *dX, const float *dY, const float *Y, int64_t n,
                              int64_t n_cols, int activation, float alpha) noexcept nogil:
-    if activation < 0 or activation > 5:
+    if not _known_activation(activation):
         return c.CNN_ERR_ARG
     return c.cnn_activation_backward(dX, dY, Y, n, n_cols, <c.cnn_activation>activation, alpha)
 

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .kernels import HIDDEN_ACTIVATIONS
+
 MAGIC = b"\x89CNNMLP\n"
 VERSION = 1
 MAX_LAYERS = 32
-HIDDEN_ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh")
 _HEADER = struct.Struct("<8sIIIf")
 
 

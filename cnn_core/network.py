@@ -14,7 +14,7 @@ from .model_file import ModelFileError
 
 __all__ = ["Network", "History", "ModelFileError"]
 
-_HIDDEN = model_file.HIDDEN_ACTIVATIONS
+_HIDDEN = kernels.HIDDEN_ACTIVATIONS
 DEFAULT_LEARNING_RATE = {"sgd": 0.05, "adam": 0.001, "adamw": 0.001}
 class History:
     """Per-epoch training records.

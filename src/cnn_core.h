@@ -52,6 +52,10 @@ typedef enum {
     CNN_ACT_SOFTMAX = 5     /* row-wise; only where a function says so */
 } cnn_activation;
 
+/* "identity", "relu", "leaky_relu", "sigmoid", "tanh", "softmax"; NULL for any other
+   code (so callers can list the activations by counting codes up from 0). */
+const char *cnn_activation_name(cnn_activation act);
+
 typedef enum { CNN_DTYPE_FLOAT32 = 0, CNN_DTYPE_UINT8 = 1 } cnn_dtype;
 
 typedef enum { CNN_OPT_SGD = 0, CNN_OPT_ADAM = 1, CNN_OPT_ADAMW = 2 } cnn_optimizer_kind;

@@ -117,4 +117,62 @@ static inline float cnn_tanh(float x)
     return x == x ? y : x;
 }
 
+/* ---- the activations, defined once ------------------------------------------------
+   X(code, name, y = f(x), g * f'(x) written from the output y = f(x)), with `a` the
+   leaky_relu slope.  cnn_activation_forward / cnn_activation_backward, the GEMM epilogue
+   and cnn_activation_name all expand this table, so the fused and the separate paths
+   give the same bits by construction.  Softmax (row-wise, CNN_ACT_SOFTMAX) is not
+   elementwise and lives beside it in cnn_activations.c. */
+#define CNN_ELEMENTWISE_ACTIVATIONS(X) \
+    X(CNN_ACT_IDENTITY,   "identity",   x,                    g) \
+    X(CNN_ACT_RELU,       "relu",       x > 0.0f ? x : 0.0f,  y > 0.0f ? g : 0.0f) \
+    X(CNN_ACT_LEAKY_RELU, "leaky_relu", x > 0.0f ? x : a * x, y > 0.0f ? g : a * g) \
+    X(CNN_ACT_SIGMOID,    "sigmoid",    cnn_sigmoid(x),       g * y * (1.0f - y)) \
+    X(CNN_ACT_TANH,       "tanh",       cnn_tanh(x),          g * (1.0f - y * y))
+
+/* 1 if act is one of the elementwise activations above (not softmax, not garbage). */
+static inline int cnn_is_elementwise_activation(cnn_activation act)
+{
+    switch (act) {
+#define CNN_ACT_KNOWN(code, name, f, d) case code: return 1;
+    CNN_ELEMENTWISE_ACTIVATIONS(CNN_ACT_KNOWN)
+#undef CNN_ACT_KNOWN
+    default:
+        return 0;
+    }
+}
+
+/* z[0:n] = f(z) for elementwise act (slope a), in place; a loop per activation so each
+   vectorises.  Unknown codes leave z unchanged. */
+static inline void cnn_activate_in_place(float *z, int64_t n, cnn_activation act, float a)
+{
+    (void)a;
+    switch (act) {
+#define CNN_ACT_FORWARD_LOOP(code, name, f, d) \
+    case code: for (int64_t i = 0; i < n; ++i) { const float x = z[i]; z[i] = (f); } break;
+    CNN_ELEMENTWISE_ACTIVATIONS(CNN_ACT_FORWARD_LOOP)
+#undef CNN_ACT_FORWARD_LOOP
+    default:
+        break;
+    }
+}
+
+/* dz[0:n] = dy * f'(.) from outputs y[0:n] for elementwise act (slope a); dz may alias
+   dy.  Unknown codes leave dz unchanged. */
+static inline void cnn_activation_grad(float *dz, const float *dy, const float *yv, int64_t n,
+                                       cnn_activation act, float a)
+{
+    (void)a;
+    switch (act) {
+#define CNN_ACT_BACKWARD_LOOP(code, name, f, d) \
+    case code: \
+        for (int64_t i = 0; i < n; ++i) { const float g = dy[i], y = yv[i]; (void)y; dz[i] = (d); } \
+        break;
+    CNN_ELEMENTWISE_ACTIVATIONS(CNN_ACT_BACKWARD_LOOP)
+#undef CNN_ACT_BACKWARD_LOOP
+    default:
+        break;
+    }
+}
+
 #endif

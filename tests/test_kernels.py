@@ -358,3 +358,10 @@ def test_optimizer_gives_the_same_bits_for_every_kernel_and_thread_count(optimiz
     assert not np.array_equal(results[0], p0)
     for other in results[1:]:
         assert np.array_equal(results[0], other)
+
+
+def test_activation_names_come_from_the_c_table():
+    # the codes of cnn_core.h, read from the C library; every other module imports them
+    assert kernels.ACTIVATIONS == {"identity": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3,
+                                   "tanh": 4, "softmax": 5}
+    assert kernels.HIDDEN_ACTIVATIONS == tuple(ACTIVATIONS)

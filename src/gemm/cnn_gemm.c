@@ -46,56 +46,11 @@ void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, i
         for (int64_t j = 0; j < n; ++j)
             c[j] += b[j];
     }
-    /* Activations written exactly as cnn_activation_forward. */
-    switch (ep->act) {
-    case CNN_ACT_RELU:
-        for (int64_t j = 0; j < n; ++j)
-            c[j] = c[j] > 0.0f ? c[j] : 0.0f;
-        break;
-    case CNN_ACT_LEAKY_RELU: {
-        const float a = ep->alpha;
-        for (int64_t j = 0; j < n; ++j)
-            c[j] = c[j] > 0.0f ? c[j] : a * c[j];
-        break;
-    }
-    case CNN_ACT_SIGMOID:
-        for (int64_t j = 0; j < n; ++j)
-            c[j] = cnn_sigmoid(c[j]);
-        break;
-    case CNN_ACT_TANH:
-        for (int64_t j = 0; j < n; ++j)
-            c[j] = cnn_tanh(c[j]);
-        break;
-    default:
-        break;
-    }
-    if (ep->grad_of && ep->grad_act != CNN_ACT_IDENTITY) {
-        const float *y = ep->grad_of + i * ep->ld_grad_of + j0;
-        switch (ep->grad_act) {
-        /* Written exactly as cnn_activation_backward, so the fused and the separate
-           paths give the same bits. */
-        case CNN_ACT_RELU:
-            for (int64_t j = 0; j < n; ++j)
-                c[j] = y[j] > 0.0f ? c[j] : 0.0f;
-            break;
-        case CNN_ACT_LEAKY_RELU: {
-            const float a = ep->alpha;
-            for (int64_t j = 0; j < n; ++j)
-                c[j] = y[j] > 0.0f ? c[j] : a * c[j];
-            break;
-        }
-        case CNN_ACT_SIGMOID:
-            for (int64_t j = 0; j < n; ++j)
-                c[j] = c[j] * y[j] * (1.0f - y[j]);
-            break;
-        case CNN_ACT_TANH:
-            for (int64_t j = 0; j < n; ++j)
-                c[j] = c[j] * (1.0f - y[j] * y[j]);
-            break;
-        default:
-            break;
-        }
-    }
+    /* The same table as cnn_activation_forward / cnn_activation_backward. */
+    cnn_activate_in_place(c, n, ep->act, ep->alpha);
+    if (ep->grad_of && ep->grad_act != CNN_ACT_IDENTITY)
+        cnn_activation_grad(c, c, ep->grad_of + i * ep->ld_grad_of + j0, n, ep->grad_act,
+                            ep->alpha);
 }
 
 /* 1 if `ep` is usable for an (M, N) GEMM result (NULL is). */
@@ -104,9 +59,7 @@ static int epilogue_ok(const cnn_epilogue *ep, int64_t N)
     /* ep -> flag */
     if (!ep)
         return 1;
-    if (ep->act < CNN_ACT_IDENTITY || ep->act > CNN_ACT_TANH)
-        return 0;
-    if (ep->grad_act < CNN_ACT_IDENTITY || ep->grad_act > CNN_ACT_TANH)
+    if (!cnn_is_elementwise_activation(ep->act) || !cnn_is_elementwise_activation(ep->grad_act))
         return 0;
     if (ep->grad_act != CNN_ACT_IDENTITY && (!ep->grad_of || ep->ld_grad_of < N))
         return 0;

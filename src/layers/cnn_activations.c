@@ -1,6 +1,7 @@
 /* cnn_activations.c -- bias add, activations forward/backward, fused softmax + cross-entropy. */
 #include <math.h>
 #include <float.h>
+#include <string.h>
 #include "cnn_core.h"
 #include "cnn_internal.h"
 
@@ -38,57 +39,43 @@ static void softmax_row(float *y, const float *x, int64_t n)
         y[j] *= inv;
 }
 
+const char *cnn_activation_name(cnn_activation act)
+{
+    /* "relu", ... for a known code, else NULL */
+    switch (act) {
+#define CNN_ACT_NAME(code, name, f, d) case code: return name;
+    CNN_ELEMENTWISE_ACTIVATIONS(CNN_ACT_NAME)
+#undef CNN_ACT_NAME
+    case CNN_ACT_SOFTMAX:
+        return "softmax";
+    }
+    return NULL;
+}
+
 int cnn_activation_forward(float *Y, const float *X, int64_t n, int64_t n_cols,
                            cnn_activation act, float alpha)
 {
     /* Y = act(X) ; X, Y (n,) elementwise or (n / n_cols, n_cols) row-wise for softmax */
-    switch (act) {
-    case CNN_ACT_IDENTITY:
-        for (int64_t i = 0; i < n; ++i) Y[i] = X[i];
-        return CNN_OK;
-    case CNN_ACT_RELU:
-        for (int64_t i = 0; i < n; ++i) Y[i] = X[i] > 0.0f ? X[i] : 0.0f;
-        return CNN_OK;
-    case CNN_ACT_LEAKY_RELU:
-        for (int64_t i = 0; i < n; ++i) Y[i] = X[i] > 0.0f ? X[i] : alpha * X[i];
-        return CNN_OK;
-    case CNN_ACT_SIGMOID:
-        for (int64_t i = 0; i < n; ++i) Y[i] = cnn_sigmoid(X[i]);
-        return CNN_OK;
-    case CNN_ACT_TANH:
-        for (int64_t i = 0; i < n; ++i) Y[i] = cnn_tanh(X[i]);
-        return CNN_OK;
-    case CNN_ACT_SOFTMAX:
+    if (act == CNN_ACT_SOFTMAX) {
         if (n_cols < 1 || n % n_cols != 0)
             return CNN_ERR_ARG;
         for (int64_t r = 0; r < n / n_cols; ++r)
             softmax_row(Y + r * n_cols, X + r * n_cols, n_cols);
         return CNN_OK;
     }
-    return CNN_ERR_ARG;
+    if (!cnn_is_elementwise_activation(act))
+        return CNN_ERR_ARG;
+    if (Y != X)
+        memmove(Y, X, (size_t)n * sizeof *Y);
+    cnn_activate_in_place(Y, n, act, alpha);
+    return CNN_OK;
 }
 
 int cnn_activation_backward(float *dX, const float *dY, const float *Y, int64_t n,
                             int64_t n_cols, cnn_activation act, float alpha)
 {
     /* dX = dY * act'(from output Y) ; all (n,), or (n / n_cols, n_cols) for softmax */
-    switch (act) {
-    case CNN_ACT_IDENTITY:
-        for (int64_t i = 0; i < n; ++i) dX[i] = dY[i];
-        return CNN_OK;
-    case CNN_ACT_RELU:
-        for (int64_t i = 0; i < n; ++i) dX[i] = Y[i] > 0.0f ? dY[i] : 0.0f;
-        return CNN_OK;
-    case CNN_ACT_LEAKY_RELU:
-        for (int64_t i = 0; i < n; ++i) dX[i] = Y[i] > 0.0f ? dY[i] : alpha * dY[i];
-        return CNN_OK;
-    case CNN_ACT_SIGMOID:
-        for (int64_t i = 0; i < n; ++i) dX[i] = dY[i] * Y[i] * (1.0f - Y[i]);
-        return CNN_OK;
-    case CNN_ACT_TANH:
-        for (int64_t i = 0; i < n; ++i) dX[i] = dY[i] * (1.0f - Y[i] * Y[i]);
-        return CNN_OK;
-    case CNN_ACT_SOFTMAX:
+    if (act == CNN_ACT_SOFTMAX) {
         if (n_cols < 1 || n % n_cols != 0)
             return CNN_ERR_ARG;
         for (int64_t r = 0; r < n / n_cols; ++r) {
@@ -102,7 +89,10 @@ int cnn_activation_backward(float *dX, const float *dY, const float *Y, int64_t 
         }
         return CNN_OK;
     }
-    return CNN_ERR_ARG;
+    if (!cnn_is_elementwise_activation(act))
+        return CNN_ERR_ARG;
+    cnn_activation_grad(dX, dY, Y, n, act, alpha);
+    return CNN_OK;
 }
 
 int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_t *n_correct,
