@@ -81,6 +81,8 @@ cdef extern from "cnn_core.h" nogil:
     int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_t *n_correct,
                                   const float *Z, const int32_t *y, const float *w,
                                   int64_t M, int64_t N)
+    int cnn_squared_error(float *dZ, double *loss, const float *Z, const float *T,
+                          const float *w, int64_t M, int64_t N)
 
     int cnn_dense_forward(float *Y, const float *X, const float *W, const float *b,
                           int64_t B, int64_t n_in, int64_t n_out, cnn_activation act,

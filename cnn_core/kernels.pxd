@@ -45,6 +45,10 @@ cdef int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_
                                const float *Z, const int32_t *y, const float *w,
                                int64_t M, int64_t N) noexcept nogil
 
+# Half squared error of outputs Z (M, N) against targets T (M, N) and its gradient dZ.
+cdef int cnn_squared_error(float *dZ, double *loss, const float *Z, const float *T,
+                           const float *w, int64_t M, int64_t N) noexcept nogil
+
 # One optimizer update of n parameters; *step counts Adam updates (incremented).
 cdef int cnn_optimizer_update(float *params, float *state1, float *state2, const float *grads,
                           int64_t n, int optimizer, float learning_rate, float momentum,

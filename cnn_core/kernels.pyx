@@ -87,6 +87,10 @@ cdef int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_
                                int64_t M, int64_t N) noexcept nogil:
     return c.cnn_softmax_cross_entropy(probs, dZ, loss, n_correct, Z, y, w, M, N)
 
+cdef int cnn_squared_error(float *dZ, double *loss, const float *Z, const float *T,
+                           const float *w, int64_t M, int64_t N) noexcept nogil:
+    return c.cnn_squared_error(dZ, loss, Z, T, w, M, N)
+
 cdef int cnn_optimizer_update(float *params, float *state1, float *state2, const float *grads,
                           int64_t n, int optimizer, float learning_rate, float momentum,
                           bint nesterov, float weight_decay, float beta1, float beta2,
@@ -482,6 +486,49 @@ def softmax_cross_entropy(Z, y, sample_weight=None):
                                        &yv[0] if M else &dummy, wp, M, N)
     _raise_for(status)
     return loss, probs, dZ, int(correct)
+
+
+def squared_error(Z, T, sample_weight=None):
+    """Fused squared-error loss of a regression.
+
+    Z: float32 outputs (M, N) C-contiguous; T: targets of the same shape (converted to
+    float32); sample_weight: optional (M,) non-negative weights.
+    Returns (loss, dZ): the weighted mean over rows of half the squared distance
+    ``sum_j (Z_ij - T_ij)**2 / 2``, and its gradient with respect to Z (M, N).
+    """
+    _contiguous(Z, "Z", np.float32, 2)
+    cdef int64_t M = Z.shape[0], N = Z.shape[1]
+    T = _targets(T, M, N)
+    w = _sample_weight(sample_weight, M)
+    dZ = np.empty_like(Z)
+    cdef const float[:, ::1] z = Z
+    cdef const float[:, ::1] t = T
+    cdef const float[::1] wv = w if w is not None else np.zeros(0, np.float32)
+    cdef float[:, ::1] d = dZ
+    cdef double loss = 0.0
+    cdef int status
+    cdef const float *wp = _cptr1(wv) if w is not None else NULL
+    with nogil:
+        status = cnn_squared_error(_ptr(d), &loss, _cptr(z), _cptr(t), wp, M, N)
+    _raise_for(status)
+    return loss, dZ
+
+
+def _targets(T, int64_t n, int64_t n_outputs, str name="T"):
+    """Regression targets as C-contiguous float32 (n, n_outputs), all finite ((n,) is
+    accepted for one output)."""
+    T = np.asarray(T)
+    if T.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be numeric, got dtype {T.dtype.name}")
+    if T.ndim == 1 and n_outputs == 1:
+        T = T.reshape(-1, 1)
+    if T.shape != (n, n_outputs):
+        raise ValueError(f"{name} must have shape ({n}, {n_outputs}), got {T.shape}")
+    T = np.ascontiguousarray(T, dtype=np.float32)
+    if not np.all(np.isfinite(T)):
+        raise ValueError(f"{name} contains NaN or infinite values (or values too large "
+                         f"for float32)")
+    return T
 
 
 def dense_forward(X, W, b, activation="identity", *, alpha=0.01, n_threads=None):

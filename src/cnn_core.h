@@ -151,6 +151,13 @@ int cnn_softmax_cross_entropy(float *probs, float *dZ, double *loss, int64_t *n_
                               const float *Z, const int32_t *y, const float *w,
                               int64_t M, int64_t N);
 
+/* Squared error of outputs Z (M, N) against targets T (M, N): loss the weighted mean over
+   rows of half the squared distance, sum_i w_i (1/2) sum_j (Z_ij - T_ij)^2 / sum_i w_i
+   (w (M,), or 1 if NULL); dZ (M, N) its gradient w_i (Z_i - T_i) / sum w (may be NULL,
+   may alias Z).  Zero total weight gives loss 0 and dZ 0.  CNN_ERR_ARG for M or N < 0. */
+int cnn_squared_error(float *dZ, double *loss, const float *Z, const float *T,
+                      const float *w, int64_t M, int64_t N);
+
 /* ---- dense layer -------------------------------------------------------- */
 /* Y = act(X W + b) ; X is (B, n_in), W is (n_in, n_out), b is (n_out,), Y is (B, n_out).
    act may be softmax (row-wise).  work/n_threads as for cnn_sgemm_ex. */

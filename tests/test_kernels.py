@@ -166,6 +166,39 @@ def test_softmax_cross_entropy_rejects_bad_labels():
         kernels.softmax_cross_entropy(Z, [0.5, 1.0])
 
 
+@pytest.mark.parametrize("M,N", [(0, 3), (1, 1), (7, 3), (64, 10), (131, 17)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_squared_error_matches_numpy_and_finite_differences(M, N, weighted):
+    rng = np.random.default_rng(5)
+    Z, T = rand(rng, M, N, scale=3.0), rand(rng, M, N, scale=3.0)
+    w = rng.uniform(0.1, 2.0, M).astype(np.float32) if weighted else None
+    loss, dZ = kernels.squared_error(Z, T, w)
+    w64 = np.ones(M) if w is None else w.astype(np.float64)
+    r = Z.astype(np.float64) - T
+    ref = (w64 * 0.5 * (r ** 2).sum(axis=1)).sum() / w64.sum() if M else 0.0
+    assert loss == pytest.approx(ref, rel=1e-6, abs=1e-12)
+    np.testing.assert_allclose(dZ, r * (w64 / w64.sum())[:, None], rtol=1e-5, atol=1e-7)
+    h = np.float32(2.0 ** -6)   # exact in float32: Z +- h moves one entry by exactly h
+    for i, j in [(i, j) for i in range(min(M, 3)) for j in range(min(N, 3))]:
+        Zp, Zm = Z.copy(), Z.copy()
+        Zp[i, j] += h
+        Zm[i, j] -= h
+        numeric = (kernels.squared_error(Zp, T, w)[0] - kernels.squared_error(Zm, T, w)[0]) / (2 * h)
+        assert dZ[i, j] == pytest.approx(numeric, rel=1e-3, abs=1e-5)
+
+
+def test_squared_error_checks_its_arguments():
+    Z = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match=r"T must have shape \(2, 3\)"):
+        kernels.squared_error(Z, np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.squared_error(Z, np.full((2, 3), np.nan))
+    with pytest.raises(TypeError, match="numeric"):
+        kernels.squared_error(Z, np.full((2, 3), "a"))
+    loss, dZ = kernels.squared_error(Z, np.ones((2, 3)), np.zeros(2))
+    assert loss == 0.0 and not dZ.any()
+
+
 @pytest.mark.parametrize("B,n_in,n_out", [(0, 3, 2), (1, 1, 1), (5, 7, 3), (64, 784, 128),
                                           (37, 129, 65)])
 @pytest.mark.parametrize("name", ACTIVATIONS + ["softmax"])
