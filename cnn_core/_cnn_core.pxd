@@ -90,6 +90,9 @@ cdef extern from "cnn_core.h" nogil:
     int cnn_dense_backward(float *dW, float *db, float *dX, const float *X, const float *dY,
                            const float *W, int64_t B, int64_t n_in, int64_t n_out,
                            float *work, int n_threads)
+    int cnn_dense_backward_act(float *dW, float *db, float *dX, const float *X, const float *dY,
+                               const float *W, int64_t B, int64_t n_in, int64_t n_out,
+                               cnn_activation input_act, float alpha, float *work, int n_threads)
     int64_t cnn_dense_workspace_floats(int64_t B, int64_t n_in, int64_t n_out, int n_threads)
 
     ctypedef struct cnn_conv2d_shape:
@@ -158,21 +161,43 @@ cdef extern from "cnn_core.h" nogil:
 
     int CNN_MAX_LAYERS
 
-    ctypedef struct cnn_mlp:
-        int32_t n_layers
-        int64_t sizes[33]
-        cnn_activation activation
+    int CNN_MAX_DIMENSION
+
+    ctypedef enum cnn_layer_kind:
+        CNN_LAYER_DENSE, CNN_LAYER_CONV2D, CNN_LAYER_MAXPOOL2D, CNN_LAYER_AVGPOOL2D,
+        CNN_LAYER_FLATTEN, CNN_LAYER_DROPOUT
+
+    ctypedef enum cnn_loss_kind:
+        CNN_LOSS_SOFTMAX_CROSS_ENTROPY, CNN_LOSS_SQUARED_ERROR
+
+    ctypedef struct cnn_layer:
+        int32_t kind
+        int32_t activation
         float alpha
+        float rate
+        int64_t units
+        int64_t kernel_h, kernel_w
+        int64_t stride
+        int32_t same_padding
+
+    ctypedef struct cnn_net:
+        int32_t n_layers
+        cnn_layer layers[32]
+        int64_t in_h, in_w, in_c
+        int32_t loss
+        uint64_t seed
         float *params
 
-    int64_t cnn_mlp_param_count(const cnn_mlp *net)
-    int64_t cnn_mlp_predict_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads)
-    int64_t cnn_mlp_train_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads)
-    int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
-                        int64_t n, int64_t batch_size, int logits, float *work, int n_threads)
-    int cnn_mlp_train_batches(cnn_mlp *net, cnn_optimizer *opt, float *state1, float *state2,
+    int cnn_net_check(const cnn_net *net)
+    int64_t cnn_net_param_count(const cnn_net *net)
+    int64_t cnn_net_n_outputs(const cnn_net *net)
+    int64_t cnn_net_predict_workspace_floats(const cnn_net *net, int64_t batch_size, int n_threads)
+    int64_t cnn_net_train_workspace_floats(const cnn_net *net, int64_t batch_size, int n_threads)
+    int cnn_net_predict(float *out, const cnn_net *net, const void *X, cnn_dtype dtype, int64_t n,
+                        int64_t batch_size, int logits, float *work, int n_threads)
+    int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float *state2,
                               float *grads, float *work, const void *X, cnn_dtype dtype,
-                              const int32_t *y, const float *sample_weight, const int64_t *order,
-                              int64_t n_order, int64_t batch_size, int64_t first_batch,
-                              int64_t n_batches, double *loss_sum, int64_t *n_correct,
-                              int n_threads)
+                              const int32_t *labels, const float *targets,
+                              const float *sample_weight, const int64_t *order, int64_t n_order,
+                              int64_t batch_size, int64_t first_batch, int64_t n_batches,
+                              int64_t *step, double *loss_sum, int64_t *n_correct, int n_threads)

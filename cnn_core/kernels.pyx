@@ -4,12 +4,12 @@ Each Python function here validates its arguments with the GIL held (a ``TypeErr
 or ``ValueError`` naming the argument, the expected and the actual value), runs one C
 kernel with the GIL released, and turns a non-zero status into an exception.  The C-level
 functions declared in ``kernels.pxd`` are the public ``cimport`` API; the Python wrappers
-below call them too.  ``_MLP`` and ``_Trainer`` are the private engine of
+below call them too.  ``_Net`` and ``_Trainer`` are the private engine of
 :class:`cnn_core.Network`.
 
 The names of the C enumerations live here once (``ACTIVATIONS`` and
 ``HIDDEN_ACTIVATIONS`` with their codes read from the C library, ``OPTIMIZERS``,
-``KERNELS``); the rest of the package imports them.
+``KERNELS``, ``LOSSES``, ``LAYER_KINDS``); the rest of the package imports them.
 """
 import numpy as np
 
@@ -32,6 +32,11 @@ ACTIVATIONS = _activation_names()
 HIDDEN_ACTIVATIONS = tuple(name for name in ACTIVATIONS if name != "softmax")
 OPTIMIZERS = {"sgd": 0, "adam": 1, "adamw": 2}
 KERNELS = {"generic": 0, "avx2": 1, "avx512": 2, "neon": 3}
+LOSSES = {"cross_entropy": c.CNN_LOSS_SOFTMAX_CROSS_ENTROPY,
+          "squared_error": c.CNN_LOSS_SQUARED_ERROR}
+LAYER_KINDS = {"dense": c.CNN_LAYER_DENSE, "conv2d": c.CNN_LAYER_CONV2D,
+               "maxpool2d": c.CNN_LAYER_MAXPOOL2D, "avgpool2d": c.CNN_LAYER_AVGPOOL2D,
+               "flatten": c.CNN_LAYER_FLATTEN, "dropout": c.CNN_LAYER_DROPOUT}
 
 cdef float _EMPTY[16]   # a valid address for arrays with no elements
 cdef int64_t _PREDICT_BATCH = 256   # rows per inference chunk (kept hot in cache)
@@ -982,7 +987,7 @@ def _as_input(X, int64_t n_features, str name="X", bint check_finite=True):
     uint8 stays uint8 (the kernels scale it by 1/255); other floating types are converted
     to float32 once.  Raises TypeError / ValueError naming `name` otherwise.  With
     check_finite false the caller leaves the NaN/infinity check to the kernel
-    (_MLP.predict does it chunk by chunk, while the rows are in cache).
+    (_Net.predict does it chunk by chunk, while the rows are in cache).
     """
     if type(X) is not np.ndarray:
         try:
@@ -1051,37 +1056,69 @@ cdef const void *_data_pointer(X) except? NULL:
     return <const void *>&f[0, 0]
 
 
-cdef class _MLP:
-    """A C view (cnn_mlp) of a Network's sizes, activation and flat parameter vector,
-    with a prediction workspace kept between calls."""
-    cdef c.cnn_mlp net
+cdef int _fill_layer(c.cnn_layer *out, layer) except -1:
+    """*out = the C description of a cnn_core.layers layer (not Input)."""
+    config = layer.config()
+    out.kind = LAYER_KINDS[layer.kind]
+    out.activation = ACTIVATIONS[config.get("activation", "identity")]
+    out.alpha = config.get("leaky_slope", 0.0)
+    out.rate = config.get("rate", 0.0)
+    out.units = config.get("units", config.get("filters", 0))
+    out.kernel_h, out.kernel_w = config.get("kernel_size", (config.get("size", 0),) * 2)
+    out.stride = config.get("stride", 1)
+    out.same_padding = config.get("padding") == "same"
+    return 0
+
+
+cdef class _Net:
+    """A C view (cnn_net) of a layer stack (cnn_core.layers, Input first), a loss and a
+    Network's flat parameter vector, with a prediction workspace kept between calls."""
+    cdef c.cnn_net net
     cdef readonly object params
+    cdef readonly int64_t n_features, n_outputs
+    cdef readonly str loss
     cdef _WorkspaceCache _work   # predict workspace kept between calls
     cdef int64_t _work_batch     # the (batch, threads) last sized for, and that size
     cdef int _work_threads
     cdef int64_t _work_floats
 
-    def __cinit__(self, sizes, int activation, float alpha, params):
-        if not 1 <= len(sizes) - 1 <= c.CNN_MAX_LAYERS:
-            raise ValueError(f"a network has 1 to {c.CNN_MAX_LAYERS} layers")
+    def __cinit__(self, stack, str loss, params, uint64_t seed=0):
+        stack = list(stack)
+        if not 1 <= len(stack) - 1 <= c.CNN_MAX_LAYERS:
+            raise ValueError(f"a network has 1 to {c.CNN_MAX_LAYERS} layers after Input, "
+                             f"got {len(stack) - 1}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
         _contiguous(params, "params", np.float32, 1, writable=True)
-        self.net.n_layers = len(sizes) - 1
-        for i, s in enumerate(sizes):
-            self.net.sizes[i] = s
-        self.net.activation = <c.cnn_activation>activation
-        self.net.alpha = alpha
-        if c.cnn_mlp_param_count(&self.net) != params.shape[0]:
-            raise ValueError("params has the wrong length for these layer sizes")
+        shape = tuple(stack[0].shape)
+        self.net.in_h, self.net.in_w, self.net.in_c = shape if len(shape) == 3 else (1, 1) + shape
+        self.net.n_layers = len(stack) - 1
+        for i, layer in enumerate(stack[1:]):
+            _fill_layer(&self.net.layers[i], layer)
+        self.net.loss = LOSSES[loss]
+        self.net.seed = seed
+        if c.cnn_net_check(&self.net) != c.CNN_OK:
+            raise ValueError(f"the C engine cannot build this layer stack: {stack}")
+        if c.cnn_net_param_count(&self.net) != params.shape[0]:
+            raise ValueError(f"params has {params.shape[0]} values, the layers need "
+                             f"{c.cnn_net_param_count(&self.net)}")
+        self.loss = loss
+        self.n_features = self.net.in_h * self.net.in_w * self.net.in_c
+        self.n_outputs = c.cnn_net_n_outputs(&self.net)
         self.params = params
         self._work = _WorkspaceCache()
         self._work_batch = -1
         cdef float[::1] p = params
         self.net.params = &p[0]
 
+    def with_params(self, stack, params):
+        """The same network (stack as given here) over another parameter vector."""
+        return _Net(stack, self.loss, params, self.net.seed)
+
     cdef int64_t _workspace_floats(self, int64_t batch, int threads):
         """Predict workspace size, recomputed only when batch or threads change."""
         if batch != self._work_batch or threads != self._work_threads:
-            self._work_floats = c.cnn_mlp_predict_workspace_floats(&self.net, batch, threads)
+            self._work_floats = c.cnn_net_predict_workspace_floats(&self.net, batch, threads)
             self._work_batch = batch
             self._work_threads = threads
         return self._work_floats
@@ -1093,15 +1130,15 @@ cdef class _MLP:
         if type(X) is np.ndarray:
             a = <cnp.ndarray>X
             if (cnp.PyArray_NDIM(a) == 2 and cnp.PyArray_DIMS(a)[0] > 0
-                    and cnp.PyArray_DIMS(a)[1] == self.net.sizes[0]
+                    and cnp.PyArray_DIMS(a)[1] == self.n_features
                     and cnp.PyArray_ISCARRAY_RO(a)
                     and (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
                          or cnp.PyArray_TYPE(a) == cnp.NPY_UINT8)):
                 return a
-        return _as_input(X, self.net.sizes[0], "X", False)
+        return _as_input(X, self.n_features, "X", False)
 
     cdef int _forward(self, cnp.ndarray X, float *out, bint logits, int n_threads) except -1:
-        """out (n, n_classes) = probabilities (or logits) for X from _input."""
+        """out (n, n_outputs) = probabilities (or raw outputs) for X from _input."""
         cdef int64_t n = cnp.PyArray_DIMS(X)[0]
         cdef int64_t batch = min(_PREDICT_BATCH, n)
         work = self._work.take(self._workspace_floats(batch, n_threads))
@@ -1112,18 +1149,18 @@ cdef class _MLP:
         cdef int status
         try:
             with nogil:
-                status = c.cnn_mlp_predict(out, &self.net, xp, dtype, n, batch, logits, wk,
+                status = c.cnn_net_predict(out, &self.net, xp, dtype, n, batch, logits, wk,
                                            n_threads)
         finally:
             self._work.give_back(work)
         return _raise_for(status)
 
     def predict(self, X, bint logits, int n_threads):
-        """Probabilities (or logits) float32 (n, n_classes) for X (n, n_features)."""
+        """Probabilities (or raw outputs) float32 (n, n_outputs) for X (n, n_features)."""
         cdef cnp.ndarray a = self._input(X)
         cdef cnp.npy_intp shape[2]
         shape[0] = cnp.PyArray_DIMS(a)[0]
-        shape[1] = self.net.sizes[self.net.n_layers]
+        shape[1] = self.n_outputs
         out = cnp.PyArray_EMPTY(2, shape, cnp.NPY_FLOAT32, 0)
         self._forward(a, <float *>cnp.PyArray_DATA(out), logits, n_threads)
         return out
@@ -1135,7 +1172,7 @@ cdef class _MLP:
         cdef cnp.npy_intp n = cnp.PyArray_DIMS(a)[0]
         cdef cnp.npy_intp shape[2]
         shape[0] = n
-        shape[1] = self.net.sizes[self.net.n_layers]
+        shape[1] = self.n_outputs
         logits = cnp.PyArray_EMPTY(2, shape, cnp.NPY_FLOAT32, 0)
         labels = cnp.PyArray_EMPTY(1, shape, cnp.NPY_INT64, 0)
         cdef const float *z = <float *>cnp.PyArray_DATA(logits)
@@ -1155,25 +1192,27 @@ cdef class _MLP:
         return labels
 
 
-def _trainer_floats(_MLP mlp, str optimizer, int64_t batch_size, int n_threads):
+def _trainer_floats(_Net net, str optimizer, int64_t batch_size, int n_threads):
     """Floats a _Trainer allocates: gradients, optimizer state and workspace."""
-    cdef int64_t n = mlp.params.shape[0]
+    cdef int64_t n = net.params.shape[0]
     return (n * (2 if optimizer == "sgd" else 3)
-            + c.cnn_mlp_train_workspace_floats(&mlp.net, batch_size, n_threads))
+            + c.cnn_net_train_workspace_floats(&net.net, batch_size, n_threads))
 
 
 cdef class _Trainer:
-    """Gradients, optimizer state and workspace for one fit, allocated once."""
-    cdef _MLP mlp
+    """Gradients, optimizer state and workspace for one fit, allocated once.  ``step``
+    counts the minibatches trained (it picks the dropout masks)."""
+    cdef _Net net
     cdef c.cnn_optimizer opt
     cdef readonly object grads, state1, state2, work
     cdef readonly int64_t batch_size
     cdef readonly int n_threads
+    cdef public int64_t step
 
-    def __cinit__(self, _MLP mlp, str optimizer, float learning_rate, float momentum,
+    def __cinit__(self, _Net net, str optimizer, float learning_rate, float momentum,
                   bint nesterov, float weight_decay, float beta1, float beta2, float eps,
                   int64_t batch_size, int n_threads):
-        self.mlp = mlp
+        self.net = net
         self.opt.kind = <c.cnn_optimizer_kind>OPTIMIZERS[optimizer]
         self.opt.learning_rate = learning_rate
         self.opt.momentum = momentum
@@ -1185,21 +1224,32 @@ cdef class _Trainer:
         self.opt.step = 0
         self.batch_size = batch_size
         self.n_threads = n_threads
-        n = mlp.params.shape[0]
+        self.step = 0
+        n = net.params.shape[0]
         self.grads = _workspace(n)
         self.state1 = np.zeros(n, dtype=np.float32)
         self.state2 = np.zeros(n if optimizer != "sgd" else 1, dtype=np.float32)
-        self.work = _workspace(c.cnn_mlp_train_workspace_floats(&mlp.net, batch_size, n_threads))
+        self.work = _workspace(c.cnn_net_train_workspace_floats(&net.net, batch_size, n_threads))
 
     def train_batches(self, X, y, sample_weight, order, int64_t first_batch,
                       int64_t n_batches):
         """Train on minibatches [first_batch, first_batch + n_batches) of `order`.
 
-        X: uint8/float32 (n, n_features) C-contiguous; y: int32 (n,) valid labels;
+        X: uint8/float32 (n, n_features) C-contiguous; y: int32 (n,) valid labels for
+        cross-entropy, float32 (n, n_outputs) C-contiguous targets for squared error;
         sample_weight: float32 (n,) or None; order: int64 (m,) indices into X.
         Returns (summed loss, number correct) over those batches.
         """
-        cdef const int32_t[::1] yv = y
+        cdef const int32_t[::1] labels
+        cdef const float[:, ::1] targets
+        cdef const int32_t *lp = NULL
+        cdef const float *tp = NULL
+        if self.net.net.loss == c.CNN_LOSS_SQUARED_ERROR:
+            targets = y
+            tp = &targets[0, 0]
+        else:
+            labels = y
+            lp = &labels[0]
         cdef const int64_t[::1] ov = order
         cdef const float[::1] wv
         cdef const float *wp = NULL
@@ -1216,9 +1266,10 @@ cdef class _Trainer:
         cdef int64_t correct = 0
         cdef int status
         with nogil:
-            status = c.cnn_mlp_train_batches(&self.mlp.net, &self.opt, &s1[0], &s2[0], &g[0],
-                                             &wk[0], xp, dtype, &yv[0], wp, &ov[0],
+            status = c.cnn_net_train_batches(&self.net.net, &self.opt, &s1[0], &s2[0], &g[0],
+                                             &wk[0], xp, dtype, lp, tp, wp, &ov[0],
                                              ov.shape[0], self.batch_size, first_batch,
-                                             n_batches, &loss, &correct, self.n_threads)
+                                             n_batches, &self.step, &loss, &correct,
+                                             self.n_threads)
         _raise_for(status)
         return loss, int(correct)

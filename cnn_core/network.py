@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from . import kernels, model_file
+from . import kernels, layers, model_file
 from ._progress import EpochProgress
 from .model_file import ModelFileError
 
@@ -141,7 +141,7 @@ class Network:
         self._rng = np.random.default_rng(seed)
         self.history_ = None
         self._fitting = threading.Lock()    # held by fit
-        self._snapshot = None               # the _MLP predict uses while fit runs
+        self._snapshot = None               # the _Net predict uses while fit runs
         self._readers = []                  # inference calls under way
         self._set_params(self._initial_params(), adopt=True)
 
@@ -183,8 +183,11 @@ class Network:
             offset += n_in * n_out
             self.biases.append(self._params[offset:offset + n_out])
             offset += n_out
-        self._mlp = kernels._MLP(self.layer_sizes, kernels.ACTIVATIONS[self.activation],
-                                 self.leaky_slope, self._params)
+        self._mlp = kernels._Net(self._stack(), "cross_entropy", self._params)
+
+    def _stack(self):
+        """The layers (cnn_core.layers, Input first) of this network."""
+        return layers.mlp(self.layer_sizes, self.activation, self.leaky_slope)
 
     def _copy_of_params(self):
         """An aligned copy of the parameter vector."""
@@ -314,9 +317,7 @@ class Network:
                 start = time.perf_counter()
                 progress = EpochProgress(epoch, epochs, n) if verbose else None
                 started = self._copy_of_params()
-                self._snapshot = kernels._MLP(self.layer_sizes,
-                                              kernels.ACTIVATIONS[self.activation],
-                                              self.leaky_slope, started)
+                self._snapshot = kernels._Net(self._stack(), "cross_entropy", started)
                 while epoch == 1 and self._readers:     # see _begin_inference
                     time.sleep(1e-4)
                 loss_sum, correct, done, chunk = 0.0, 0, 0, 1
@@ -362,7 +363,7 @@ class Network:
     # fit waits for the announced callers after publishing its first snapshot: whoever
     # looked before then finishes with the live weights before training changes them.
     def _begin_inference(self):
-        """The _MLP to infer with; the caller pops self._readers when done."""
+        """The _Net to infer with; the caller pops self._readers when done."""
         self._readers.append(None)
         snapshot = self._snapshot
         return self._mlp if snapshot is None else snapshot

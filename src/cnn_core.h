@@ -171,6 +171,13 @@ int cnn_dense_backward(float *dW, float *db, float *dX, const float *X, const fl
                        const float *W, int64_t B, int64_t n_in, int64_t n_out,
                        float *work, int n_threads);
 
+/* cnn_dense_backward, and dX multiplied by the derivative of input_act, the elementwise
+   activation that produced X (computed from X, as cnn_activation_backward does), fused
+   into the GEMM that writes dX.  CNN_ERR_ARG if input_act is not elementwise. */
+int cnn_dense_backward_act(float *dW, float *db, float *dX, const float *X, const float *dY,
+                           const float *W, int64_t B, int64_t n_in, int64_t n_out,
+                           cnn_activation input_act, float alpha, float *work, int n_threads);
+
 /* Floats of workspace cnn_dense_forward / cnn_dense_backward need. */
 int64_t cnn_dense_workspace_floats(int64_t B, int64_t n_in, int64_t n_out, int n_threads);
 
@@ -292,49 +299,87 @@ int cnn_optimizer_update(float *p, float *state1, float *state2, cnn_optimizer *
 int cnn_gather_rows(float *out, const void *X, cnn_dtype dtype, const int64_t *index,
                     int64_t n_index, int64_t n_rows, int64_t n_cols);
 
-/* ---- multilayer perceptron ---------------------------------------------- */
+/* ---- networks: a table of layers ---------------------------------------- */
 #define CNN_MAX_LAYERS 32
+#define CNN_MAX_DIMENSION (1 << 24)   /* the most values of one sample in any layer */
 
-/* An MLP: n_layers dense layers of sizes[0] -> sizes[1] -> ... -> sizes[n_layers];
-   every hidden layer uses `activation`, the last one outputs logits (softmax in the
-   loss).  params holds, layer after layer, W_l (sizes[l], sizes[l+1]) then b_l. */
-typedef struct cnn_mlp {
-    int32_t n_layers;
-    int64_t sizes[CNN_MAX_LAYERS + 1];
-    cnn_activation activation;
-    float alpha;
+typedef enum { CNN_LAYER_DENSE = 0, CNN_LAYER_CONV2D = 1, CNN_LAYER_MAXPOOL2D = 2,
+               CNN_LAYER_AVGPOOL2D = 3, CNN_LAYER_FLATTEN = 4,
+               CNN_LAYER_DROPOUT = 5 } cnn_layer_kind;
+
+/* What the network minimises: softmax cross-entropy of the last layer's outputs against
+   class labels, or the squared error (cnn_squared_error) against float targets. */
+typedef enum { CNN_LOSS_SOFTMAX_CROSS_ENTROPY = 0, CNN_LOSS_SQUARED_ERROR = 1 } cnn_loss_kind;
+
+/* One layer as the user chose it; the engine derives the shapes.  Fields a kind does not
+   use are ignored. */
+typedef struct cnn_layer {
+    int32_t kind;                   /* cnn_layer_kind */
+    int32_t activation;             /* cnn_activation, elementwise: dense, conv2d */
+    float alpha;                    /* leaky_relu slope, [0, 1) */
+    float rate;                     /* dropout rate, [0, 1) */
+    int64_t units;                  /* dense: outputs; conv2d: filters */
+    int64_t kernel_h, kernel_w;     /* conv2d kernel; pools: size, size */
+    int64_t stride;                 /* conv2d, pools */
+    int32_t same_padding;           /* conv2d: 1 "same" (TensorFlow's rule), 0 "valid" */
+} cnn_layer;
+
+/* A network: samples of in_h x in_w x in_c values (NHWC; flat data is 1 x 1 x features,
+   stored as rows of in_h in_w in_c floats) through layers[0 .. n_layers), the last one
+   dense.  Dense reads a whole sample (NHWC rows are already flat, so Flatten moves no
+   data); conv2d and pooling follow the shape rules of their kernels above; dropout is
+   the identity at inference.  params holds, per layer with parameters in order, W then
+   b: dense W (n_in, n_out), conv2d W (kernel_h, kernel_w, in_c, out_c).  For a stack of
+   dense layers that is the layout of a multilayer perceptron, layer after layer. */
+typedef struct cnn_net {
+    int32_t n_layers;               /* 1 .. CNN_MAX_LAYERS (the input is not a layer) */
+    cnn_layer layers[CNN_MAX_LAYERS];
+    int64_t in_h, in_w, in_c;
+    int32_t loss;                   /* cnn_loss_kind */
+    uint64_t seed;                  /* dropout masks */
     float *params;
-} cnn_mlp;
+} cnn_net;
 
-/* Number of floats in params. */
-int64_t cnn_mlp_param_count(const cnn_mlp *net);
+/* CNN_OK if every layer is valid and accepts the shape before it (each sample at most
+   CNN_MAX_DIMENSION values), the last layer is dense and the loss is known; else
+   CNN_ERR_ARG.  Every function below checks this first (CNN_ERR_ARG, or -1 for the
+   sizes). */
+int cnn_net_check(const cnn_net *net);
 
-/* Floats of workspace for a forward pass (predict) or for training, at batch_size and
-   n_threads (pass the same values to cnn_mlp_predict / cnn_mlp_train_batches). */
-int64_t cnn_mlp_predict_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads);
-int64_t cnn_mlp_train_workspace_floats(const cnn_mlp *net, int64_t batch_size, int n_threads);
+/* Floats in params; the outputs of the last layer (classes, or regression targets). */
+int64_t cnn_net_param_count(const cnn_net *net);
+int64_t cnn_net_n_outputs(const cnn_net *net);
 
-/* probs (n, n_classes) = softmax of the network on X (n, sizes[0]) of dtype; rows are
-   processed in chunks of batch_size with `work` as workspace.  With several chunks and
-   threads, each thread runs its own range of chunks; one chunk uses all threads inside
-   each GEMM (same results either way).  When logits != 0 the raw last-layer outputs are
-   written instead of probabilities.  Float input holding NaN or infinity gives
-   CNN_ERR_NONFINITE (checked chunk by chunk, while it is hot in cache; other rows of
-   probs may then be written). */
-int cnn_mlp_predict(float *probs, const cnn_mlp *net, const void *X, cnn_dtype dtype,
-                    int64_t n, int64_t batch_size, int logits, float *work, int n_threads);
+/* Floats of workspace for inference or for training, at batch_size and n_threads (pass
+   the same values to cnn_net_predict / cnn_net_train_batches). */
+int64_t cnn_net_predict_workspace_floats(const cnn_net *net, int64_t batch_size, int n_threads);
+int64_t cnn_net_train_workspace_floats(const cnn_net *net, int64_t batch_size, int n_threads);
+
+/* out (n, n_outputs) = the network on X (n, in_h in_w in_c) of dtype: softmax
+   probabilities for cross-entropy, the raw outputs when logits != 0 or for squared
+   error.  Rows are processed in chunks of batch_size with `work` as workspace.  With
+   several chunks and threads, each thread runs its own chunks with one-thread kernels;
+   one chunk uses all threads inside each kernel (same results either way).  Float input
+   holding NaN or infinity gives CNN_ERR_NONFINITE (checked chunk by chunk, while it is
+   hot in cache; other rows of out may then be written). */
+int cnn_net_predict(float *out, const cnn_net *net, const void *X, cnn_dtype dtype, int64_t n,
+                    int64_t batch_size, int logits, float *work, int n_threads);
 
 /* Train on minibatches first_batch .. first_batch + n_batches - 1 of the sample order
-   `order` (n_order indices into X), each of batch_size rows (the last may be short).
-   grads and the optimizer states hold cnn_mlp_param_count floats.  Adds the summed
-   (not mean) loss of the batches to *loss_sum and their correct predictions to
-   *n_correct.  Labels must be in [0, n_classes) (CNN_ERR_ARG otherwise). */
-int cnn_mlp_train_batches(cnn_mlp *net, cnn_optimizer *opt, float *state1, float *state2,
+   `order` (n_order indices into X), each of batch_size rows (the last may be short):
+   per minibatch gather, forward, loss, backward and one optimizer update.  labels (n,)
+   in [0, n_outputs) for cross-entropy (CNN_ERR_ARG otherwise), or targets (n,
+   n_outputs) for squared error; sample_weight (n,) or NULL.  grads and the optimizer
+   states hold cnn_net_param_count floats.  *step counts the minibatches trained so far
+   (it picks the dropout masks with net->seed, so they never depend on n_threads) and
+   grows by one per minibatch.  Adds the summed (not mean) loss of the batches to
+   *loss_sum and their correct predictions (cross-entropy) to *n_correct. */
+int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float *state2,
                           float *grads, float *work, const void *X, cnn_dtype dtype,
-                          const int32_t *y, const float *sample_weight, const int64_t *order,
-                          int64_t n_order, int64_t batch_size, int64_t first_batch,
-                          int64_t n_batches, double *loss_sum, int64_t *n_correct,
-                          int n_threads);
+                          const int32_t *labels, const float *targets,
+                          const float *sample_weight, const int64_t *order, int64_t n_order,
+                          int64_t batch_size, int64_t first_batch, int64_t n_batches,
+                          int64_t *step, double *loss_sum, int64_t *n_correct, int n_threads);
 
 #ifdef __cplusplus
 }

@@ -63,9 +63,9 @@ int64_t cnn_model_n_classes(const cnn_model *m);
 cnn_activation cnn_model_activation(const cnn_model *m);
 float cnn_model_leaky_slope(const cnn_model *m);
 
-/* The network itself, for calling cnn_mlp_predict with a workspace of your own
+/* The network itself, for calling cnn_net_predict with a workspace of your own
    (uint8 inputs, logits, a chosen thread count).  Owned by the model: do not modify. */
-const cnn_mlp *cnn_model_mlp(const cnn_model *m);
+const cnn_net *cnn_model_net(const cnn_model *m);
 
 /* probs (n, n_classes) = softmax of the network on X (n, n_inputs), float32 row-major.
    n == 0 does nothing.  CNN_ERR_ARG for a NULL argument or n < 0. */

@@ -9,7 +9,8 @@
 #include "cnn_internal.h"
 
 struct cnn_model {
-    cnn_mlp mlp;        /* params is owned by the model */
+    cnn_net net;        /* params is owned by the model */
+    cnn_activation hidden_activation;   /* of a version-1 file */
 };
 
 /* Rows per forward pass: the batch Network.predict uses, so results match it. */
@@ -103,9 +104,10 @@ static float le_float(const unsigned char *p)
 
 /* ---- loading --------------------------------------------------------------------- */
 
-static int read_header(cnn_mlp *net, uint64_t *n_params, source *s)
+static int read_header(cnn_model *m, uint64_t *n_params, source *s)
 {
-    /* net (everything but params) and n_params from the header and sizes of a model file */
+    /* m->net (everything but params: a table of dense layers) and n_params from the
+       header and sizes of a model file */
     unsigned char h[HEADER_BYTES], b[8];
     int status = read_exact(s, h, HEADER_BYTES);
     if (status != CNN_OK)
@@ -116,10 +118,12 @@ static int read_header(cnn_mlp *net, uint64_t *n_params, source *s)
         || n_layers > CNN_MAX_LAYERS || code >= N_HIDDEN_ACTIVATIONS
         || !(slope >= 0.0f && slope < 1.0f))
         return CNN_ERR_FORMAT;
-    memset(net, 0, sizeof *net);
+    memset(m, 0, sizeof *m);
+    cnn_net *net = &m->net;
     net->n_layers = (int32_t)n_layers;
-    net->activation = (cnn_activation)code;
-    net->alpha = slope;
+    net->in_h = net->in_w = 1;
+    net->loss = CNN_LOSS_SOFTMAX_CROSS_ENTROPY;
+    m->hidden_activation = (cnn_activation)code;
     for (uint32_t l = 0; l <= n_layers; ++l) {
         status = read_exact(s, b, 8);
         if (status != CNN_OK)
@@ -127,13 +131,20 @@ static int read_header(cnn_mlp *net, uint64_t *n_params, source *s)
         uint64_t size = le64(b);
         if (size < 1 || size > MAX_LAYER_SIZE)
             return CNN_ERR_FORMAT;
-        net->sizes[l] = (int64_t)size;
+        if (l == 0) {
+            net->in_c = (int64_t)size;
+            continue;
+        }
+        cnn_layer *layer = &net->layers[l - 1];
+        layer->kind = CNN_LAYER_DENSE;
+        layer->units = (int64_t)size;
+        layer->activation = l < n_layers ? (int32_t)code : CNN_ACT_IDENTITY;
+        layer->alpha = slope;
     }
-    /* every size <= 2^24 and at most 32 layers: the sum stays below 2^54, no overflow */
-    uint64_t n = 0;
-    for (uint32_t l = 0; l < n_layers; ++l)
-        n += (uint64_t)net->sizes[l] * (uint64_t)net->sizes[l + 1] + (uint64_t)net->sizes[l + 1];
-    *n_params = n;
+    const int64_t n = cnn_net_param_count(net);
+    if (n < 0)
+        return CNN_ERR_FORMAT;
+    *n_params = (uint64_t)n;
     return CNN_OK;
 }
 
@@ -184,12 +195,12 @@ static int read_params(float **out, source *s, uint64_t n_params)
 static int load_from(cnn_model **out, source *s)
 {
     /* *out = the model read from s, checked to its last byte; NULL on failure */
-    cnn_mlp net;
+    cnn_model header;
     uint64_t n_params = 0;
     float *params = NULL;
     unsigned char tail[4], extra;
     crc_init(s);
-    int status = read_header(&net, &n_params, s);
+    int status = read_header(&header, &n_params, s);
     if (status == CNN_OK)
         status = read_params(&params, s, n_params);
     if (status != CNN_OK)
@@ -209,8 +220,8 @@ static int load_from(cnn_model **out, source *s)
         free(params);
         return status;
     }
-    m->mlp = net;
-    m->mlp.params = params;
+    *m = header;
+    m->net.params = params;
     *out = m;
     return CNN_OK;
 }
@@ -257,7 +268,7 @@ void cnn_model_free(cnn_model *m)
     /* release m and its parameters (NULL is fine) */
     if (!m)
         return;
-    free(m->mlp.params);
+    free(m->net.params);
     free(m);
 }
 
@@ -266,43 +277,45 @@ void cnn_model_free(cnn_model *m)
 int32_t cnn_model_n_layers(const cnn_model *m)
 {
     /* L */
-    return m->mlp.n_layers;
+    return m->net.n_layers;
 }
 
 int64_t cnn_model_layer_size(const cnn_model *m, int32_t i)
 {
     /* sizes[i] for 0 <= i <= L, else -1 */
-    return i >= 0 && i <= m->mlp.n_layers ? m->mlp.sizes[i] : -1;
+    if (i < 0 || i > m->net.n_layers)
+        return -1;
+    return i ? m->net.layers[i - 1].units : m->net.in_c;
 }
 
 int64_t cnn_model_n_inputs(const cnn_model *m)
 {
     /* sizes[0] */
-    return m->mlp.sizes[0];
+    return m->net.in_h * m->net.in_w * m->net.in_c;
 }
 
 int64_t cnn_model_n_classes(const cnn_model *m)
 {
     /* sizes[L] */
-    return m->mlp.sizes[m->mlp.n_layers];
+    return cnn_net_n_outputs(&m->net);
 }
 
 cnn_activation cnn_model_activation(const cnn_model *m)
 {
     /* hidden activation code */
-    return m->mlp.activation;
+    return m->hidden_activation;
 }
 
 float cnn_model_leaky_slope(const cnn_model *m)
 {
     /* leaky_relu slope in [0, 1) */
-    return m->mlp.alpha;
+    return m->net.layers[0].alpha;
 }
 
-const cnn_mlp *cnn_model_mlp(const cnn_model *m)
+const cnn_net *cnn_model_net(const cnn_model *m)
 {
     /* the network, owned by m */
-    return &m->mlp;
+    return &m->net;
 }
 
 /* ---- inference -------------------------------------------------------------------- */
@@ -316,11 +329,11 @@ static int predict_rows(const cnn_model *m, float *out, int32_t *labels, const f
         return CNN_ERR_ARG;
     if (n == 0)
         return CNN_OK;
-    const cnn_mlp *net = &m->mlp;
-    const int64_t C = net->sizes[net->n_layers], n_in = net->sizes[0];
+    const cnn_net *net = &m->net;
+    const int64_t C = cnn_net_n_outputs(net), n_in = cnn_model_n_inputs(m);
     const int64_t B = n < PREDICT_BATCH ? n : PREDICT_BATCH;
     const int n_threads = cnn_max_threads() > 0 ? cnn_max_threads() : 1;
-    int64_t n_work = cnn_mlp_predict_workspace_floats(net, B, n_threads);
+    int64_t n_work = cnn_net_predict_workspace_floats(net, B, n_threads);
     int64_t n_logits = labels ? cnn_round_up_floats(B * C) : 0;
     float *work = cnn_aligned_alloc_floats(n_work + n_logits);
     if (!work)
@@ -330,7 +343,7 @@ static int predict_rows(const cnn_model *m, float *out, int32_t *labels, const f
     for (int64_t r0 = 0; r0 < n && status == CNN_OK; r0 += B) {
         const int64_t rows = n - r0 < B ? n - r0 : B;
         float *dst = labels ? chunk : out + r0 * C;
-        status = cnn_mlp_predict(dst, net, X + r0 * n_in, CNN_DTYPE_FLOAT32, rows, B,
+        status = cnn_net_predict(dst, net, X + r0 * n_in, CNN_DTYPE_FLOAT32, rows, B,
                                  logits, work, n_threads);
         for (int64_t r = 0; labels && status == CNN_OK && r < rows; ++r) {
             const float *z = chunk + r * C;
