@@ -18,7 +18,7 @@ import numbers
 from .kernels import HIDDEN_ACTIVATIONS
 
 __all__ = ["Layer", "Input", "Dense", "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten",
-           "Dropout", "LayerError", "from_config", "mlp", "output_shapes"]
+           "Dropout", "LayerError", "from_config", "mlp", "output_shapes", "build"]
 
 MAX_DIMENSION = 1 << 24
 
@@ -69,18 +69,50 @@ class Layer:
     """Base class: ``kind`` names the layer, ``config()`` gives its hyper-parameters
     (``type(layer)(**layer.config())`` is an equal layer), ``output_shape(input_shape)``
     validates the input and gives the output, ``parameter_shapes(input_shape)`` the
-    shapes of its weights and biases (none for layers without parameters)."""
+    shapes of its weights and biases (none for layers without parameters).  The layers
+    of a Network are built (see :func:`build`): ``output_shape()``, ``input_shape``,
+    ``parameter_shapes()`` and ``n_parameters`` then describe the layer in place."""
 
     kind = None
+    input_shape = None   # set by build()
 
     def config(self):
         raise NotImplementedError
 
-    def output_shape(self, input_shape):
+    def output_shape(self, input_shape=None):
+        """The output shape for ``input_shape``, or, without one, for the input the
+        layer was built with."""
+        return self._output_shape(self._built_input(input_shape))
+
+    def parameter_shapes(self, input_shape=None):
+        """[W shape, b shape] for ``input_shape`` (or the built one); [] without
+        parameters."""
+        return self._parameter_shapes(self._built_input(input_shape))
+
+    @property
+    def n_parameters(self):
+        """Number of trained values (weights and biases) of the built layer."""
+        return sum(math.prod(shape) for shape in self.parameter_shapes())
+
+    def _built_input(self, input_shape):
+        if input_shape is not None:
+            return tuple(input_shape)
+        if self.input_shape is None:
+            raise LayerError(f"{self!r} is not built: pass an input shape, or use the "
+                             f"layers of a Network")
+        return self.input_shape
+
+    def _output_shape(self, input_shape):
         raise NotImplementedError
 
-    def parameter_shapes(self, input_shape):
+    def _parameter_shapes(self, input_shape):
         return []
+
+    def _fans(self, input_shape):
+        """(inputs, outputs) that each weight connects, for initialisation."""
+        W = self.parameter_shapes(input_shape)[0]
+        receptive = math.prod(W[:-2])
+        return receptive * W[-2], receptive * W[-1]
 
     def _error(self, message):
         return LayerError(f"{self!r}: {message}")
@@ -139,13 +171,13 @@ class Dense(Layer):
         return {"units": self.units, "activation": self.activation,
                 "leaky_slope": self.leaky_slope}
 
-    def output_shape(self, input_shape):
+    def _output_shape(self, input_shape):
         if len(input_shape) != 1:
             raise self._error(f"needs a flat input, got an image of {_shape_text(input_shape)}"
                               f"; put Flatten() before it")
         return (self.units,)
 
-    def parameter_shapes(self, input_shape):
+    def _parameter_shapes(self, input_shape):
         return [(input_shape[0], self.units), (self.units,)]
 
 
@@ -185,7 +217,7 @@ class Conv2D(Layer):
             amounts += [total // 2, total - total // 2]
         return tuple(amounts)
 
-    def output_shape(self, input_shape):
+    def _output_shape(self, input_shape):
         if len(input_shape) != 3:
             raise self._error(f"needs an image input (height, width, channels), got "
                               f"{input_shape}; give Input a 3-D shape such as (28, 28, 1)")
@@ -198,7 +230,7 @@ class Conv2D(Layer):
                               f"{_shape_text(input_shape)} with padding='valid'")
         return ((h - kh) // self.stride + 1, (w - kw) // self.stride + 1, self.filters)
 
-    def parameter_shapes(self, input_shape):
+    def _parameter_shapes(self, input_shape):
         return [self.kernel_size + (input_shape[2], self.filters), (self.filters,)]
 
 
@@ -210,7 +242,7 @@ class _Pool2D(Layer):
     def config(self):
         return {"size": self.size, "stride": self.stride}
 
-    def output_shape(self, input_shape):
+    def _output_shape(self, input_shape):
         if len(input_shape) != 3:
             raise self._error(f"needs an image input (height, width, channels), got "
                               f"{input_shape}")
@@ -245,7 +277,7 @@ class Flatten(Layer):
     def config(self):
         return {}
 
-    def output_shape(self, input_shape):
+    def _output_shape(self, input_shape):
         return (math.prod(input_shape),)
 
 
@@ -265,7 +297,7 @@ class Dropout(Layer):
     def config(self):
         return {"rate": self.rate}
 
-    def output_shape(self, input_shape):
+    def _output_shape(self, input_shape):
         return tuple(input_shape)
 
 
@@ -309,7 +341,7 @@ def output_shapes(stack):
     if not isinstance(stack[-1], Dense):
         raise LayerError(f"the last layer gives the network's outputs and must be Dense, "
                          f"got {stack[-1]!r}")
-    shapes, shape = [], None
+    shapes, shape = [], stack[0].shape
     for position, layer in enumerate(stack):
         try:
             shape = layer.output_shape(shape)
@@ -320,3 +352,16 @@ def output_shapes(stack):
                              f"{_shape_text(shape)} has more than {MAX_DIMENSION} values")
         shapes.append(shape)
     return shapes
+
+
+def build(stack):
+    """Copies of the layers of ``stack`` (checked as :func:`output_shapes` does), each
+    knowing its ``input_shape``: ``output_shape()`` and ``parameter_shapes()`` then need
+    no argument.  The layers given are left as they are."""
+    stack = list(stack)
+    shapes = output_shapes(stack)
+    built = [from_config(layer.kind, layer.config()) for layer in stack]
+    for layer, shape in zip(built[1:], shapes):
+        layer.input_shape = shape
+    built[0].input_shape = shapes[0]
+    return built

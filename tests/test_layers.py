@@ -17,6 +17,21 @@ def test_lenet_shapes():
     assert LENET[6].parameter_shapes((400,)) == [(400, 120), (120,)]
 
 
+def test_build_gives_each_copy_its_shapes():
+    built = L.build(LENET)
+    assert built == LENET and all(a is not b for a, b in zip(built, LENET))
+    assert [layer.output_shape() for layer in built] == L.output_shapes(LENET)
+    assert built[1].input_shape == (28, 28, 1) and built[6].input_shape == (400,)
+    assert [layer.n_parameters for layer in built] == [0, 156, 0, 2416, 0, 0, 48120, 10164,
+                                                       0, 850]
+    assert built[3].parameter_shapes() == [(5, 5, 6, 16), (16,)]
+    with pytest.raises(L.LayerError, match="not built"):
+        LENET[1].output_shape()              # the layers given stay unbuilt
+    with pytest.raises(L.LayerError, match="layer 3"):
+        L.build([L.Input((8, 8, 1)), L.Conv2D(2, 3), L.MaxPool2D(2), L.Conv2D(2, 5),
+                 L.Flatten(), L.Dense(2)])
+
+
 @pytest.mark.parametrize("size, k, stride", [(1, 1, 1), (7, 3, 2), (28, 5, 2), (31, 5, 2),
                                              (5, 1, 2), (2, 5, 1)])
 def test_same_padding_follows_tensorflow(size, k, stride):
