@@ -200,4 +200,5 @@ cdef extern from "cnn_core.h" nogil:
                               const int32_t *labels, const float *targets,
                               const float *sample_weight, const int64_t *order, int64_t n_order,
                               int64_t batch_size, int64_t first_batch, int64_t n_batches,
-                              int64_t *step, double *loss_sum, int64_t *n_correct, int n_threads)
+                              int64_t *batch_count, double *loss_sum, int64_t *n_correct,
+                              int n_threads)

@@ -1091,7 +1091,9 @@ cdef class _Net:
             raise ValueError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
         _contiguous(params, "params", np.float32, 1, writable=True)
         shape = tuple(stack[0].shape)
-        self.net.in_h, self.net.in_w, self.net.in_c = shape if len(shape) == 3 else (1, 1) + shape
+        if len(shape) == 1:
+            shape = (1, 1) + shape
+        self.net.in_h, self.net.in_w, self.net.in_c = shape
         self.net.n_layers = len(stack) - 1
         for i, layer in enumerate(stack[1:]):
             _fill_layer(&self.net.layers[i], layer)
@@ -1200,14 +1202,14 @@ def _trainer_floats(_Net net, str optimizer, int64_t batch_size, int n_threads):
 
 
 cdef class _Trainer:
-    """Gradients, optimizer state and workspace for one fit, allocated once.  ``step``
-    counts the minibatches trained (it picks the dropout masks)."""
+    """Gradients, optimizer state and workspace for one fit, allocated once.
+    ``batch_count`` counts the minibatches trained (it picks the dropout masks)."""
     cdef _Net net
     cdef c.cnn_optimizer opt
     cdef readonly object grads, state1, state2, work
     cdef readonly int64_t batch_size
     cdef readonly int n_threads
-    cdef public int64_t step
+    cdef public int64_t batch_count
 
     def __cinit__(self, _Net net, str optimizer, float learning_rate, float momentum,
                   bint nesterov, float weight_decay, float beta1, float beta2, float eps,
@@ -1224,7 +1226,7 @@ cdef class _Trainer:
         self.opt.step = 0
         self.batch_size = batch_size
         self.n_threads = n_threads
-        self.step = 0
+        self.batch_count = 0
         n = net.params.shape[0]
         self.grads = _workspace(n)
         self.state1 = np.zeros(n, dtype=np.float32)
@@ -1269,7 +1271,7 @@ cdef class _Trainer:
             status = c.cnn_net_train_batches(&self.net.net, &self.opt, &s1[0], &s2[0], &g[0],
                                              &wk[0], xp, dtype, lp, tp, wp, &ov[0],
                                              ov.shape[0], self.batch_size, first_batch,
-                                             n_batches, &self.step, &loss, &correct,
+                                             n_batches, &self.batch_count, &loss, &correct,
                                              self.n_threads)
         _raise_for(status)
         return loss, int(correct)

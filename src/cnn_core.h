@@ -370,16 +370,17 @@ int cnn_net_predict(float *out, const cnn_net *net, const void *X, cnn_dtype dty
    per minibatch gather, forward, loss, backward and one optimizer update.  labels (n,)
    in [0, n_outputs) for cross-entropy (CNN_ERR_ARG otherwise), or targets (n,
    n_outputs) for squared error; sample_weight (n,) or NULL.  grads and the optimizer
-   states hold cnn_net_param_count floats.  *step counts the minibatches trained so far
-   (it picks the dropout masks with net->seed, so they never depend on n_threads) and
-   grows by one per minibatch.  Adds the summed (not mean) loss of the batches to
+   states hold cnn_net_param_count floats.  *batch_count counts the minibatches trained
+   so far (it picks the dropout masks with net->seed, so they never depend on n_threads)
+   and grows by one per minibatch.  Adds the summed (not mean) loss of the batches to
    *loss_sum and their correct predictions (cross-entropy) to *n_correct. */
 int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float *state2,
                           float *grads, float *work, const void *X, cnn_dtype dtype,
                           const int32_t *labels, const float *targets,
                           const float *sample_weight, const int64_t *order, int64_t n_order,
                           int64_t batch_size, int64_t first_batch, int64_t n_batches,
-                          int64_t *step, double *loss_sum, int64_t *n_correct, int n_threads);
+                          int64_t *batch_count, double *loss_sum, int64_t *n_correct,
+                          int n_threads);
 
 #ifdef __cplusplus
 }

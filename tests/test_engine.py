@@ -116,9 +116,9 @@ def data(n, stack, seed, classes=3):
 def one_step_gradient(net, X, y, step=0):
     """The engine's gradient for one minibatch of all of X (learning rate 0)."""
     trainer = kernels._Trainer(net, "sgd", 0.0, 0.0, False, 0.0, 0.9, 0.999, 1e-8, len(X), 1)
-    trainer.step = step
+    trainer.batch_count = step
     loss, _ = trainer.train_batches(X, y, None, np.arange(len(X), dtype=np.int64), 0, 1)
-    assert trainer.step == step + 1
+    assert trainer.batch_count == step + 1
     return np.array(trainer.grads, dtype=np.float64), loss / len(X)
 
 

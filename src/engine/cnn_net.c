@@ -590,12 +590,13 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
                           const int32_t *labels, const float *targets,
                           const float *sample_weight, const int64_t *order, int64_t n_order,
                           int64_t batch_size, int64_t first_batch, int64_t n_batches,
-                          int64_t *step, double *loss_sum, int64_t *n_correct, int n_threads)
+                          int64_t *batch_count, double *loss_sum, int64_t *n_correct,
+                          int n_threads)
 {
     /* for each minibatch: gather, forward, loss, backward, update */
     net_plan p;
     if (make_plan(&p, net) != CNN_OK || batch_size < 1 || first_batch < 0 || n_batches < 0 ||
-        n_threads < 1 || !step ||
+        n_threads < 1 || !batch_count ||
         (net->loss == CNN_LOSS_SOFTMAX_CROSS_ENTROPY ? !labels : !targets))
         return CNN_ERR_ARG;
     const int32_t L = net->n_layers;
@@ -613,7 +614,8 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
     float *tb = wb + cnn_round_up_floats(B);
     float *layer_work = tb + cnn_round_up_floats(B * C);
 
-    for (int64_t batch = first_batch; batch < first_batch + n_batches; ++batch, ++*step) {
+    for (int64_t batch = first_batch; batch < first_batch + n_batches;
+         ++batch, ++*batch_count) {
         const int64_t r0 = batch * B;
         if (r0 >= n_order)
             return CNN_ERR_ARG;
@@ -649,7 +651,7 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
             c.g = &p.g[i];
             c.params = net->params + p.g[i].offset;
             c.seed = layer_seed(net->seed, i);
-            c.offset = (uint64_t)*step * (uint64_t)(B * p.g[i].n_out);
+            c.offset = (uint64_t)*batch_count * (uint64_t)(B * p.g[i].n_out);
             status = LAYER_OPS[l->kind].forward(outputs[i], i ? outputs[i - 1] : x, &c);
             if (status != CNN_OK)
                 return status;
@@ -660,7 +662,8 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
         const float *Z = outputs[L - 1];
         const float *w = sample_weight ? wb : NULL;
         if (net->loss == CNN_LOSS_SOFTMAX_CROSS_ENTROPY)
-            status = cnn_softmax_cross_entropy(NULL, delta_a, &loss, &correct, Z, yb, w, rows, C);
+            status = cnn_softmax_cross_entropy(NULL, delta_a, &loss, &correct, Z, yb, w, rows,
+                                               C);
         else
             status = cnn_squared_error(delta_a, &loss, Z, tb, w, rows, C);
         if (status != CNN_OK)
@@ -683,7 +686,7 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
             c.input_act = below ? layer_activation(below) : CNN_ACT_IDENTITY;
             c.input_alpha = below ? below->alpha : 0.0f;
             c.seed = layer_seed(net->seed, i);
-            c.offset = (uint64_t)*step * (uint64_t)(B * p.g[i].n_out);
+            c.offset = (uint64_t)*batch_count * (uint64_t)(B * p.g[i].n_out);
             if (!ops->backward) {
                 /* dX is dY */
                 input_grad(delta, in, rows * p.g[i].n_in, c.input_act, c.input_alpha);
