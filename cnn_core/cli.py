@@ -1,4 +1,4 @@
-"""The ``cnn-core`` command line (also ``python -m cnn_core``): train an MLP on MNIST,
+"""The ``cnn-core`` command line (also ``python -m cnn_core``): train a network on MNIST,
 evaluate a saved model, convert between model files and ONNX, show build facts.
 
 ``main(argv)`` parses the arguments, runs one subcommand and returns the exit status:
@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import cnn_core
-from . import kernels, model_file
+from . import kernels, layers, model_file
 from .datasets import load_mnist
 from .network import DEFAULT_LEARNING_RATE, Network
 
@@ -23,6 +23,7 @@ PROG = "cnn-core"
 DEFAULT_OUTPUT = "mnist_mlp.cnn"
 
 OPTIMIZERS = list(DEFAULT_LEARNING_RATE)
+CNN_SGD_LEARNING_RATE = 0.02   # --model cnn's default with SGD (0.05 makes it unsteady)
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -119,7 +120,7 @@ def _add_threads(parser):
 
 def build_parser():
     """The argparse parser of the cnn-core command and its subcommands."""
-    parser = _Parser(prog=PROG, description="Train and evaluate multilayer perceptrons "
+    parser = _Parser(prog=PROG, description="Train and evaluate neural networks "
                      "on MNIST with cnn_core's C kernels.")
     parser.add_argument("--version", action="version",
                         version=f"{PROG} {cnn_core.__version__}")
@@ -127,16 +128,21 @@ def build_parser():
 
     train = commands.add_parser(
         "train", help="train a network on MNIST and save it",
-        description="Train a multilayer perceptron on the MNIST training images, report "
+        description="Train a network on the MNIST training images, report "
                     "the held-out test set after every epoch (for monitoring only: "
                     "nothing is tuned on it), then save the model.")
     _add_data(train)
-    train.add_argument("--hidden", metavar="SIZES", type=_hidden_sizes, default="128",
-                       help="comma-separated hidden layer sizes, e.g. 256,128; "
-                            "'none' for no hidden layer (default: %(default)s)")
-    train.add_argument("--activation", default="relu",
+    train.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
+                       help="mlp: a multilayer perceptron (--hidden, --activation); cnn: "
+                            "the convolutional network of cnn_core.layers.lenet5 (two "
+                            "Conv2D+MaxPool2D stages, Dense 120 and 84, Dropout 0.25) "
+                            "(default: %(default)s)")
+    train.add_argument("--hidden", metavar="SIZES", type=_hidden_sizes, default=None,
+                       help="comma-separated hidden layer sizes of the mlp, e.g. 256,128; "
+                            "'none' for no hidden layer (default: 128)")
+    train.add_argument("--activation", default=None,
                        choices=list(kernels.HIDDEN_ACTIVATIONS),
-                       help="activation of the hidden layers (default: %(default)s)")
+                       help="activation of the mlp's hidden layers (default: relu)")
     train.add_argument("--epochs", metavar="N", type=_positive_int, default=10,
                        help="passes over the training images (default: %(default)s)")
     train.add_argument("--batch-size", metavar="N", type=_positive_int, default=64,
@@ -147,7 +153,8 @@ def build_parser():
     train.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS,
                        help="gradient descent variant (default: %(default)s)")
     train.add_argument("--learning-rate", metavar="LR", type=_float_parser(0, low_open=True),
-                       help="step size (default: 0.05 for sgd, 0.001 for adam and adamw)")
+                       help="step size (default: 0.05 for sgd, 0.02 for sgd with --model "
+                            "cnn, 0.001 for adam and adamw)")
     train.add_argument("--momentum", metavar="M", type=_float_parser(0, 1, high_open=True),
                        default=0.9, help="momentum of sgd (default: %(default)s)")
     train.add_argument("--nesterov", action="store_true",
@@ -187,8 +194,12 @@ def build_parser():
                          help="allow a pickled scikit-learn model as SOURCE; unpickling runs "
                               "any code the file holds, so use it only for files you trust")
 
-    commands.add_parser("info", help="show the version, GEMM kernel, OpenMP and threads",
-                        description="Show cnn_core's version and build and runtime facts.")
+    info = commands.add_parser(
+        "info", help="show the version, GEMM kernel, OpenMP and threads, or a model's layers",
+        description="Show cnn_core's version and build and runtime facts; with a model "
+                    "file, its layers, output shapes and parameter counts.")
+    info.add_argument("model", metavar="MODEL", type=Path, nargs="?", default=None,
+                      help="model file to describe (optional)")
     return parser
 
 
@@ -216,7 +227,22 @@ def _load_data(folder):
 
 
 def _describe(net):
-    return "-".join(map(str, net.layer_sizes)) + f" {net.activation}"
+    """A network in one line: '784-128-10 relu' for an MLP, else its layer kinds."""
+    if net.layer_sizes is not None:
+        return "-".join(map(str, net.layer_sizes)) + f" {net.activation}"
+    return ("-".join(type(layer).__name__ for layer in net.layers[1:])
+            + f" ({net._params.shape[0]:,} parameters)")
+
+
+def _network(args, n_features):
+    """The network `cnn-core train` builds from --model, --hidden and --activation."""
+    if args.model == "cnn":
+        if args.hidden is not None or args.activation is not None:
+            raise CommandError("--hidden and --activation describe the mlp; --model cnn "
+                               "has fixed layers")
+        return Network(layers.lenet5(), seed=args.seed)
+    hidden = [128] if args.hidden is None else args.hidden
+    return Network([n_features, *hidden, 10], args.activation or "relu", seed=args.seed)
 
 
 def _result_line(loss, accuracy, n):
@@ -231,10 +257,12 @@ def _train(args):
     (X, y), (X_test, y_test) = _load_data(args.data)
     if args.train_samples is not None:
         X, y = X[:args.train_samples], y[:args.train_samples]
-    net = Network([X.shape[1], *args.hidden, 10], args.activation, seed=args.seed)
+    net = _network(args, X.shape[1])
     learning_rate = args.learning_rate
     if learning_rate is None:
         learning_rate = DEFAULT_LEARNING_RATE[args.optimizer]
+        if args.model == "cnn" and args.optimizer == "sgd":
+            learning_rate = CNN_SGD_LEARNING_RATE
     settings = [args.optimizer, f"learning rate {learning_rate:g}"]
     if args.optimizer == "sgd":
         settings.append(f"momentum {args.momentum:g}" + (" (nesterov)" if args.nesterov else ""))
@@ -257,22 +285,27 @@ def _train(args):
     return EXIT_OK
 
 
-def _evaluate(args):
-    path = args.model
+def _load_model(path):
+    """The Network in model file `path`, or a CommandError saying why not."""
     if not path.is_file():
         reason = "is a folder" if path.is_dir() else "does not exist"
         raise CommandError(f"model file {path} {reason}")
     try:
-        net = Network.load(path)
+        return Network.load(path)
     except OSError as exc:
         raise CommandError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+
+
+def _evaluate(args):
+    path = args.model
+    net = _load_model(path)
     (_, _), (X_test, y_test) = _load_data(args.data)
     if net.n_features != X_test.shape[1]:
         raise CommandError(f"model {path} takes {net.n_features} inputs, but MNIST images "
                            f"have {X_test.shape[1]} pixels")
     if len(y_test) and net.n_classes <= int(y_test.max()):
         raise CommandError(f"model {path} has {net.n_classes} classes, but MNIST has 10")
-    print(f"model {path}: {_describe(net)}")
+    print(f"model {path}: {_describe(net)}\n{net.summary()}")
     loss, accuracy = net.evaluate(X_test, y_test, n_threads=args.threads)
     print(_result_line(loss, accuracy, len(X_test)))
     return EXIT_OK
@@ -327,6 +360,10 @@ def _convert(args):
 
 
 def _info(args):
+    if args.model is not None:
+        net = _load_model(args.model)
+        print(f"model {args.model}: {_describe(net)}\n{net.summary()}")
+        return EXIT_OK
     for key, value in cnn_core.info().items():
         if isinstance(value, bool):
             value = "yes" if value else "no"

@@ -12,13 +12,14 @@ so ``Flatten`` is a reshape and its order is Keras's.
 >>> stack = [L.Input((28, 28, 1)), L.Conv2D(6, 5, padding="same", activation="relu"),
 ...          L.MaxPool2D(2), L.Flatten(), L.Dense(10)]
 """
+import inspect
 import math
 import numbers
 
 from .kernels import HIDDEN_ACTIVATIONS
 
 __all__ = ["Layer", "Input", "Dense", "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten",
-           "Dropout", "LayerError", "from_config", "mlp", "output_shapes", "build"]
+           "Dropout", "LayerError", "from_config", "mlp", "lenet5", "output_shapes", "build"]
 
 MAX_DIMENSION = 1 << 24
 
@@ -59,6 +60,13 @@ def _slope(value):
             or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"leaky_slope must be a number in [0, 1), got {value!r}")
     return float(value)
+
+
+def _short(value):
+    """A square pair as one int (the way it is usually written), anything else as is."""
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == value[1]:
+        return value[0]
+    return value
 
 
 def _shape_text(shape):
@@ -124,8 +132,16 @@ class Layer:
         return hash((self.kind, tuple(sorted(self.config().items()))))
 
     def __repr__(self):
-        arguments = ", ".join(f"{key}={value!r}" for key, value in self.config().items())
-        return f"{type(self).__name__}({arguments})"
+        """The call that makes this layer, leaving out arguments at their defaults."""
+        config = self.config()
+        parameters = inspect.signature(type(self)).parameters
+        required = [key for key in config if parameters[key].default is inspect.Parameter.empty]
+        defaults = type(self)(**{key: config[key] for key in required}).config()
+        arguments = [repr(_short(config[key])) for key in required]
+        arguments += [f"{key}={_short(value)!r}" for key, value in config.items()
+                      if key not in required and value != defaults[key]
+                      and not (key == "leaky_slope" and config["activation"] != "leaky_relu")]
+        return f"{type(self).__name__}({', '.join(arguments)})"
 
 
 class Input(Layer):
@@ -322,6 +338,16 @@ def mlp(layer_sizes, activation="relu", leaky_slope=0.01):
     return ([Input((sizes[0],))]
             + [Dense(units, activation, leaky_slope) for units in sizes[1:-1]]
             + [Dense(sizes[-1])])
+
+
+def lenet5(dropout=0.25):
+    """A LeNet-5-style network for 28x28 grey images and 10 classes (the README's CNN):
+    two 5x5 convolutions with relu, each followed by 2x2 max pooling, then Dense 120 and
+    84 with relu, Dropout(dropout) when it is above 0, and 10 logits."""
+    return ([Input((28, 28, 1)), Conv2D(6, 5, padding="same", activation="relu"),
+             MaxPool2D(2), Conv2D(16, 5, activation="relu"), MaxPool2D(2), Flatten(),
+             Dense(120, activation="relu"), Dense(84, activation="relu")]
+            + ([Dropout(dropout)] if dropout else []) + [Dense(10)])
 
 
 def output_shapes(stack):

@@ -16,6 +16,21 @@ __all__ = ["Network", "History", "ModelFileError"]
 
 _HIDDEN = kernels.HIDDEN_ACTIVATIONS
 DEFAULT_LEARNING_RATE = {"sgd": 0.05, "adam": 0.001, "adamw": 0.001}
+def _r2_score(predicted, target, weight):
+    """Coefficient of determination, averaged over the columns (1 for a constant column
+    predicted exactly, 0 for one predicted otherwise)."""
+    p, t = predicted.astype(np.float64), target.astype(np.float64)
+    w = np.ones(t.shape[0]) if weight is None else weight.astype(np.float64)
+    if w.sum() <= 0:
+        return float("nan")
+    mean = (w[:, None] * t).sum(axis=0) / w.sum()
+    residual = (w[:, None] * (t - p) ** 2).sum(axis=0)
+    total = (w[:, None] * (t - mean) ** 2).sum(axis=0)
+    scores = np.where(total > 0, 1 - residual / np.where(total > 0, total, 1),
+                      np.where(residual > 0, 0.0, 1.0))
+    return float(scores.mean())
+
+
 class History:
     """Per-epoch training records.
 
@@ -91,50 +106,105 @@ def _check_memory(needed, what, largest, advice="use smaller layers"):
                           f"{limit / 1e9:.3g} GB of memory this process can use; {advice}")
 
 
-def _layer_bytes(sizes, per_param):
-    """(total bytes, description of the largest layer) at per_param bytes a parameter."""
-    layers = [(n_in * n_out + n_out, l, n_in, n_out)
-              for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), 1)]
-    count, l, n_in, n_out = max(layers)
-    return (per_param * model_file.parameter_count(sizes),
-            f"layer {l}, {n_in} x {n_out}, alone needs {per_param * count / 1e9:.3g} GB")
+def _largest_layer(stack, per_param):
+    """(total bytes, description of the largest layer) at per_param bytes a parameter of
+    the built layers ``stack``."""
+    counts = [(layer.n_parameters, position, layer)
+              for position, layer in enumerate(stack) if position]
+    total = sum(count for count, _, _ in counts)
+    count, position, layer = max(counts, key=lambda item: item[0])
+    return (per_param * total,
+            f"layer {position}, {layer!r} with weights "
+            f"{' x '.join(map(str, layer.parameter_shapes()[0]))}, alone needs "
+            f"{per_param * count / 1e9:.3g} GB")
+
+
+def _mlp_form(stack):
+    """(layer_sizes, activation, leaky_slope) when ``stack`` is what the MLP shorthand
+    builds (flat Input, Dense layers sharing one activation, a last Dense of logits),
+    else None."""
+    if len(stack[0].shape) != 1 or not all(isinstance(l, layers.Dense) for l in stack[1:]):
+        return None
+    hidden = stack[1:-1]
+    activation = hidden[0].activation if hidden else "relu"
+    slope = hidden[0].leaky_slope if hidden else 0.01
+    if stack[-1].activation != "identity" or any(
+            (l.activation, l.leaky_slope) != (activation, slope) for l in hidden):
+        return None
+    return [stack[0].shape[0]] + [l.units for l in stack[1:]], activation, slope
+
+
+def _build_stack(spec, activation, leaky_slope):
+    """The built layers of ``Network(spec, activation, leaky_slope=...)``."""
+    if isinstance(spec, (str, bytes)) or not hasattr(spec, "__iter__"):
+        raise TypeError("layers must be a sequence of layer sizes like [784, 128, 10] or of "
+                        f"cnn_core.layers layers, got {type(spec).__name__}")
+    spec = list(spec)
+    if spec and all(isinstance(item, layers.Layer) for item in spec):
+        if activation is not None or leaky_slope is not None:
+            raise ValueError("activation and leaky_slope apply to the layer-size shorthand; "
+                             "give each layer of a stack its own, e.g. "
+                             "layers.Dense(128, activation='relu')")
+        if len(spec) - 1 > model_file.MAX_LAYERS:
+            raise ValueError(f"a network has at most {model_file.MAX_LAYERS} layers after "
+                             f"Input, got {len(spec) - 1}")
+        return layers.build(spec)
+    if any(isinstance(item, layers.Layer) for item in spec):
+        raise TypeError("layers mixes layer sizes and cnn_core.layers layers; use one kind")
+    if not 2 <= len(spec) <= model_file.MAX_LAYERS + 1:
+        raise ValueError(f"layer_sizes needs 2 to {model_file.MAX_LAYERS + 1} entries "
+                         f"(inputs, hidden layers, classes), got {len(spec)}")
+    sizes = [_check_int(s, "every layer size", 1) for s in spec]
+    if any(s > layers.MAX_DIMENSION for s in sizes):
+        raise ValueError(f"layer sizes must be at most {layers.MAX_DIMENSION}, got {sizes}")
+    activation = "relu" if activation is None else activation
+    if activation not in _HIDDEN:
+        raise ValueError(f"activation must be one of {list(_HIDDEN)}, got {activation!r}")
+    slope = _check_float(0.01 if leaky_slope is None else leaky_slope, "leaky_slope", 0.0,
+                         1.0, high_open=True)
+    return layers.build(layers.mlp(sizes, activation, slope))
 
 
 class Network:
-    """A multilayer perceptron classifier: dense layers, one hidden activation, softmax.
+    """A neural network whose training and inference run in cnn_core's C kernels.
 
     Parameters
     ----------
-    layer_sizes : sequence of int
-        ``[n_features, hidden..., n_classes]``, e.g. ``[784, 128, 10]`` (2 to 33 sizes).
-    activation : str
-        Hidden activation: "relu" (default), "leaky_relu", "sigmoid", "tanh", "identity".
-    seed : int or None
-        Seeds the weight initialisation and the shuffling: the same seed gives the same
-        weights and the same training.
-    leaky_slope : float
-        Slope of leaky_relu for negative inputs (default 0.01).
+    layers : sequence of int, or of cnn_core.layers layers
+        Either the multilayer-perceptron shorthand ``[n_features, hidden..., n_outputs]``,
+        e.g. ``[784, 128, 10]`` (2 to 33 sizes: Dense layers with ``activation``, then a
+        Dense layer of logits), or a stack of layers starting with ``layers.Input(shape)``
+        and ending with a ``layers.Dense``, e.g. a convolutional network::
 
-    Weights are He-initialised for the relu family and Glorot for the others; biases
-    start at zero.  ``weights[l]`` is a float32 (n_in, n_out) array and ``biases[l]`` a
-    float32 (n_out,) array, both views of the parameters the kernels train.
+            Network([L.Input((28, 28, 1)), L.Conv2D(6, 5, activation="relu"),
+                     L.MaxPool2D(2), L.Flatten(), L.Dense(10)])
+
+    activation : str
+        Hidden activation of the shorthand: "relu" (default), "leaky_relu", "sigmoid",
+        "tanh", "identity".  A stack gives each layer its own activation instead.
+    seed : int or None
+        Seeds the weight initialisation, the shuffling and the dropout masks: the same
+        seed gives the same weights and the same training.
+    leaky_slope : float
+        Slope of leaky_relu for negative inputs in the shorthand (default 0.01).
+    loss : str
+        "cross_entropy" (default): the last layer gives the logits of a softmax
+        classifier and ``y`` holds class labels.  "squared_error": the last layer's
+        outputs are regression predictions and ``y`` holds float targets.
+
+    Weights are He-initialised where a layer's input or output passes through the relu
+    family, Glorot otherwise; biases start at zero.  ``weights[i]`` and ``biases[i]`` are
+    float32 views of the parameters the kernels train, one pair per Dense or Conv2D
+    layer: Dense weights are (inputs, units), Conv2D weights (kernel_h, kernel_w,
+    in_channels, filters).  ``layers`` holds the built layers, Input first.
     """
 
-    def __init__(self, layer_sizes, activation="relu", *, seed=None, leaky_slope=0.01):
-        try:
-            sizes = list(layer_sizes)
-        except TypeError:
-            raise TypeError("layer_sizes must be a sequence of ints like [784, 128, 10]") from None
-        if not 2 <= len(sizes) <= model_file.MAX_LAYERS + 1:
-            raise ValueError(f"layer_sizes needs 2 to {model_file.MAX_LAYERS + 1} entries "
-                             f"(inputs, hidden layers, classes), got {len(sizes)}")
-        self.layer_sizes = [_check_int(s, "every layer size", 1) for s in sizes]
-        if any(s > 1 << 24 for s in self.layer_sizes):
-            raise ValueError(f"layer sizes must be at most {1 << 24}, got {self.layer_sizes}")
-        if activation not in _HIDDEN:
-            raise ValueError(f"activation must be one of {list(_HIDDEN)}, got {activation!r}")
-        self.activation = activation
-        self.leaky_slope = _check_float(leaky_slope, "leaky_slope", 0.0, 1.0, high_open=True)
+    def __init__(self, layers, activation=None, *, seed=None, leaky_slope=None,
+                 loss="cross_entropy"):
+        self.layers = _build_stack(layers, activation, leaky_slope)
+        if loss not in kernels.LOSSES:
+            raise ValueError(f"loss must be one of {list(kernels.LOSSES)}, got {loss!r}")
+        self.loss = loss
         if seed is not None:
             seed = _check_int(seed, "seed", 0)
         self.seed = seed
@@ -143,29 +213,38 @@ class Network:
         self._fitting = threading.Lock()    # held by fit
         self._snapshot = None               # the _Net predict uses while fit runs
         self._readers = []                  # inference calls under way
-        self._set_params(self._initial_params(), adopt=True)
+        params = self._initial_params()
+        self._dropout_seed = int(self._rng.integers(1 << 63))
+        self._set_params(params, adopt=True)
 
     # ---- parameters -------------------------------------------------------------------
     def _initial_params(self):
         """He or Glorot weights and zero biases, drawn in float32 straight into one aligned
         parameter vector (no float64 copy of the weights)."""
-        needed, largest = _layer_bytes(self.layer_sizes, 4)
-        _check_memory(needed, f"Network({self.layer_sizes})", largest)
+        needed, largest = _largest_layer(self.layers, 4)
+        _check_memory(needed, f"Network({self._description()})", largest)
         params = kernels._workspace(needed // 4)
-        offset = 0
-        for n_in, n_out in zip(self.layer_sizes[:-1], self.layer_sizes[1:]):
-            W = params[offset:offset + n_in * n_out]
-            if self.activation in ("relu", "leaky_relu"):
-                self._rng.standard_normal(out=W, dtype=np.float32)
-                W *= np.float32(math.sqrt(2.0 / n_in))
-            else:
-                limit = np.float32(math.sqrt(6.0 / (n_in + n_out)))
-                self._rng.random(out=W, dtype=np.float32)
-                W *= 2 * limit
-                W -= limit
-            offset += n_in * n_out
-            params[offset:offset + n_out] = 0
-            offset += n_out
+        offset, relu_before = 0, False
+        for layer in self.layers[1:]:
+            relu_here = getattr(layer, "activation", None) in ("relu", "leaky_relu")
+            shapes = layer.parameter_shapes()
+            if shapes:
+                size = math.prod(shapes[0])
+                W = params[offset:offset + size]
+                fan_in, fan_out = layer._fans(layer.input_shape)
+                if relu_here or relu_before:
+                    self._rng.standard_normal(out=W, dtype=np.float32)
+                    W *= np.float32(math.sqrt(2.0 / fan_in))
+                else:
+                    limit = np.float32(math.sqrt(6.0 / (fan_in + fan_out)))
+                    self._rng.random(out=W, dtype=np.float32)
+                    W *= 2 * limit
+                    W -= limit
+                offset += size
+                params[offset:offset + shapes[1][0]] = 0
+                offset += shapes[1][0]
+            if hasattr(layer, "activation"):
+                relu_before = relu_here
         return params
 
     def _set_params(self, params, adopt=False):
@@ -178,16 +257,19 @@ class Network:
             self._params[:] = params
         self.weights, self.biases = [], []
         offset = 0
-        for n_in, n_out in zip(self.layer_sizes[:-1], self.layer_sizes[1:]):
-            self.weights.append(self._params[offset:offset + n_in * n_out].reshape(n_in, n_out))
-            offset += n_in * n_out
-            self.biases.append(self._params[offset:offset + n_out])
-            offset += n_out
-        self._mlp = kernels._Net(self._stack(), "cross_entropy", self._params)
+        for layer in self.layers[1:]:
+            shapes = layer.parameter_shapes()
+            if shapes:
+                size = math.prod(shapes[0])
+                self.weights.append(self._params[offset:offset + size].reshape(shapes[0]))
+                offset += size
+                self.biases.append(self._params[offset:offset + shapes[1][0]])
+                offset += shapes[1][0]
+        self._mlp = self._engine(self._params)
 
-    def _stack(self):
-        """The layers (cnn_core.layers, Input first) of this network."""
-        return layers.mlp(self.layer_sizes, self.activation, self.leaky_slope)
+    def _engine(self, params):
+        """The C view of this network over the parameter vector ``params``."""
+        return kernels._Net(self.layers, self.loss, params, self._dropout_seed)
 
     def _copy_of_params(self):
         """An aligned copy of the parameter vector."""
@@ -196,25 +278,92 @@ class Network:
         return copy
 
     @property
+    def input_shape(self):
+        """The shape of one sample: (features,) or (height, width, channels)."""
+        return self.layers[0].shape
+
+    @property
     def n_features(self):
-        return self.layer_sizes[0]
+        """Values in one sample (the columns of a flat X)."""
+        return math.prod(self.input_shape)
+
+    @property
+    def n_outputs(self):
+        """Outputs of the last layer: classes, or regression targets."""
+        return self.layers[-1].units
 
     @property
     def n_classes(self):
-        return self.layer_sizes[-1]
+        """Classes of a classifier (None for loss="squared_error")."""
+        return self.n_outputs if self.loss == "cross_entropy" else None
+
+    @property
+    def layer_sizes(self):
+        """[n_features, units...] when the network is what the MLP shorthand builds, else
+        None."""
+        form = _mlp_form(self.layers)
+        return form and form[0]
+
+    @property
+    def activation(self):
+        """The hidden activation of an MLP-shorthand network, else None."""
+        form = _mlp_form(self.layers)
+        return form and form[1]
+
+    @property
+    def leaky_slope(self):
+        """The leaky_relu slope of an MLP-shorthand network, else None."""
+        form = _mlp_form(self.layers)
+        return form and form[2]
+
+    def _description(self):
+        sizes = self.layer_sizes
+        if sizes is not None:
+            return f"{sizes}, activation={self.activation!r}"
+        return "[" + ", ".join(map(repr, self.layers)) + "]"
 
     def __repr__(self):
         n = self._params.shape[0]
-        return (f"Network({self.layer_sizes}, activation={self.activation!r}, "
-                f"seed={self.seed}) with {n:,} parameters")
+        loss = "" if self.loss == "cross_entropy" else f", loss={self.loss!r}"
+        return f"Network({self._description()}, seed={self.seed}{loss}) with {n:,} parameters"
+
+    def summary(self):
+        """A table of the layers: kind and settings, output shape, parameter count."""
+        rows = [(f"{i}  {layer!r}", "x".join(map(str, layer.output_shape())),
+                 f"{layer.n_parameters:,}" if i else "")
+                for i, layer in enumerate(self.layers)]
+        width = [max(len(row[k]) for row in rows + [("layer", "output", "parameters")])
+                 for k in range(3)]
+        lines = [f"{'layer':<{width[0]}}  {'output':<{width[1]}}  {'parameters':>{width[2]}}"]
+        lines += [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:>{width[2]}}" for a, b, c in rows]
+        lines.append(f"{self._params.shape[0]:,} parameters, loss {self.loss}")
+        return "\n".join(lines)
 
     # ---- argument checks --------------------------------------------------------------
+    def _flat(self, X):
+        """X of images (n, height, width[, channels]) as (n, n_features), a view when it
+        can be; other inputs unchanged."""
+        shape = getattr(X, "shape", None)
+        if shape is None or len(shape) < 3 or len(self.input_shape) != 3:
+            return X
+        h, w, c = self.input_shape
+        if tuple(shape[1:]) not in ((h, w, c), (h, w)) or (len(shape) == 3 and c != 1):
+            raise ValueError(f"X must have shape (n_samples, {self.n_features}), "
+                             f"(n_samples, {h}, {w}, {c})"
+                             + (f" or (n_samples, {h}, {w})" if c == 1 else "")
+                             + f" for this network's input {self.input_shape}, got {shape}")
+        return np.reshape(X, (shape[0], self.n_features))
+
     def _check_X(self, X, name="X", check_finite=True):
         """X as a C-contiguous uint8 or float32 (n, n_features) array with finite values
         (with check_finite false, inference kernels check finiteness on the fly)."""
-        return kernels._as_input(X, self.layer_sizes[0], name, check_finite)
+        return kernels._as_input(self._flat(X), self.n_features, name, check_finite)
 
     def _check_y(self, y, n, name="y"):
+        """Labels int32 (n,) for a classifier, targets float32 (n, n_outputs) for a
+        regression."""
+        if self.loss == "squared_error":
+            return kernels._targets(y, n, self.n_outputs, name)
         y = np.asarray(y)
         if y.ndim == 2 and y.shape[0] == n and y.shape[1] == self.n_classes:
             raise ValueError(f"{name} must be class labels of shape ({n},), got {y.shape}; "
@@ -279,9 +428,9 @@ class Network:
 
         batch_size = min(batch_size, n)
         floats = kernels._trainer_floats(self._mlp, optimizer, batch_size, n_threads)
-        _, largest = _layer_bytes(self.layer_sizes, 4 * (2 if optimizer == "sgd" else 3))
+        _, largest = _largest_layer(self.layers, 4 * (2 if optimizer == "sgd" else 3))
         _check_memory(4 * floats + self._params.nbytes,
-                      f"fit(batch_size={batch_size}) of Network({self.layer_sizes}) for its "
+                      f"fit(batch_size={batch_size}) of Network({self._description()}) for its "
                       f"gradients, optimizer state, workspace and last-epoch copy", largest,
                       "use smaller layers, a smaller batch_size or optimizer='sgd'")
         if not self._fitting.acquire(blocking=False):
@@ -317,7 +466,7 @@ class Network:
                 start = time.perf_counter()
                 progress = EpochProgress(epoch, epochs, n) if verbose else None
                 started = self._copy_of_params()
-                self._snapshot = kernels._Net(self._stack(), "cross_entropy", started)
+                self._snapshot = self._engine(started)
                 while epoch == 1 and self._readers:     # see _begin_inference
                     time.sleep(1e-4)
                 loss_sum, correct, done, chunk = 0.0, 0, 0, 1
@@ -369,7 +518,11 @@ class Network:
         return self._mlp if snapshot is None else snapshot
 
     def predict_proba(self, X, *, n_threads=None):
-        """Class probabilities, float32 (n, n_classes), for X (n, n_features)."""
+        """Class probabilities, float32 (n, n_classes), for X (n, n_features) or images."""
+        if self.loss != "cross_entropy":
+            raise TypeError(f"predict_proba needs a classifier (loss='cross_entropy'); this "
+                            f"network has loss={self.loss!r}: use predict")
+        X = self._flat(X)
         mlp = self._begin_inference()
         try:
             return mlp.predict(X, False, kernels._threads(n_threads))
@@ -377,9 +530,13 @@ class Network:
             self._readers.pop()
 
     def predict(self, X, *, n_threads=None):
-        """Predicted class labels, int64 (n,), for X (n, n_features)."""
+        """Predicted class labels, int64 (n,), for X (n, n_features) or images; for
+        loss="squared_error" the predictions, float32 (n, n_outputs)."""
+        X = self._flat(X)
         mlp = self._begin_inference()
         try:
+            if self.loss != "cross_entropy":
+                return mlp.predict(X, True, kernels._threads(n_threads))
             return mlp.predict_labels(X, kernels._threads(n_threads))
         finally:
             self._readers.pop()
@@ -391,15 +548,19 @@ class Network:
                 return self._evaluate(X, y, w, n_threads, mlp)
             finally:
                 self._readers.pop()
-        logits = mlp.predict(X, True, n_threads)
-        loss, _, _, correct = kernels.softmax_cross_entropy(logits, y, w)
+        outputs = mlp.predict(X, True, n_threads)
+        if self.loss == "squared_error":
+            loss, _ = kernels.squared_error(outputs, y, w)
+            return loss, _r2_score(outputs, y, w)
+        loss, _, _, correct = kernels.softmax_cross_entropy(outputs, y, w)
         if w is None:
             return loss, correct / X.shape[0]
-        right = logits.argmax(axis=1) == y
+        right = outputs.argmax(axis=1) == y
         return loss, float((w * right).sum() / max(w.sum(), 1e-30))
 
     def evaluate(self, X, y, *, sample_weight=None, n_threads=None):
-        """(mean cross-entropy loss, accuracy) on X (n, n_features) and labels y (n,)."""
+        """(mean loss, accuracy) on X and labels y (n,); for loss="squared_error"
+        (mean loss, R^2 averaged over the outputs) on X and targets y."""
         X = self._check_X(X, check_finite=False)
         y = self._check_y(y, X.shape[0])
         w = kernels._sample_weight(sample_weight, X.shape[0])
@@ -413,6 +574,9 @@ class Network:
 
     def save(self, path):
         """Write the model to `path` atomically (see cnn_core.model_file for the format)."""
+        if self.layer_sizes is None or self.loss != "cross_entropy":
+            raise ValueError("this cnn_core writes model files of multilayer-perceptron "
+                             "classifiers only")
         model_file.save(path, self.layer_sizes, self.activation, self.leaky_slope, self._params)
 
     @classmethod
@@ -421,6 +585,7 @@ class Network:
         sizes, activation, slope, params = model_file.load(path)
         net = cls(sizes, activation, leaky_slope=slope, seed=0)
         net._set_params(params)
+        net._dropout_seed = 0
         net.seed = None
         return net
 

@@ -158,7 +158,7 @@ def test_network_too_large_for_memory_names_the_layer(monkeypatch):
     monkeypatch.setattr(network, "_memory_limit", lambda: 8 << 30)
     tracemalloc.start()
     try:
-        with pytest.raises(MemoryError, match=r"layer 1, 784 x 16777216, alone needs 52\.7 GB"):
+        with pytest.raises(MemoryError, match=r"layer 1, Dense\(16777216, activation=.relu.\) with weights 784 x 16777216, alone needs 52\.7 GB"):
             Network([784, 2**24, 10])
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -173,7 +173,7 @@ def test_fit_too_large_for_memory_is_refused_before_allocating(monkeypatch, mnis
     needs = [4 * kernels._trainer_floats(net._mlp, opt, 64, kernels.max_threads())
              + net._params.nbytes for opt in ("sgd", "adam")]
     monkeypatch.setattr(network, "_memory_limit", lambda: sum(needs) // 2)
-    with pytest.raises(MemoryError, match=r"fit\(batch_size=64\).*layer 1, 784 x 4096"):
+    with pytest.raises(MemoryError, match=r"fit\(batch_size=64\).*layer 1, Dense\(4096.*with weights 784 x 4096"):
         net.fit(X, y, epochs=1, optimizer="adam")
     net.fit(X, y, epochs=1, optimizer="sgd", momentum=0.0)   # SGD needs less: it fits
 
