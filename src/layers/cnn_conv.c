@@ -13,9 +13,6 @@
 #include "cnn_core.h"
 #include "cnn_internal.h"
 #include "gemm/cnn_gemm_kernels.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* Multiply-adds below which a pass stays on one thread. */
 #define CONV_PARALLEL_MIN_MACS (1 << 18)
@@ -660,22 +657,31 @@ static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
 
 typedef void (*conv_range)(const conv_ctx *x, int64_t u0, int64_t u1, float *slot);
 
-/* fn over units [0, units), one contiguous range per thread, each with its own slot. */
+/* One of `parts` equal ranges of units of a threaded pass. */
+typedef struct conv_job {
+    const conv_ctx *x;
+    conv_range fn;
+    int64_t units, parts;
+} conv_job;
+
+static void conv_task(void *arg, int64_t part, int thread)
+{
+    /* fn over range `part`, with the running thread's slot */
+    const conv_job *j = (const conv_job *)arg;
+    j->fn(j->x, j->units * part / j->parts, j->units * (part + 1) / j->parts,
+          j->x->images + thread * j->x->g.image);
+}
+
+/* fn over units [0, units) in n_threads equal ranges, each with its thread's slot. */
 static void run_split(const conv_ctx *x, conv_range fn, int64_t units, int n_threads)
 {
     /* -> fn called over a partition of [0, units) */
     const int T = (int)min64(n_threads, units);
-#ifdef _OPENMP
     if (T > 1) {
-#pragma omp parallel num_threads(T)
-        {
-            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            fn(x, units * t / nt, units * (t + 1) / nt, x->images + t * x->g.image);
-        }
+        conv_job j = { x, fn, units, T };
+        cnn_parallel_for(T, T, conv_task, &j);
         return;
     }
-#endif
-    (void)T;
     fn(x, 0, units, x->images);
 }
 

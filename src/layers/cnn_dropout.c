@@ -7,9 +7,6 @@
    reference loop over one range per thread. */
 #include "cnn_core.h"
 #include "cnn_internal.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* Elements below which dropout stays on one thread. */
 #define DROPOUT_PARALLEL_MIN 32768
@@ -61,6 +58,22 @@ int cnn_dropout_forward_ref(float *Y, const float *X, int64_t n, float rate, uin
     return CNN_OK;
 }
 
+/* One of `parts` equal ranges of a threaded dropout pass. */
+typedef struct dropout_job {
+    float *Y;
+    const float *X;
+    const dropout_mask *m;
+    int64_t n, parts;
+} dropout_job;
+
+static void dropout_task(void *arg, int64_t part, int thread)
+{
+    /* range `part` of Y */
+    const dropout_job *j = (const dropout_job *)arg;
+    (void)thread;
+    apply_range(j->Y, j->X, j->m, j->n * part / j->parts, j->n * (part + 1) / j->parts);
+}
+
 int cnn_dropout_forward(float *Y, const float *X, int64_t n, float rate, uint64_t seed,
                         uint64_t offset, int n_threads)
 {
@@ -69,16 +82,11 @@ int cnn_dropout_forward(float *Y, const float *X, int64_t n, float rate, uint64_
     if (n < 0 || n_threads < 1 || make_mask(&m, rate, seed, offset) != CNN_OK ||
         (n > 0 && (!Y || !X)))
         return CNN_ERR_ARG;
-#ifdef _OPENMP
     if (n_threads > 1 && n >= DROPOUT_PARALLEL_MIN) {
-#pragma omp parallel num_threads(n_threads)
-        {
-            const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-            apply_range(Y, X, &m, n * t / T, n * (t + 1) / T);
-        }
+        dropout_job j = { Y, X, &m, n, n_threads };
+        cnn_parallel_for(n_threads, n_threads, dropout_task, &j);
         return CNN_OK;
     }
-#endif
     apply_range(Y, X, &m, 0, n);
     return CNN_OK;
 }

@@ -7,9 +7,6 @@
 #include <string.h>
 #include "cnn_core.h"
 #include "cnn_internal.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* Channels handled together by the max-pool backward pass (its stack buffers). */
 enum { POOL_CHANNEL_BLOCK = 64 };
@@ -392,6 +389,37 @@ static void pool_row_any(float *y, const float *X, const cnn_pool2d_shape *s, in
     pool_row(y, X, s, g, avg);
 }
 
+/* A threaded pooling pass: `parts` equal ranges of output rows (forward) or images
+   (backward). */
+typedef struct pool_job {
+    float *out;
+    const float *dY, *X, *act_y;
+    const cnn_pool2d_shape *s;
+    int avg;
+    cnn_activation act;
+    float alpha;
+    int64_t units, parts;
+} pool_job;
+
+static void forward_task(void *arg, int64_t part, int thread)
+{
+    /* output rows of range `part` */
+    const pool_job *j = (const pool_job *)arg;
+    const int64_t row = j->s->out_w * j->s->channels;
+    (void)thread;
+    for (int64_t g = j->units * part / j->parts; g < j->units * (part + 1) / j->parts; ++g)
+        pool_row_any(j->out + g * row, j->X, j->s, g, j->avg);
+}
+
+static void backward_task(void *arg, int64_t part, int thread)
+{
+    /* images of range `part` */
+    const pool_job *j = (const pool_job *)arg;
+    (void)thread;
+    for (int64_t n = j->units * part / j->parts; n < j->units * (part + 1) / j->parts; ++n)
+        pool_backward_image(j->out, j->dY, j->X, j->act_y, j->s, n, j->avg, j->act, j->alpha);
+}
+
 static int pool_forward(float *Y, const float *X, const cnn_pool2d_shape *s, int n_threads,
                         int avg)
 {
@@ -399,17 +427,11 @@ static int pool_forward(float *Y, const float *X, const cnn_pool2d_shape *s, int
     if (cnn_pool2d_shape_check(s) != CNN_OK || n_threads < 1)
         return CNN_ERR_ARG;
     const int64_t rows = s->batch * s->out_h, row = s->out_w * s->channels;
-#ifdef _OPENMP
     if (n_threads > 1 && rows > 1 && rows * row * s->size * s->size >= POOL_PARALLEL_MIN) {
-#pragma omp parallel num_threads(n_threads)
-        {
-            const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-            for (int64_t g = rows * t / T; g < rows * (t + 1) / T; ++g)
-                pool_row_any(Y + g * row, X, s, g, avg);
-        }
+        pool_job j = { Y, NULL, X, NULL, s, avg, CNN_ACT_IDENTITY, 0.0f, rows, n_threads };
+        cnn_parallel_for(n_threads, n_threads, forward_task, &j);
         return CNN_OK;
     }
-#endif
     for (int64_t g = 0; g < rows; ++g)
         pool_row_any(Y + g * row, X, s, g, avg);
     return CNN_OK;
@@ -424,18 +446,11 @@ int cnn_pool2d_backward_act(float *dX, const float *dY, const float *X, const fl
         !cnn_is_elementwise_activation(act) || (act != CNN_ACT_IDENTITY && !act_y))
         return CNN_ERR_ARG;
     const int64_t work = s->batch * s->in_h * s->in_w * s->channels;
-#ifdef _OPENMP
     if (n_threads > 1 && s->batch > 1 && work >= POOL_PARALLEL_MIN) {
-#pragma omp parallel num_threads(n_threads)
-        {
-            const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-            for (int64_t n = s->batch * t / T; n < s->batch * (t + 1) / T; ++n)
-                pool_backward_image(dX, dY, X, act_y, s, n, avg, act, alpha);
-        }
+        pool_job j = { dX, dY, X, act_y, s, avg, act, alpha, s->batch, n_threads };
+        cnn_parallel_for(n_threads, n_threads, backward_task, &j);
         return CNN_OK;
     }
-#endif
-    (void)work;
     for (int64_t n = 0; n < s->batch; ++n)
         pool_backward_image(dX, dY, X, act_y, s, n, avg, act, alpha);
     return CNN_OK;
