@@ -530,6 +530,37 @@ static void dw_tile(float *dw, int64_t ldw, const float *img, int64_t koff,
     dw_tile_portable(dw, ldw, img, koff, s, g, dy, nvalid, mrj);
 }
 
+/* Most floats of the period of conv_bias_grad's vector sums. */
+enum { CONV_DB_PERIOD_MAX = 64 };
+
+/* db (O,) = column sums of dY (M, O), read as a flat array in blocks of L = lcm(O, 8)
+   floats (whole vectors, O's columns at fixed lanes) when L <= 64: lane l of the block
+   sums collect column l mod O, added up in lane order at the end.  One fixed order,
+   whatever the threads. */
+static void conv_bias_grad(float *db, const float *dY, int64_t M, int64_t O)
+{
+    /* -> db */
+    int64_t L = O;
+    while (L % 8)
+        L += O;
+    if (L > CONV_DB_PERIOD_MAX) {
+        cnn_bias_backward(db, dY, M, O);
+        return;
+    }
+    float acc[CONV_DB_PERIOD_MAX] = {0.0f};
+    const int64_t n = M * O, blocks = n / L;
+    for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t l0 = 0; l0 < L; l0 += 8)
+            for (int v = 0; v < 8; ++v)
+                acc[l0 + v] += dY[b * L + l0 + v];
+    for (int64_t l = 0; l < n - blocks * L; ++l)
+        acc[l] += dY[blocks * L + l];
+    for (int64_t o = 0; o < O; ++o)
+        db[o] = 0.0f;
+    for (int64_t l = 0; l < L; ++l)
+        db[l % O] += acc[l];
+}
+
 /* Everything a pass needs, shared by its threads. */
 typedef struct conv_ctx {
     const cnn_conv2d_shape *s;
@@ -567,14 +598,22 @@ static void forward_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slo
                 const int64_t no = min64(8 * g->nv, O - o0);
                 fwd_tile(tile, a, s->kernel_h, g->span, g->ldx, x->wpk + o0, g->o_pad, g->nv,
                          x->avx2);
-                /* bias, then the activation, over the whole tile at once (what the GEMM
-                   epilogue does per row); padding columns are computed and dropped */
+                /* bias, then the activation, over the tile's pixels at once (what the
+                   GEMM epilogue does per row): in Y itself when one tile holds all
+                   channels (Y's rows then follow each other), else in the tile */
                 const float *bias = x->bias_pad + o0;
+                float *y = x->Y + (n * npix + q0) * O + o0;
+                if (no == O) {
+                    for (int64_t i = 0; i < mr; ++i)
+                        for (int64_t v = 0; v < O; ++v)
+                            y[i * O + v] = tile[i * CONV_NR + v] + bias[v];
+                    cnn_activate_in_place(y, mr * O, x->act, x->alpha);
+                    continue;
+                }
                 for (int64_t i = 0; i < mr; ++i)
                     for (int v = 0; v < CONV_NR; ++v)
                         tile[i * CONV_NR + v] += bias[v];
                 cnn_activate_in_place(tile, mr * CONV_NR, x->act, x->alpha);
-                float *y = x->Y + (n * npix + q0) * O + o0;
                 for (int64_t i = 0; i < mr; ++i, y += O)
                     for (int64_t v = 0; v < no; ++v)
                         y[v] = tile[i * CONV_NR + v];
@@ -760,7 +799,7 @@ int cnn_conv2d_backward(float *dX, float *dW, float *db, const float *dY, const 
     x.X = X;
     x.dY = dY;
     x.dX = dX;
-    cnn_bias_backward(db, dY, s->batch * s->out_h * s->out_w, O);
+    conv_bias_grad(db, dY, s->batch * s->out_h * s->out_w, O);
     const double macs = (double)s->batch * s->out_h * s->out_w * K * O;
 
     /* dW: tiles of (kernel row, dW rows, channels) per thread, every image in order */
