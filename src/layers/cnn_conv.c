@@ -587,12 +587,21 @@ static void forward_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slo
     float tile[CONV_MR_MAX * CONV_NR];
     for (int64_t n = n0; n < n1; ++n) {
         const float *img = image_of(x->X, s, g, n, slot);
+        int64_t oy0 = 0, ox0 = 0;   /* the position of pixel q0 */
         for (int64_t q0 = 0; q0 < npix; q0 += g->mr) {
             const int64_t mr = min64(g->mr, npix - q0);
             const float *a[CONV_MR_MAX];
-            for (int i = 0; i < g->mr; ++i) {
-                const int64_t q = q0 + min64(i, mr - 1), oy = q / s->out_w, ox = q % s->out_w;
+            for (int64_t i = 0, oy = oy0, ox = ox0; i < g->mr; ++i) {
                 a[i] = img + oy * s->stride * g->ldx + ox * s->stride * s->in_c;
+                if (i + 1 < mr && ++ox == s->out_w) {   /* a short tile repeats its last */
+                    ox = 0;
+                    ++oy;
+                }
+            }
+            ox0 += g->mr;
+            while (ox0 >= s->out_w && oy0 < s->out_h) {
+                ox0 -= s->out_w;
+                ++oy0;
             }
             for (int64_t o0 = 0; o0 < O; o0 += 8 * g->nv) {
                 const int64_t no = min64(8 * g->nv, O - o0);

@@ -295,15 +295,17 @@ static void max_backward_image_avx2(float *dx, const float *dy, const float *x,
                     const __m256i m = pool_lanes(C - 8 * b);
                     __m256 best = load_before(xw + 8 * b, end, m);
                     __m256i a = _mm256_setzero_si256();
-                    for (int64_t k = 1; k < size * size; ++k) {
-                        const __m256 v =
-                            load_before(xw + (k / size * s->in_w + k % size) * C + 8 * b, end, m);
-                        const __m256 gt = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
-                        best = _mm256_blendv_ps(best, v, gt);
-                        a = _mm256_castps_si256(_mm256_blendv_ps(
-                            _mm256_castsi256_ps(a), _mm256_castsi256_ps(_mm256_set1_epi32((int)k)),
-                            gt));
-                    }
+                    for (int64_t i = 0, k = 0; i < size; ++i)
+                        for (int64_t j = 0; j < size; ++j, ++k) {
+                            if (k == 0)
+                                continue;
+                            const __m256 v = load_before(xw + (i * s->in_w + j) * C + 8 * b, end, m);
+                            const __m256 gt = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+                            best = _mm256_blendv_ps(best, v, gt);
+                            a = _mm256_castps_si256(_mm256_blendv_ps(
+                                _mm256_castsi256_ps(a),
+                                _mm256_castsi256_ps(_mm256_set1_epi32((int)k)), gt));
+                        }
                     at[w * nb + b] = a;
                     d[w * nb + b] = _mm256_add_ps(zero, load_before(dw + 8 * b, dy_end, m));
                 }
