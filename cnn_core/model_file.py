@@ -139,7 +139,8 @@ def encode(stack, loss, params):
 # ---- reading ---------------------------------------------------------------------------
 
 def _layer(fields, position, name):
-    """The cnn_core.layers layer of a decoded record (a dict of _FIELDS)."""
+    """The cnn_core.layers layer of a decoded record (a dict of _FIELDS) at `position`
+    in the stack (Input is 0)."""
     where = f"{name} has a corrupted layer {position}"
     kind = _KIND_NAMES.get(fields["kind"])
     if kind is None:
@@ -204,7 +205,7 @@ def _decode_v2(data, name):
     stack = [layers.Input(tuple(dims[3 - rank:]))]
     for i in range(n_layers):
         fields = dict(zip(_FIELDS, _RECORD.unpack_from(data, _HEADER.size + _RECORD.size * i)))
-        stack.append(_layer(fields, i, name))
+        stack.append(_layer(fields, i + 1, name))
     try:
         stack = layers.build(stack)
     except layers.LayerError as error:
