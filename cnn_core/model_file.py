@@ -176,7 +176,7 @@ def _layer(fields, position, name):
                              fields["slope"])
     if kind in ("maxpool2d", "avgpool2d"):
         if fields["kernel_h"] != fields["kernel_w"]:
-            raise ModelFileError(f"{where} (a {kind} window is square, got "
+            raise ModelFileError(f"{where} ({kind} windows are square, got "
                                  f"{fields['kernel_h']}x{fields['kernel_w']})")
         return layers.KINDS[kind](fields["kernel_h"], fields["stride"])
     if kind == "dropout":
@@ -234,12 +234,9 @@ def _decode_v1(data, name):
             "cross_entropy", sizes_end)
 
 
-def decode(data, name="model file"):
-    """(stack, loss, params) from the bytes of a model file (version 1 or 2): the built
-    layers (Input first), the loss name and the float32 parameters; ModelFileError if
-    anything is wrong."""
-    if len(data) < _START.size or not data.startswith(MAGIC):
-        raise ModelFileError(f"{name} is not a cnn_core model file (bad magic or too short)")
+def _structure(data, name):
+    """(stack, loss, offset of the parameters, their number) of a model file whose magic
+    is right, its header and length checked."""
     _, version, n_layers = _START.unpack_from(data)
     if version not in (1, VERSION):
         raise ModelFileError(f"{name} has format version {version}; this cnn_core reads "
@@ -253,8 +250,25 @@ def decode(data, name="model file"):
     if len(data) != expected:
         kind = "truncated" if len(data) < expected else "longer than its header says"
         raise ModelFileError(f"{name} is {kind}: {len(data)} bytes, expected {expected}")
+    return stack, loss, start, n_params
+
+
+def decode(data, name="model file"):
+    """(stack, loss, params) from the bytes of a model file (version 1 or 2): the built
+    layers (Input first), the loss name and the float32 parameters; ModelFileError if
+    anything is wrong."""
+    if len(data) < _START.size or not data.startswith(MAGIC):
+        raise ModelFileError(f"{name} is not a cnn_core model file (bad magic or too short)")
     (crc,) = struct.unpack_from("<I", data, len(data) - 4)
-    if crc != zlib.crc32(memoryview(data)[:-4]):
+    checksum_ok = crc == zlib.crc32(memoryview(data)[:-4])
+    try:
+        stack, loss, start, n_params = _structure(data, name)
+    except ModelFileError as error:
+        if checksum_ok:
+            raise
+        raise ModelFileError(f"{error}; its checksum does not match either (the file "
+                             f"is damaged)") from None
+    if not checksum_ok:
         raise ModelFileError(f"{name} is corrupted (checksum mismatch)")
     params = kernels._workspace(n_params)
     params[:] = np.frombuffer(data, dtype="<f4", offset=start, count=n_params)
