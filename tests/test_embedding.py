@@ -172,6 +172,30 @@ def test_c_predictions_equal_network_after_training(predict_exe, trained, mnist,
     assert (labels == y).mean() > 0.8          # it really learned something
 
 
+@pytest.mark.parametrize("n_rows", [1, 257, 2000])
+def test_c_predictions_equal_network_for_a_trained_cnn(predict_exe, trained_cnn, mnist,
+                                                       tmp_path, n_rows):
+    X, y = mnist[2][:n_rows], mnist[3][:n_rows]
+    path = tmp_path / "cnn.cnn"
+    trained_cnn.save(path)
+    probs, labels = c_predict(predict_exe, path, X, tmp_path)
+    np.testing.assert_array_equal(labels, trained_cnn.predict(X))
+    np.testing.assert_array_equal(probs, trained_cnn.predict_proba(X))
+    if n_rows == 2000:
+        assert (labels == y).mean() > 0.6          # it learned something in one epoch
+
+
+def test_c_predicts_regression_outputs(predict_exe, mnist, tmp_path):
+    net = Network([layers.Input((28, 28, 1)), layers.Conv2D(2, 3, activation="relu"),
+                   layers.MaxPool2D(3), layers.Flatten(), layers.Dense(3)], seed=1,
+                  loss="squared_error")
+    X = mnist[2][:100]
+    net.save(tmp_path / "r.cnn")
+    outputs, labels = c_predict(predict_exe, tmp_path / "r.cnn", X, tmp_path)
+    np.testing.assert_array_equal(outputs, net.predict(X))
+    np.testing.assert_array_equal(labels, net.predict(X).argmax(axis=1))
+
+
 @pytest.mark.parametrize("activation", model_file.HIDDEN_ACTIVATIONS)
 @pytest.mark.parametrize("n_rows", [1, 300])
 def test_c_predictions_equal_network_for_every_activation(predict_exe, mnist, tmp_path,
