@@ -1,11 +1,13 @@
 """Embedding the installed cnn_core in other projects.
 
-- A Cython project (tests/downstream/cython) cimports cnn_core's C-level API and builds
-  with no include or link flags at all; its results must agree with numpy.
+- A Cython project (tests/downstream/cython) cimports cnn_core's C-level API (GEMM,
+  dense, convolution and pooling kernels) and builds with no include or link flags at
+  all; its results must agree with numpy.
 - A plain C program (tests/downstream/c/predict.c) is compiled against the shipped
   header and static library only, loads a model saved by Network.save with
-  cnn_model_load and must predict exactly what Network.predict does on real MNIST rows;
-  every kind of damaged model file must be refused with CNN_ERR_FORMAT.
+  cnn_model_load and must predict exactly what Network.predict does on real MNIST rows,
+  for MLPs and CNNs; every damaged model file of one shared table (versions 1 and 2)
+  must be refused by both the C loader (CNN_ERR_FORMAT) and Network.load.
 """
 import importlib
 import os
@@ -126,6 +128,51 @@ def test_cython_dense_backward_matches_numpy(dense_ops, mnist):
     np.testing.assert_allclose(dW, X64.T @ dY64, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(db, dY64.sum(axis=0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dX, dY64 @ W.T, rtol=1e-4, atol=1e-4)
+
+
+def numpy_conv(X, W, b, stride, same):
+    """float64 NHWC cross-correlation with TensorFlow's "same" zero padding."""
+    kh, kw = W.shape[:2]
+    if same:
+        pads = []
+        for size, k in zip(X.shape[1:3], (kh, kw)):
+            out = -(-size // stride)
+            total = max((out - 1) * stride + k - size, 0)
+            pads.append((total // 2, total - total // 2))
+        X = np.pad(X, [(0, 0), pads[0], pads[1], (0, 0)])
+    out_h, out_w = (X.shape[1] - kh) // stride + 1, (X.shape[2] - kw) // stride + 1
+    Y = np.empty((X.shape[0], out_h, out_w, W.shape[3]))
+    for i in range(out_h):
+        for j in range(out_w):
+            window = X[:, i * stride:i * stride + kh, j * stride:j * stride + kw, :]
+            Y[:, i, j] = np.tensordot(window, W, axes=3) + b
+    return Y
+
+
+@pytest.mark.parametrize("stride, same", [(1, False), (2, True), (3, True)])
+def test_cython_conv2d_forward_matches_numpy(dense_ops, mnist, stride, same):
+    rng = np.random.default_rng(stride)
+    X = np.ascontiguousarray(mnist[2][:7].reshape(7, 28, 28, 1).repeat(2, axis=3))
+    X[..., 1] = 1 - X[..., 1]                   # a second, different channel
+    W = rng.standard_normal((5, 3, 2, 4)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    Y = dense_ops.conv2d_forward(X, W, b, stride, same, 1)      # relu
+    expected = np.maximum(numpy_conv(X.astype(np.float64), W, b, stride, same), 0)
+    assert Y.shape == expected.shape
+    np.testing.assert_allclose(Y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cython_maxpool2d_forward_matches_numpy(dense_ops, mnist):
+    X = np.ascontiguousarray(mnist[2][:5].reshape(5, 28, 28, 1))
+    Y = dense_ops.maxpool2d_forward(X, 3, 2)
+    expected = np.empty((5, 13, 13, 1), np.float32)
+    for i in range(13):
+        for j in range(13):
+            expected[:, i, j] = X[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2))
+    np.testing.assert_array_equal(Y, expected)
+    with pytest.raises(RuntimeError, match="cnn_pool2d_shape_init failed with cnn_core "
+                                           "status 2"):
+        dense_ops.maxpool2d_forward(X, 29, 1)
 
 
 def test_cython_kernel_status_reaches_the_caller(dense_ops):
