@@ -574,18 +574,16 @@ class Network:
 
     def save(self, path):
         """Write the model to `path` atomically (see cnn_core.model_file for the format)."""
-        if self.layer_sizes is None or self.loss != "cross_entropy":
-            raise ValueError("this cnn_core writes model files of multilayer-perceptron "
-                             "classifiers only")
-        model_file.save(path, self.layer_sizes, self.activation, self.leaky_slope, self._params)
+        model_file.save(path, self.layers, self.loss, self._params)
 
     @classmethod
     def load(cls, path):
-        """Read a model saved by :meth:`save`; ModelFileError if the file is not valid."""
-        sizes, activation, slope, params = model_file.load(path)
-        net = cls(sizes, activation, leaky_slope=slope, seed=0)
-        net._set_params(params)
+        """Read a model saved by :meth:`save` (or a version-1 file of an older cnn_core);
+        ModelFileError if the file is not valid."""
+        stack, loss, params = model_file.load(path)
+        net = cls(stack, seed=0, loss=loss)
         net._dropout_seed = 0
+        net._set_params(params)
         net.seed = None
         return net
 

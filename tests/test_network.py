@@ -227,10 +227,10 @@ def test_foreign_and_future_files_are_rejected(tmp_path):
     with pytest.raises(ModelFileError, match="not a cnn_core model file"):
         Network.load(path)
     body = bytearray(data[:-4])
-    body[8] = 2  # version 2
+    body[8] = 3  # version 3
     import struct, zlib
     path.write_bytes(bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
-    with pytest.raises(ModelFileError, match="version 2"):
+    with pytest.raises(ModelFileError, match="version 3"):
         Network.load(path)
     path.write_bytes(data + b"\0")
     with pytest.raises(ModelFileError, match="longer"):
