@@ -608,6 +608,25 @@ class Network:
                 self._params[:] = best
         return history
 
+    # ---- pickling (joblib, multiprocessing, copy.deepcopy) ----------------------------
+    def __getstate__(self):
+        """Everything but the locks, the kernel views and fit's inference snapshot."""
+        if self._fitting.locked():
+            raise RuntimeError("a Network cannot be pickled while fit is training it")
+        state = dict(self.__dict__)
+        for name in ("_fitting", "_snapshot", "_readers", "_mlp", "weights", "biases"):
+            state.pop(name, None)
+        state["_params"] = np.array(self._params)
+        return state
+
+    def __setstate__(self, state):
+        params = state.pop("_params")
+        self.__dict__.update(state)
+        self._fitting = threading.Lock()
+        self._snapshot = None
+        self._readers = []
+        self._set_params(params)
+
     # ---- inference --------------------------------------------------------------------
     # While fit runs, inference reads self._snapshot, the weights at the start of the
     # current epoch, never the live ones in mid-update.  A caller announces itself in
