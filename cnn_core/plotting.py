@@ -139,7 +139,7 @@ def plot_errors(model, X, y, path=None, *, n_images=16, image_shape=None, class_
         image = X[i].reshape(image_shape + (-1,))[..., 0] if len(image_shape) == 2 \
             else X[i].reshape(image_shape)[..., 0]
         image_ax.imshow(image, cmap="gray_r")
-        image_ax.set_title(f"true {class_names[y[i]]}, said {class_names[pred[i]]}\n"
+        image_ax.set_title(f"true {class_names[y[i]]}, predicted {class_names[pred[i]]}\n"
                            f"p={proba[i, pred[i]]:.2f}", fontsize=8)
     right.suptitle(f"most confident errors ({len(wrong)} of {np.count_nonzero(pred != y)})"
                    if len(wrong) else "no misclassified rows")
