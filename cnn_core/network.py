@@ -35,8 +35,9 @@ class History:
     """Per-epoch training records.
 
     ``history.records`` is a list of dicts with keys ``epoch``, ``loss``, ``accuracy``
-    (classification), ``learning_rate``, ``seconds`` and, with validation data,
-    ``val_loss`` and ``val_accuracy``; ``history["loss"]`` is the list of one key over
+    (classifiers), ``learning_rate``, ``seconds`` and, with validation data,
+    ``val_loss`` and ``val_accuracy`` (classifiers) or ``val_r2`` (regressions, R^2
+    averaged over the outputs); ``history["loss"]`` is the list of one key over
     the epochs.  ``best_epoch`` is the epoch whose weights early stopping kept (else
     None) and ``stopped_epoch`` the epoch after which early stopping or a callback
     ended training (else None).  A fit with ``reset=False`` appends to the history of
@@ -392,10 +393,12 @@ class Network:
             eps=1e-8, schedule=None, validation_data=None, validation_split=0.0,
             early_stopping=None, callbacks=None, shuffle=True, sample_weight=None,
             class_weight=None, reset=True, verbose=0, n_threads=None):
-        """Train with minibatch gradient descent on softmax cross-entropy.
+        """Train with minibatch gradient descent on the network's loss.
 
-        X : (n, n_features) uint8 (scaled by 1/255 as batches are gathered) or floating
-            point (converted to float32 once).  y : (n,) integer labels in [0, n_classes).
+        X : (n, n_features) or images (n, height, width[, channels]), uint8 (scaled by
+            1/255 as batches are gathered) or floating point (converted to float32 once).
+        y : (n,) integer labels in [0, n_classes), or for loss="squared_error" float
+            targets (n,) or (n, n_outputs).
         optimizer : "sgd" (with ``momentum``, ``nesterov``), "adam" or "adamw"
             (``beta1``, ``beta2``, ``eps``).  ``learning_rate`` defaults to 0.05 for SGD
             and 0.001 for Adam/AdamW.  ``weight_decay`` is L2 for SGD/Adam, decoupled
@@ -429,6 +432,9 @@ class Network:
         y = self._check_y(y, n)
         w = kernels._sample_weight(sample_weight, n)
         if class_weight is not None:
+            if self.loss != "cross_entropy":
+                raise ValueError(f"class_weight needs a classifier (loss='cross_entropy'); "
+                                 f"this network has loss={self.loss!r}: use sample_weight")
             cw = training.class_sample_weight(class_weight, y, self.n_classes)
             w = cw if w is None else w * cw
         epochs = _check_int(epochs, "epochs", 1)
@@ -576,10 +582,12 @@ class Network:
                         f"training diverged in epoch {epoch} (loss is not finite); the "
                         f"weights from before that epoch were kept. Try a smaller "
                         f"learning_rate.")
-                record = {"epoch": epoch, "loss": loss_sum / (weight_total or 1.0),
-                          "accuracy": correct / n}
+                record = {"epoch": epoch, "loss": loss_sum / (weight_total or 1.0)}
+                if self.loss == "cross_entropy":
+                    record["accuracy"] = correct / n
                 if X_val is not None:
-                    record["val_loss"], record["val_accuracy"] = self._evaluate(
+                    score = "val_accuracy" if self.loss == "cross_entropy" else "val_r2"
+                    record["val_loss"], record[score] = self._evaluate(
                         X_val, y_val, None, n_threads, self._mlp)
                 record["learning_rate"] = trainer.learning_rate
                 record["seconds"] = time.perf_counter() - start

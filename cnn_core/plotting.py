@@ -38,11 +38,14 @@ def plot_history(history, path=None, *, title=None):
     panels = [("loss", "loss")]
     if "accuracy" in records[0]:
         panels.append(("accuracy", "accuracy"))
+    elif "val_r2" in records[0]:
+        panels.append(("r2", "R\N{SUPERSCRIPT TWO}"))
     figure = _figure(figsize=(5 * len(panels), 3.6), layout="constrained")
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     best = getattr(history, "best_epoch", None)
     for ax, (key, label) in zip(axes, panels):
-        ax.plot(epochs, [r[key] for r in records], marker=".", label="train")
+        if key in records[0]:
+            ax.plot(epochs, [r[key] for r in records], marker=".", label="train")
         if f"val_{key}" in records[0]:
             ax.plot(epochs, [r[f"val_{key}"] for r in records], marker=".",
                     label="validation")

@@ -21,9 +21,9 @@ What differs from scikit-learn's estimators:
 - A binary classifier has two softmax outputs (scikit-learn: one logistic output), so
   ``coefs_[-1]`` has two columns.
 - Training stops, as in scikit-learn, when the training loss (or with
-  ``early_stopping`` the validation accuracy, or for the regressor the validation loss)
-  has not improved by ``tol`` for ``n_iter_no_change`` epochs; the weights of the best
-  epoch are then kept.
+  ``early_stopping`` the validation score: accuracy, or R^2 for the regressor) has not
+  improved by ``tol`` for ``n_iter_no_change`` epochs; the weights of the best epoch are
+  kept however training ends.
 - ``class_weight`` (dict of label: weight, or "balanced") for the classifier;
   ``n_threads`` for the kernels (default: joblib's and threadpoolctl's limits,
   ``OMP_NUM_THREADS``, the CPUs this process may use).
@@ -408,21 +408,13 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                        loss="squared_error")
 
     def _monitor(self):
-        return "val_loss"
+        return "val_r2"
 
     def _stratify(self, targets):
         return None
 
     def _validation_score(self, record):
-        # R^2 over all outputs: 1 - (mean squared error) / (variance), from the loss,
-        # which is half the squared error summed over outputs, averaged over rows
-        return 1.0 - 2.0 * record["val_loss"] / self._validation_variance
-
-    def _split_validation(self, X, targets, options):
-        X, targets, options = super()._split_validation(X, targets, options)
-        t_val = options["validation_data"][1]
-        self._validation_variance = max(float(t_val.var(axis=0).sum()), 1e-30)
-        return X, targets, options
+        return record["val_r2"]
 
     def _n_network_outputs(self, targets):
         return targets.shape[1]
@@ -438,6 +430,12 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def _weights(self, targets, sample_weight):
         return {"sample_weight": sample_weight}
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.regressor_tags.poor_score = False
+        return tags
 
     def predict(self, X):
         """Predicted targets: (n,) for one output, else (n, n_outputs), float64."""

@@ -224,16 +224,21 @@ def test_grid_search_on_a_dask_cluster(digits):
 # ---- the regressor --------------------------------------------------------------------
 def test_regressor_outputs_and_sample_weight(digits):
     X, y, X_test, _ = digits
-    targets = np.column_stack([y / 9.0, (y % 2).astype(float), X[:, 300:310].mean(axis=1)])
+    # ink in the top and bottom halves of each image: functions a network can learn
+    targets = np.column_stack([X[:, :392].mean(axis=1), X[:, 392:].mean(axis=1)]) * 10
     model = MLPRegressor((32,), max_iter=10, random_state=0, n_iter_no_change=100)
     model.fit(X, targets)
-    assert model.predict(X_test).shape == (500, 3) and model.n_outputs_ == 3
-    assert model.score(X, targets) > 0.5
+    assert model.predict(X_test).shape == (500, 2) and model.n_outputs_ == 2
+    assert model.score(X, targets) > 0.8
     single = MLPRegressor((8,), max_iter=3, random_state=0).fit(X, y)
     assert single.predict(X_test).shape == (500,)
     weighted = MLPRegressor((8,), max_iter=3, random_state=0).fit(
         X, y, sample_weight=np.where(y > 4, 2.0, 1.0))
     assert not np.array_equal(weighted.predict(X_test), single.predict(X_test))
+    early = MLPRegressor((32,), max_iter=50, random_state=0, early_stopping=True,
+                         n_iter_no_change=3, tol=0.01).fit(X, targets)
+    assert early.n_iter_ == len(early.validation_scores_) < 50
+    assert early.best_validation_score_ == max(early.validation_scores_) > 0.8
 
 
 def test_regression_on_diabetes_matches_scikit_learn():
@@ -244,11 +249,12 @@ def test_regression_on_diabetes_matches_scikit_learn():
     scaler = StandardScaler().fit(X_train)
     X_train, X_test = scaler.transform(X_train), scaler.transform(X_test)
     mean, std = y_train.mean(), y_train.std()
-    settings = dict(hidden_layer_sizes=(32,), learning_rate_init=0.01, max_iter=200,
-                    batch_size=32, alpha=1e-3, early_stopping=True, random_state=0)
-    ours = MLPRegressor(**settings).fit(X_train, (y_train - mean) / std)
-    theirs = SkRegressor(**settings).fit(X_train, (y_train - mean) / std)
-    r2_ours = ours.score(X_test, (y_test - mean) / std)
-    r2_theirs = theirs.score(X_test, (y_test - mean) / std)
-    assert r2_ours > 0.3
-    assert r2_ours > r2_theirs - 0.05, (r2_ours, r2_theirs)
+    y_train, y_test = (y_train - mean) / std, (y_test - mean) / std
+    ours, theirs = [], []
+    for seed in range(3):
+        settings = dict(hidden_layer_sizes=(16,), learning_rate_init=0.001, max_iter=200,
+                        batch_size=32, alpha=1.0, random_state=seed)
+        ours.append(MLPRegressor(**settings).fit(X_train, y_train).score(X_test, y_test))
+        theirs.append(SkRegressor(**settings).fit(X_train, y_train).score(X_test, y_test))
+    assert np.mean(ours) > 0.3
+    assert abs(np.mean(ours) - np.mean(theirs)) < 0.05, (ours, theirs)
