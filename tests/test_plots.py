@@ -46,6 +46,17 @@ def test_history_plot_without_validation(mnist):
     assert [len(ax.get_lines()) for ax in figure.axes] == [1, 1]
 
 
+def test_regression_history_plot(mnist):
+    X, y, X_val, y_val = mnist
+    net = Network([784, 8, 1], seed=0, loss="squared_error")
+    history = net.fit(X[:500], y[:500] / 9.0, epochs=3,
+                      validation_data=(X_val[:100], y_val[:100] / 9.0))
+    loss_ax, r2_ax = history.plot().axes
+    assert r2_ax.get_ylabel() == "R\N{SUPERSCRIPT TWO}"
+    assert [len(loss_ax.get_lines()), len(r2_ax.get_lines())] == [2, 1]
+    np.testing.assert_array_equal(r2_ax.get_lines()[0].get_ydata(), history["val_r2"])
+
+
 def test_errors_picture(trained, mnist, tmp_path):
     _, _, X_test, y_test = mnist
     X, y = X_test[:600], y_test[:600]

@@ -46,6 +46,28 @@ def test_two_continued_fits_equal_one(rows, options):
     assert twice.history_["loss"] == once.history_["loss"]
 
 
+def test_continued_fits_keep_the_dropout_masks_and_regressions(rows):
+    X, y, _, _ = rows
+    from cnn_core import layers as L
+
+    def stack():
+        return [L.Input((784,)), L.Dense(24, activation="relu"), L.Dropout(0.3), L.Dense(10)]
+
+    once = Network(stack(), seed=5)
+    once.fit(X, y, epochs=4, batch_size=50, optimizer="adam")
+    twice = Network(stack(), seed=5)
+    for _ in range(2):
+        twice.fit(X, y, epochs=2, batch_size=50, optimizer="adam", reset=False)
+    np.testing.assert_array_equal(twice._params, once._params)
+    targets = np.column_stack([y / 9.0, X[:, 400] / 255.0])
+    once = Network([784, 16, 2], seed=5, loss="squared_error")
+    once.fit(X, targets, epochs=4, optimizer="adam")
+    twice = Network([784, 16, 2], seed=5, loss="squared_error")
+    for _ in range(2):
+        twice.fit(X, targets, epochs=2, optimizer="adam", reset=False)
+    np.testing.assert_array_equal(twice._params, once._params)
+
+
 def test_reset_restarts_the_optimizer(rows):
     X, y, _, _ = rows
     once = Network([784, 24, 10], seed=5)
