@@ -87,7 +87,7 @@ def test_training_reduces_loss_and_history_has_every_field():
                       validation_data=(X[:50], y[:50]))
     assert len(history) == 5 and history is net.history_
     assert set(history.records[0]) == {"epoch", "loss", "accuracy", "val_loss",
-                                       "val_accuracy", "seconds"}
+                                       "val_accuracy", "learning_rate", "seconds"}
     assert history["loss"][-1] < history["loss"][0]
     assert net.evaluate(X, y)[0] < before
 
