@@ -385,7 +385,8 @@ def export_c(network, folder, *, name="cnn_model", quantize=None, per_channel=Tr
 
     n_checked, agreement = 0, None
     if X_check is not None:
-        expected = np.asarray(network.predict(X_check))   # validates X_check
+        X_check = network._check_X(X_check, "X_check")    # errors name X_check, not X
+        expected = np.asarray(network.predict(X_check))
         X = np.asarray(X_check)
         X = X.astype(np.float32) / np.float32(255) if X.dtype == np.uint8 \
             else np.ascontiguousarray(X, dtype=np.float32)
