@@ -506,9 +506,8 @@ def _network_parts(network):
 def _agreement(network, stack, tables, X_check):
     """(rows, share of them) on which the exported weights, run by cnn_core's engine,
     give the class network.predict gives."""
-    expected = np.asarray(network.predict(X_check))   # validates X_check
-    X = np.asarray(X_check)
-    X = X.reshape(len(X), -1)
+    X = network._check_X(X_check, "X_check")    # errors name X_check, not X
+    expected = np.asarray(network.predict(X))
     params = []
     for W, b, scale in tables:
         params += [W.ravel() if scale is None else (W.astype(np.float32) * scale).ravel(), b]
