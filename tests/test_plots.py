@@ -111,3 +111,6 @@ def test_cli_plots(mnist_split_dir, tmp_path, capsys):
     assert cli.main(["evaluate", str(model), "--data", str(mnist_split_dir),
                      "--plot", str(tmp_path / "missing" / "e.png")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(mnist_split_dir), "--early-stopping", "3",
+                     "--no-save"]) == 2
+    assert "--early-stopping needs --validation-split" in capsys.readouterr().err
