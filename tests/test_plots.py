@@ -79,6 +79,26 @@ def test_errors_picture(trained, mnist, tmp_path):
         np.testing.assert_array_equal(ax.get_images()[0].get_array(), X[i].reshape(28, 28))
 
 
+def test_errors_picture_of_an_estimator_names_its_classes(mnist, tmp_path):
+    from cnn_core.sklearn import MLPClassifier
+    X, y, X_test, y_test = mnist
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven",
+                      "eight", "nine"])
+    from sklearn.exceptions import ConvergenceWarning
+    model = MLPClassifier((16,), max_iter=3, random_state=0)
+    with pytest.warns(ConvergenceWarning, match="Maximum iterations"):
+        model.fit(X[:1000] / np.float32(255), names[y[:1000]])
+    figure = plot_errors(model, X_test[:300], names[y_test[:300]], tmp_path / "e.png",
+                         n_images=4)
+    matrix_ax, *image_axes = figure.axes
+    assert [t.get_text() for t in matrix_ax.get_xticklabels()] == sorted(names)
+    pred = model.predict(X_test[:300])
+    matrix = confusion_matrix(np.searchsorted(model.classes_, names[y_test[:300]]),
+                              np.searchsorted(model.classes_, pred), 10)
+    np.testing.assert_array_equal(matrix_ax.get_images()[0].get_array(), matrix)
+    assert all(ax.get_title().split(",")[0].split()[1] in names for ax in image_axes)
+
+
 def test_confusion_matrix_counts():
     matrix = confusion_matrix([0, 1, 1, 2, 2, 2], [0, 2, 1, 2, 0, 2], 3)
     np.testing.assert_array_equal(matrix, [[1, 0, 0], [0, 1, 1], [1, 0, 2]])
