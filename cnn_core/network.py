@@ -31,6 +31,14 @@ def _r2_score(predicted, target, weight):
     return float(scores.mean())
 
 
+class _Reader:
+    """An inference call under way and the engine it reads (None until chosen)."""
+    __slots__ = ("net",)
+
+    def __init__(self):
+        self.net = None
+
+
 class History:
     """Per-epoch training records.
 
@@ -280,7 +288,7 @@ class Network:
                 offset += size
                 self.biases.append(self._params[offset:offset + shapes[1][0]])
                 offset += shapes[1][0]
-        self._mlp = self._engine(self._params)
+        self._net = self._engine(self._params)
 
     def _engine(self, params):
         """The C view of this network over the parameter vector ``params``."""
@@ -487,7 +495,7 @@ class Network:
         n_threads = kernels._threads(n_threads)
 
         batch_size = min(batch_size, n)
-        floats = kernels._trainer_floats(self._mlp, optimizer, batch_size, n_threads)
+        floats = kernels._trainer_floats(self._net, optimizer, batch_size, n_threads)
         _, largest = _largest_layer(self.layers, 4 * (2 if optimizer == "sgd" else 3))
         _check_memory(4 * floats + self._params.nbytes * (2 if stopping else 1),
                       f"fit(batch_size={batch_size}) of Network({self._description()}) for its "
@@ -497,7 +505,7 @@ class Network:
             raise RuntimeError("this Network is already being trained by fit in another "
                                "thread; train copies in parallel, or wait for that fit")
         try:
-            trainer = kernels._Trainer(self._mlp, optimizer, learning_rate, momentum,
+            trainer = kernels._Trainer(self._net, optimizer, learning_rate, momentum,
                                        bool(nesterov), weight_decay, beta1, beta2, eps,
                                        batch_size, n_threads)
             if continued:
@@ -561,7 +569,7 @@ class Network:
                 progress = EpochProgress(epoch, last_epoch, n) if plan["verbose"] else None
                 started = self._copy_of_params()
                 self._snapshot = self._engine(started)
-                while epoch == first_epoch and self._readers:     # see _begin_inference
+                while epoch == first_epoch and self._live_readers():  # see _begin_inference
                     time.sleep(1e-4)
                 loss_sum, correct, done, chunk = 0.0, 0, 0, 1
                 while done < n_batches:
@@ -588,7 +596,7 @@ class Network:
                 if X_val is not None:
                     score = "val_accuracy" if self.loss == "cross_entropy" else "val_r2"
                     record["val_loss"], record[score] = self._evaluate(
-                        X_val, y_val, None, n_threads, self._mlp)
+                        X_val, y_val, None, n_threads, self._net)
                 record["learning_rate"] = trainer.learning_rate
                 record["seconds"] = time.perf_counter() - start
                 history.records.append(record)
@@ -622,7 +630,7 @@ class Network:
         if self._fitting.locked():
             raise RuntimeError("a Network cannot be pickled while fit is training it")
         state = dict(self.__dict__)
-        for name in ("_fitting", "_snapshot", "_readers", "_mlp", "weights", "biases"):
+        for name in ("_fitting", "_snapshot", "_readers", "_net", "weights", "biases"):
             state.pop(name, None)
         state["_params"] = np.array(self._params)
         return state
@@ -637,15 +645,24 @@ class Network:
 
     # ---- inference --------------------------------------------------------------------
     # While fit runs, inference reads self._snapshot, the weights at the start of the
-    # current epoch, never the live ones in mid-update.  A caller announces itself in
-    # self._readers (list.append and pop are atomic) before it looks at the snapshot, and
-    # fit waits for the announced callers after publishing its first snapshot: whoever
-    # looked before then finishes with the live weights before training changes them.
+    # current epoch, never the live ones in mid-update.  A caller registers a _Reader in
+    # self._readers (list.append and remove are atomic) before it looks at the snapshot,
+    # and records there the engine it chose; after publishing its first snapshot, fit
+    # waits only for the readers that are undecided or chose the live weights, so callers
+    # that arrive later (and read the snapshot) never hold training up.
     def _begin_inference(self):
-        """The _Net to infer with; the caller pops self._readers when done."""
-        self._readers.append(None)
+        """The _Reader whose ``net`` is the _Net to infer with; the caller passes it to
+        self._readers.remove when done."""
+        reader = _Reader()
+        self._readers.append(reader)
         snapshot = self._snapshot
-        return self._mlp if snapshot is None else snapshot
+        reader.net = self._net if snapshot is None else snapshot
+        return reader
+
+    def _live_readers(self):
+        """Whether an inference call may be reading the live weights."""
+        live = self._net
+        return any(r.net is None or r.net is live for r in list(self._readers))
 
     def predict_proba(self, X, *, n_threads=None):
         """Class probabilities, float32 (n, n_classes), for X (n, n_features) or images."""
@@ -653,32 +670,32 @@ class Network:
             raise TypeError(f"predict_proba needs a classifier (loss='cross_entropy'); this "
                             f"network has loss={self.loss!r}: use predict")
         X = self._flat(X)
-        mlp = self._begin_inference()
+        reader = self._begin_inference()
         try:
-            return mlp.predict(X, False, kernels._threads(n_threads))
+            return reader.net.predict(X, False, kernels._threads(n_threads))
         finally:
-            self._readers.pop()
+            self._readers.remove(reader)
 
     def predict(self, X, *, n_threads=None):
         """Predicted class labels, int64 (n,), for X (n, n_features) or images; for
         loss="squared_error" the predictions, float32 (n, n_outputs)."""
         X = self._flat(X)
-        mlp = self._begin_inference()
+        reader = self._begin_inference()
         try:
             if self.loss != "cross_entropy":
-                return mlp.predict(X, True, kernels._threads(n_threads))
-            return mlp.predict_labels(X, kernels._threads(n_threads))
+                return reader.net.predict(X, True, kernels._threads(n_threads))
+            return reader.net.predict_labels(X, kernels._threads(n_threads))
         finally:
-            self._readers.pop()
+            self._readers.remove(reader)
 
-    def _evaluate(self, X, y, w, n_threads, mlp=None):
-        if mlp is None:
-            mlp = self._begin_inference()
+    def _evaluate(self, X, y, w, n_threads, engine=None):
+        if engine is None:
+            reader = self._begin_inference()
             try:
-                return self._evaluate(X, y, w, n_threads, mlp)
+                return self._evaluate(X, y, w, n_threads, reader.net)
             finally:
-                self._readers.pop()
-        outputs = mlp.predict(X, True, n_threads)
+                self._readers.remove(reader)
+        outputs = engine.predict(X, True, n_threads)
         if self.loss == "squared_error":
             loss, _ = kernels.squared_error(outputs, y, w)
             return loss, _r2_score(outputs, y, w)

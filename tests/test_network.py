@@ -64,7 +64,7 @@ def test_gradient_matches_finite_differences(activation):
     X, y = small_data(n=11, d=5, classes=3, seed=1)
     net = Network(sizes, activation, seed=4, leaky_slope=0.1)
     params = net._params.astype(np.float64)
-    trainer = kernels._Trainer(net._mlp, "sgd", 0.0, 0.0, False, 0.0, 0.9, 0.999, 1e-8,
+    trainer = kernels._Trainer(net._net, "sgd", 0.0, 0.0, False, 0.0, 0.9, 0.999, 1e-8,
                                len(y), 1)
     trainer.train_batches(X, y.astype(np.int32), None, np.arange(len(y), dtype=np.int64), 0, 1)
     grads = np.array(trainer.grads, dtype=np.float64)

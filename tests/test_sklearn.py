@@ -16,14 +16,27 @@ from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
 from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
-from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+from sklearn.utils.estimator_checks import (  # noqa: E402
+    _get_check_estimator_ids, estimator_checks_generator)
 
 import cnn_core  # noqa: E402
 from cnn_core.sklearn import EXPECTED_FAILED_CHECKS, MLPClassifier, MLPRegressor  # noqa: E402
 
 
-@parametrize_with_checks([MLPClassifier(), MLPRegressor()],
-                         expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS)
+def _estimator_checks():
+    """scikit-learn's checks of both estimators, expected failures marked xfail.  The
+    array API check is left out: the estimators take numpy arrays (and what converts to
+    them) only and declare no array API support, so scikit-learn would only skip it."""
+    for estimator in (MLPClassifier(), MLPRegressor()):
+        for case in estimator_checks_generator(estimator, mark="xfail",
+                                               expected_failed_checks=EXPECTED_FAILED_CHECKS):
+            check = case.values[1] if hasattr(case, "values") else case[1]
+            if getattr(check, "func", check).__name__ != "check_array_api_input":
+                yield case
+
+
+@pytest.mark.parametrize("estimator, check", list(_estimator_checks()),
+                         ids=_get_check_estimator_ids)
 def test_scikit_learn_estimator_checks(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
