@@ -1,6 +1,7 @@
-"""cnn_core.interop: networks exported to ONNX run in ONNX Runtime as they do in cnn_core;
-networks trained by scikit-learn and PyTorch on real MNIST rows, imported, predict as
-their originals do, and go on through the model file, the C API and export_c."""
+"""cnn_core.interop: networks exported to ONNX (multilayer perceptrons, CNNs, regression
+networks) run in ONNX Runtime as they do in cnn_core; networks trained by scikit-learn and
+PyTorch on real MNIST rows, imported, predict as their originals do, and go on through
+the model file, the C API and export_c; what has no counterpart is refused by name."""
 import importlib.util
 import pickle
 import warnings
@@ -13,9 +14,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
+from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
-from cnn_core import Network, model_file
+from cnn_core import Network, kernels
+from cnn_core import layers as L
 from cnn_core.cli import main
 from cnn_core.interop import IR_VERSION, OPSET, ConversionError
 
@@ -36,13 +39,16 @@ c_compiler, predict_exe = embedding.c_compiler, embedding.predict_exe   # fixtur
 ATOL = 2e-6
 
 
-def ort_run(path, X, n_threads=1):
-    """(labels, probabilities) of an ONNX file in ONNX Runtime."""
+def ort_session(path, n_threads=1):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = n_threads
-    session = onnxruntime.InferenceSession(str(path), options,
-                                           providers=["CPUExecutionProvider"])
-    labels, probs = session.run(["label", "probabilities"], {"input": X})
+    return onnxruntime.InferenceSession(str(path), options,
+                                        providers=["CPUExecutionProvider"])
+
+
+def ort_run(path, X, n_threads=1):
+    """(labels, probabilities) of an ONNX file in ONNX Runtime."""
+    labels, probs = ort_session(path, n_threads).run(["label", "probabilities"], {"input": X})
     return labels, probs
 
 
@@ -64,7 +70,42 @@ def short_fit(net, mnist, rows=2000):
 
 # ---- ONNX export -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("activation", model_file.HIDDEN_ACTIVATIONS)
+@pytest.fixture(scope="module")
+def lenet(mnist):
+    """layers.lenet5 (with Dropout) after one epoch on 1,000 real MNIST rows."""
+    net = Network(L.lenet5(), seed=0)
+    net.fit(mnist[0][:1000], mnist[1][:1000], epochs=1, batch_size=32, optimizer="adam",
+            learning_rate=0.003)
+    return net
+
+
+def every_kind_cnn(seed=3):
+    """A CNN with every layer kind and every activation: an even kernel with stride 2 and a
+    rectangular kernel under 'same' padding (an extra row or column at the bottom or
+    right), pooling with a stride other than its size, an activation on the logits."""
+    return Network([L.Input((28, 28, 1)),
+                    L.Conv2D(5, 4, stride=2, padding="same", activation="tanh"),
+                    L.Conv2D(7, (3, 2), padding="same", activation="leaky_relu",
+                             leaky_slope=0.2),
+                    L.AvgPool2D(3, stride=2), L.Conv2D(4, 2, activation="sigmoid"),
+                    L.MaxPool2D(2), L.Dropout(0.3), L.Flatten(),
+                    L.Dense(20, activation="relu"), L.Dense(12),
+                    L.Dense(10, activation="sigmoid")], seed=seed)
+
+
+def without_dropout(stack):
+    return [layer for layer in stack if not isinstance(layer, L.Dropout)]
+
+
+def assert_same_network(net, back):
+    """back has net's layers (Dropout left out: it does nothing at inference), parameters
+    and predictions, bit for bit."""
+    assert back.layers == without_dropout(net.layers) and back.loss == net.loss
+    for W, W_back in zip(net.weights + net.biases, back.weights + back.biases):
+        np.testing.assert_array_equal(W, W_back)
+
+
+@pytest.mark.parametrize("activation", kernels.HIDDEN_ACTIVATIONS)
 def test_onnx_runtime_predicts_like_the_network(mnist, tmp_path, activation):
     net = short_fit(Network([784, 48, 24, 10], activation, seed=4, leaky_slope=0.2), mnist)
     X = mnist[2]                                  # the 2,000 held-out rows, float32
@@ -74,6 +115,45 @@ def test_onnx_runtime_predicts_like_the_network(mnist, tmp_path, activation):
     assert labels.dtype == np.int64 and probs.dtype == np.float32
     assert_same_predictions(labels, probs, net.predict(X), net.predict_proba(X))
     assert (labels == mnist[3]).mean() > 0.5      # it learned something
+
+
+def test_onnx_runtime_predicts_like_a_cnn(lenet, mnist, tmp_path):
+    X = mnist[2]
+    path = lenet.to_onnx(tmp_path / "lenet.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    labels, probs = ort_run(path, X)
+    assert_same_predictions(labels, probs, lenet.predict(X), lenet.predict_proba(X))
+    assert (labels == mnist[3]).mean() > 0.7
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops == ["Reshape", "Transpose", "Conv", "Relu", "MaxPool", "Conv", "Relu",
+                   "MaxPool", "Transpose", "Flatten", "Gemm", "Relu", "Gemm", "Relu", "Gemm",
+                   "Softmax", "ArgMax"]
+
+
+def test_onnx_cnn_of_every_layer_kind_and_activation(mnist, tmp_path):
+    net = every_kind_cnn()
+    X = mnist[2]
+    path = net.to_onnx(tmp_path / "cnn.onnx")
+    labels, probs = ort_run(path, X)
+    assert_same_predictions(labels, probs, net.predict(X), net.predict_proba(X))
+    pads = {n.name: list(n.attribute) for n in onnx.load(str(path)).graph.node
+            if n.op_type == "Conv"}
+    # (top, left, bottom, right): 4x4 stride 2 on 28 pads 1 all round; 3x2 on 14 pads the
+    # extra column on the right
+    assert [[a.ints for a in attrs if a.name == "pads"][0] for attrs in pads.values()] == \
+        [[1, 1, 1, 1], [1, 0, 1, 1], [0, 0, 0, 0]]
+    assert_same_network(net, Network.from_onnx(path))
+
+
+@pytest.mark.parametrize("which", ["mlp", "cnn"])
+def test_onnx_batch_dimension_is_dynamic(trained, lenet, mnist, tmp_path, which):
+    net = trained if which == "mlp" else lenet
+    session = ort_session(net.to_onnx(tmp_path / "m.onnx"))
+    for n in (1, 1000):
+        X = mnist[2][:n]
+        labels, probs = session.run(None, {"input": X})
+        assert probs.shape == (n, 10) and labels.shape == (n,)
+        assert_same_predictions(labels, probs, net.predict(X), net.predict_proba(X))
 
 
 def test_onnx_graph_is_standard(trained, tmp_path):
@@ -87,18 +167,6 @@ def test_onnx_graph_is_standard(trained, tmp_path):
     assert {n.op_type for n in model.graph.node} == {"Gemm", "Relu", "Softmax", "ArgMax"}
 
 
-def test_onnx_batch_dimension_is_dynamic(trained, mnist, tmp_path):
-    path = trained.to_onnx(tmp_path / "m.onnx")
-    options = onnxruntime.SessionOptions()
-    session = onnxruntime.InferenceSession(str(path), options,
-                                           providers=["CPUExecutionProvider"])
-    for n in (1, 1000):
-        X = mnist[2][:n]
-        labels, probs = session.run(None, {"input": X})
-        assert probs.shape == (n, 10) and labels.shape == (n,)
-        assert_same_predictions(labels, probs, trained.predict(X), trained.predict_proba(X))
-
-
 @pytest.mark.parametrize("classes", [np.array([3, 1, 4, 15, 9, 26, 5, 35, 8, 97]),
                                      np.array(list("abcdefghij"))])
 def test_onnx_label_output_maps_classes(trained, mnist, tmp_path, classes):
@@ -110,11 +178,56 @@ def test_onnx_label_output_maps_classes(trained, mnist, tmp_path, classes):
     np.testing.assert_array_equal(back.classes_, classes)
 
 
-def test_onnx_round_trip_gives_the_same_network(trained, tmp_path):
+def test_onnx_round_trip_gives_the_same_network(trained, lenet, mnist, tmp_path):
     back = Network.from_onnx(trained.to_onnx(tmp_path / "m.onnx"))
     assert back.layer_sizes == trained.layer_sizes and back.activation == trained.activation
-    for W, W_back in zip(trained.weights + trained.biases, back.weights + back.biases):
-        np.testing.assert_array_equal(W, W_back)
+    assert_same_network(trained, back)
+    back = Network.from_onnx(lenet.to_onnx(tmp_path / "lenet.onnx"))
+    assert_same_network(lenet, back)
+    X = mnist[2][:500]
+    np.testing.assert_array_equal(back.predict_proba(X), lenet.predict_proba(X))
+
+
+def test_onnx_regression_network(mnist, tmp_path):
+    """loss='squared_error' is written as a regressor: one output 'variable'."""
+    net = Network([L.Input((28, 28, 1)), L.Conv2D(4, 3, stride=2, activation="relu"),
+                   L.MaxPool2D(2), L.Flatten(), L.Dense(16, activation="tanh"), L.Dense(2)],
+                  seed=5, loss="squared_error")
+    targets = np.stack([mnist[1][:1000], mnist[0][:1000].mean(axis=1) / 255], axis=1)
+    net.fit(mnist[0][:1000], targets, epochs=1, batch_size=32, optimizer="adam")
+    path = net.to_onnx(tmp_path / "reg.onnx")
+    assert [o.name for o in onnx.load(str(path)).graph.output] == ["variable"]
+    X = mnist[2]
+    [outputs] = ort_session(path).run(None, {"input": X})
+    expected = net.predict(X)
+    assert outputs.shape == (2000, 2)
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+    assert_same_network(net, Network.from_onnx(path))
+    with pytest.raises(ValueError, match="classes label a classifier"):
+        net.to_onnx(tmp_path / "c.onnx", classes=[1, 2])
+    assert not (tmp_path / "c.onnx").exists()
+
+
+def test_onnx_export_to_a_missing_folder(trained, lenet, tmp_path):
+    for net in (trained, lenet):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            net.to_onnx(tmp_path / "absent" / "m.onnx")
+    assert not (tmp_path / "absent").exists()
+
+
+def test_onnx_export_refuses_classes_of_the_wrong_length(trained, tmp_path):
+    with pytest.raises(ValueError, match="one label per class \\(10\\)"):
+        trained.to_onnx(tmp_path / "m.onnx", classes=[0, 1])
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- ONNX import -------------------------------------------------------------------------
+
+def save_graph(path, nodes, inits, inputs, outputs):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(path))
+    return path
 
 
 def test_onnx_import_of_matmul_add_and_transposed_gemm(mnist, tmp_path):
@@ -131,42 +244,78 @@ def test_onnx_import_of_matmul_add_and_transposed_gemm(mnist, tmp_path):
              helper.make_node("Tanh", ["a0"], ["h0"]),
              helper.make_node("Gemm", ["h0", "W1t", "b1"], ["logits"], transB=1),
              helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 28, 28])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, 10])], inits)
-    path = tmp_path / "foreign.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                                ir_version=8), str(path))
+    path = save_graph(
+        tmp_path / "foreign.onnx", nodes, inits,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 28, 28])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, 10])])
     net = Network.from_onnx(path)
     assert net.layer_sizes == [784, 20, 10] and net.activation == "tanh"
     X = mnist[2][:500]
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    [probs] = session.run(None, {"x": X.reshape(-1, 1, 28, 28)})
+    [probs] = ort_session(path).run(None, {"x": X.reshape(-1, 1, 28, 28)})
     np.testing.assert_allclose(net.predict_proba(X), probs, rtol=0, atol=ATOL)
 
 
-def test_onnx_import_refuses_unknown_nodes(tmp_path):
-    graph = helper.make_graph(
-        [helper.make_node("Abs", ["x"], ["y"], name="magnitude")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])])
-    path = tmp_path / "abs.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                                ir_version=8), str(path))
-    with pytest.raises(ConversionError, match="'magnitude' \\(Abs\\).*no counterpart"):
+def foreign_cnn(conv_attributes=None, pool_attributes=None):
+    """The nodes and weights of a torch.onnx-style CNN on (batch, 1, 28, 28) images:
+    Conv 5x5 pads 2, Relu, MaxPool 2, Conv 3x3 SAME_UPPER, LeakyRelu, Flatten of NCHW,
+    Gemm transB=1, Softmax."""
+    rng = np.random.default_rng(7)
+    arrays = {"c0": rng.standard_normal((6, 1, 5, 5)) * 0.3, "cb0": rng.standard_normal(6),
+              "c1": rng.standard_normal((3, 6, 3, 3)) * 0.2, "cb1": rng.standard_normal(3),
+              "g": rng.standard_normal((10, 3 * 14 * 14)) * 0.1, "gb": rng.standard_normal(10)}
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
+    nodes = [helper.make_node("Conv", ["x", "c0", "cb0"], ["y0"], name="conv0",
+                              **(conv_attributes or {"pads": [2, 2, 2, 2]})),
+             helper.make_node("Relu", ["y0"], ["r0"]),
+             helper.make_node("MaxPool", ["r0"], ["p0"], name="pool",
+                              **(pool_attributes or {"kernel_shape": [2, 2],
+                                                     "strides": [2, 2]})),
+             helper.make_node("Conv", ["p0", "c1", "cb1"], ["y1"], auto_pad="SAME_UPPER"),
+             helper.make_node("LeakyRelu", ["y1"], ["r1"], alpha=0.3),
+             helper.make_node("Flatten", ["r1"], ["f"], axis=1),
+             helper.make_node("Gemm", ["f", "g", "gb"], ["logits"], transB=1),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=1)]
+    return (nodes, inits,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 28, 28])],
+            [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 10])])
+
+
+def test_onnx_import_of_a_channels_first_cnn(mnist, tmp_path):
+    """An NCHW graph: the network takes the same images channels-last, and the Gemm
+    after the Flatten of 3 channels has its rows reordered."""
+    path = save_graph(tmp_path / "cnn.onnx", *foreign_cnn())
+    net = Network.from_onnx(path)
+    assert net.layers == [L.Input((28, 28, 1)), L.Conv2D(6, 5, padding="same",
+                                                         activation="relu"),
+                          L.MaxPool2D(2), L.Conv2D(3, 3, padding="same",
+                                                   activation="leaky_relu", leaky_slope=0.3),
+                          L.Flatten(), L.Dense(10)]
+    X = mnist[2]
+    [probs] = ort_session(path).run(None, {"x": X.reshape(-1, 1, 28, 28)})
+    assert_same_predictions(net.predict(X), net.predict_proba(X), probs.argmax(axis=1), probs)
+
+
+@pytest.mark.parametrize("conv, pool, message", [
+    ({"pads": [1, 1, 1, 1]}, None, r"'conv0' \(Conv\) pads .* \(1, 1, 1, 1\); .*'same', "
+                                   r"\(2, 2, 2, 2\)"),
+    ({"pads": [2, 2, 2, 2], "group": 1, "dilations": [2, 2]}, None, "dilations"),
+    (None, {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+     r"'pool' \(MaxPool\).*it pads its input"),
+    (None, {"kernel_shape": [2, 3]}, "not square"),
+    (None, {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}, "ceil_mode")])
+def test_onnx_import_refuses_convolutions_it_cannot_express(tmp_path, conv, pool, message):
+    path = save_graph(tmp_path / "cnn.onnx", *foreign_cnn(conv, pool))
+    with pytest.raises(ConversionError, match=message):
         Network.from_onnx(path)
 
 
-def test_onnx_export_to_a_missing_folder(trained, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        trained.to_onnx(tmp_path / "absent" / "m.onnx")
-    assert not (tmp_path / "absent").exists()
-
-
-def test_onnx_export_refuses_classes_of_the_wrong_length(trained, tmp_path):
-    with pytest.raises(ValueError, match="one label per class \\(10\\)"):
-        trained.to_onnx(tmp_path / "m.onnx", classes=[0, 1])
-    assert list(tmp_path.iterdir()) == []
+def test_onnx_import_refuses_unknown_nodes(tmp_path):
+    path = save_graph(tmp_path / "abs.onnx",
+                      [helper.make_node("Abs", ["x"], ["y"], name="magnitude")], [],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])])
+    with pytest.raises(ConversionError, match="'magnitude' \\(Abs\\).*no counterpart"):
+        Network.from_onnx(path)
 
 
 # ---- scikit-learn ------------------------------------------------------------------------
