@@ -230,9 +230,6 @@ def network_from_steps(input_shape, steps, source, loss="cross_entropy"):
         shape = output
     if not any(isinstance(layer, layers.Dense) for layer in stack):
         raise ConversionError(f"{source} has no dense (linear) layer")
-    if not isinstance(stack[-1], layers.Dense):
-        raise ConversionError(f"{source} ends in {wheres[-1]}; a cnn_core Network ends in a "
-                              f"dense (linear) layer")
     try:
         net = Network([layers.Input(input_shape)] + stack, seed=0, loss=loss)
     except ValueError as exc:
