@@ -600,6 +600,33 @@ def test_cli_converts_model_files_and_onnx(trained, mnist, tmp_path, capsys):
     assert (tmp_path / "back.cnn").read_bytes() == (tmp_path / "m.cnn").read_bytes()
 
 
+def test_cli_converts_cnn_model_files_and_onnx(lenet, mnist, tmp_path, capsys):
+    """A convolutional classifier and regression network: .cnn -> .onnx -> .cnn."""
+    X = mnist[2]
+    plain = Network(without_dropout(L.lenet5()), seed=1)
+    regression = Network([L.Input((28, 28, 1)), L.Conv2D(3, 5, stride=2, padding="same",
+                                                         activation="tanh"),
+                          L.AvgPool2D(2), L.Flatten(), L.Dense(3)], seed=2,
+                         loss="squared_error")
+    for name, net in (("lenet", lenet), ("plain", plain), ("regression", regression)):
+        net.save(tmp_path / f"{name}.cnn")
+        assert main(["convert", str(tmp_path / f"{name}.cnn"),
+                     str(tmp_path / f"{name}.onnx")]) == 0
+        assert main(["convert", str(tmp_path / f"{name}.onnx"),
+                     str(tmp_path / f"{name}_back.cnn")]) == 0
+        back = Network.load(tmp_path / f"{name}_back.cnn")
+        assert_same_network(net, back)
+        if net.loss == "squared_error":
+            [outputs] = ort_session(tmp_path / f"{name}.onnx").run(None, {"input": X})
+            np.testing.assert_allclose(outputs, net.predict(X), rtol=1e-5, atol=1e-5)
+        else:
+            labels, probs = ort_run(tmp_path / f"{name}.onnx", X)
+            assert_same_predictions(labels, probs, net.predict(X), net.predict_proba(X))
+    out = capsys.readouterr().out
+    assert "outputs 'label', 'probabilities'" in out and "outputs 'variable'" in out
+    assert (tmp_path / "plain_back.cnn").read_bytes() == (tmp_path / "plain.cnn").read_bytes()
+
+
 def test_cli_reads_sklearn_pickles_only_when_told(mnist, tmp_path, capsys):
     X, y = (mnist[0][:500] / np.float32(255)).astype(np.float32), mnist[1][:500]
     mlp = fit_sklearn(X, y, hidden_layer_sizes=(8,))
