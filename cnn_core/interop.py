@@ -52,7 +52,7 @@ class ConversionError(ValueError):
     """A model cannot be converted: a layer, node or setting cnn_core has no counterpart for."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Step:
     """One layer of a foreign model, as a cnn_core layer.
 

@@ -81,11 +81,11 @@ def lenet(mnist):
 
 def every_kind_cnn(seed=3):
     """A CNN with every layer kind and every activation: an even kernel with stride 2 and a
-    rectangular kernel under 'same' padding (an extra row or column at the bottom or
-    right), pooling with a stride other than its size, an activation on the logits."""
+    rectangular kernel under 'same' padding (an extra row at the bottom), pooling with a
+    stride other than its size, an activation on the logits."""
     return Network([L.Input((28, 28, 1)),
                     L.Conv2D(5, 4, stride=2, padding="same", activation="tanh"),
-                    L.Conv2D(7, (3, 2), padding="same", activation="leaky_relu",
+                    L.Conv2D(7, (4, 3), padding="same", activation="leaky_relu",
                              leaky_slope=0.2),
                     L.AvgPool2D(3, stride=2), L.Conv2D(4, 2, activation="sigmoid"),
                     L.MaxPool2D(2), L.Dropout(0.3), L.Flatten(),
@@ -138,10 +138,10 @@ def test_onnx_cnn_of_every_layer_kind_and_activation(mnist, tmp_path):
     assert_same_predictions(labels, probs, net.predict(X), net.predict_proba(X))
     pads = {n.name: list(n.attribute) for n in onnx.load(str(path)).graph.node
             if n.op_type == "Conv"}
-    # (top, left, bottom, right): 4x4 stride 2 on 28 pads 1 all round; 3x2 on 14 pads the
-    # extra column on the right
+    # (top, left, bottom, right): 4x4 stride 2 on 28 pads 1 all round; 4x3 on 14 pads the
+    # extra row at the bottom
     assert [[a.ints for a in attrs if a.name == "pads"][0] for attrs in pads.values()] == \
-        [[1, 1, 1, 1], [1, 0, 1, 1], [0, 0, 0, 0]]
+        [[1, 1, 1, 1], [1, 1, 2, 1], [0, 0, 0, 0]]
     assert_same_network(net, Network.from_onnx(path))
 
 
@@ -255,10 +255,11 @@ def test_onnx_import_of_matmul_add_and_transposed_gemm(mnist, tmp_path):
     np.testing.assert_allclose(net.predict_proba(X), probs, rtol=0, atol=ATOL)
 
 
-def foreign_cnn(conv_attributes=None, pool_attributes=None):
+def foreign_cnn(conv_attributes=None, pool_attributes=None, rows_as=None):
     """The nodes and weights of a torch.onnx-style CNN on (batch, 1, 28, 28) images:
     Conv 5x5 pads 2, Relu, MaxPool 2, Conv 3x3 SAME_UPPER, LeakyRelu, Flatten of NCHW,
-    Gemm transB=1, Softmax."""
+    Gemm transB=1, Softmax; with rows_as, the input is rows (batch, 784) reshaped to
+    (batch, *rows_as)."""
     rng = np.random.default_rng(7)
     arrays = {"c0": rng.standard_normal((6, 1, 5, 5)) * 0.3, "cb0": rng.standard_normal(6),
               "c1": rng.standard_normal((3, 6, 3, 3)) * 0.2, "cb1": rng.standard_normal(3),
@@ -275,15 +276,22 @@ def foreign_cnn(conv_attributes=None, pool_attributes=None):
              helper.make_node("Flatten", ["r1"], ["f"], axis=1),
              helper.make_node("Gemm", ["f", "g", "gb"], ["logits"], transB=1),
              helper.make_node("Softmax", ["logits"], ["probs"], axis=1)]
-    return (nodes, inits,
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 28, 28])],
+    graph_input = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 28, 28])
+    if rows_as:
+        inits.append(numpy_helper.from_array(np.array([-1, *rows_as], np.int64), "shape"))
+        nodes.insert(0, helper.make_node("Reshape", ["rows", "shape"], ["x"], name="reshape"))
+        graph_input = helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", 784])
+    return (nodes, inits, [graph_input],
             [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 10])])
 
 
-def test_onnx_import_of_a_channels_first_cnn(mnist, tmp_path):
-    """An NCHW graph: the network takes the same images channels-last, and the Gemm
-    after the Flatten of 3 channels has its rows reordered."""
-    path = save_graph(tmp_path / "cnn.onnx", *foreign_cnn())
+@pytest.mark.parametrize("rows", [False, True])
+def test_onnx_import_of_a_channels_first_cnn(mnist, tmp_path, rows):
+    """An NCHW graph (taking images, or rows reshaped to one channel): the network takes
+    the same images channels-last, and the Gemm after the Flatten of 3 channels has its
+    rows reordered."""
+    path = save_graph(tmp_path / "cnn.onnx", *foreign_cnn(rows_as=(1, 28, 28) if rows
+                                                          else None))
     net = Network.from_onnx(path)
     assert net.layers == [L.Input((28, 28, 1)), L.Conv2D(6, 5, padding="same",
                                                          activation="relu"),
@@ -291,8 +299,18 @@ def test_onnx_import_of_a_channels_first_cnn(mnist, tmp_path):
                                                    activation="leaky_relu", leaky_slope=0.3),
                           L.Flatten(), L.Dense(10)]
     X = mnist[2]
-    [probs] = ort_session(path).run(None, {"x": X.reshape(-1, 1, 28, 28)})
+    feed = {"rows": X} if rows else {"x": X.reshape(-1, 1, 28, 28)}
+    [probs] = ort_session(path).run(None, feed)
     assert_same_predictions(net.predict(X), net.predict_proba(X), probs.argmax(axis=1), probs)
+
+
+def test_onnx_import_refuses_rows_read_channels_first(tmp_path):
+    """Rows reshaped to (4, 14, 14) hold the channels first; cnn_core's rows hold them
+    last, so the network could not take the same rows."""
+    nodes, inits, inputs, outputs = foreign_cnn(rows_as=(4, 14, 14))
+    path = save_graph(tmp_path / "cnn.onnx", nodes, inits, inputs, outputs)
+    with pytest.raises(ConversionError, match="read as 4 channels of 14x14"):
+        Network.from_onnx(path)
 
 
 @pytest.mark.parametrize("conv, pool, message", [
