@@ -94,6 +94,14 @@ def _require(module, extra):
                           f"({exc})") from exc
 
 
+def _layer(where, kind, *args, **kwargs):
+    """The cnn_core layer kind(*args, **kwargs), or a ConversionError naming `where`."""
+    try:
+        return kind(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"{where}: {exc}") from None
+
+
 def _float32(array, where, what):
     array = np.array(array, dtype=np.float32, order="C")
     if not np.isfinite(array).all():
@@ -515,20 +523,24 @@ class _OnnxReader:
         if attrs.get("transA", 0):
             raise ConversionError(f"{where}: transA=1 is not a dense layer of the input")
         W = (W.T if attrs.get("transB", 0) else W) * attrs.get("alpha", 1.0)
-        b, out = None, node.output[0]
+        bias, out = None, node.output[0]
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-            bias = self.constant(node.input[2], where, "bias")
-            b = np.broadcast_to(bias * attrs.get("beta", 1.0), W.shape[1:2])
+            bias = self.constant(node.input[2], where, "bias") * attrs.get("beta", 1.0)
         elif node.op_type == "MatMul":
             adds = self.consumers.get(out, ())
             if len(adds) == 1 and adds[0].op_type == "Add":
                 other = [n for n in adds[0].input if n != out]
                 if len(other) == 1 and other[0] in self.constants:
-                    b = np.broadcast_to(self.constants[other[0]].reshape(-1), W.shape[1:2])
+                    bias = self.constants[other[0]].reshape(-1)
                     out = adds[0].output[0]
+        try:
+            b = None if bias is None else np.broadcast_to(bias, W.shape[1:2])
+        except ValueError:
+            raise ConversionError(f"{where}: a bias of shape {bias.shape} for "
+                                  f"{W.shape[1]} outputs") from None
         if self.shape[0] is None:
             self.shape = self.input_shape = (W.shape[0],)
-        self.steps.append(Step(layers.Dense(W.shape[1]), W, b, where=where))
+        self.steps.append(Step(_layer(where, layers.Dense, W.shape[1]), W, b, where=where))
         self.shape = (W.shape[1],)
         return out
 
@@ -548,7 +560,7 @@ class _OnnxReader:
             raise ConversionError(f"{where}: strides {strides}; cnn_core's Conv2D takes one "
                                   f"stride for rows and columns")
         kernel = W.shape[2:]
-        conv = layers.Conv2D(W.shape[0], kernel, stride=strides[0])
+        conv = _layer(where, layers.Conv2D, W.shape[0], kernel, stride=strides[0])
         b = None
         if len(node.input) > 2 and node.input[2]:
             b = self.constant(node.input[2], where, "bias")
@@ -598,7 +610,7 @@ class _OnnxReader:
             raise ConversionError(f"{where}: cnn_core pools square windows without padding "
                                   f"or dilation, but {'; '.join(problems)}")
         kind = layers.MaxPool2D if node.op_type == "MaxPool" else layers.AvgPool2D
-        pool = kind(kernel[0], strides[0])
+        pool = _layer(where, kind, kernel[0], strides[0])
         self.steps.append(Step(pool, where=where))
         try:
             self.shape = pool.output_shape(self.shape)
@@ -810,7 +822,8 @@ def _torch_conv(child, where):
     if problems:
         raise ConversionError(f"{where}: {'; '.join(problems)} has no counterpart in cnn_core")
     W = _torch_numpy(child.weight).transpose(2, 3, 1, 0)       # (kh, kw, in, out)
-    layer = layers.Conv2D(child.out_channels, tuple(child.kernel_size), stride=child.stride[0])
+    layer = _layer(where, layers.Conv2D, child.out_channels, tuple(child.kernel_size),
+                   stride=child.stride[0])
     return Step(layer, W, _torch_numpy(child.bias), pads=pads, where=where)
 
 
@@ -839,7 +852,7 @@ def _torch_pool(child, where, nn):
     if problems:
         raise ConversionError(f"{where}: {'; '.join(problems)} has no counterpart in cnn_core")
     kind = layers.MaxPool2D if isinstance(child, nn.MaxPool2d) else layers.AvgPool2D
-    return Step(kind(size[0], stride[0]), where=where)
+    return Step(_layer(where, kind, size[0], stride[0]), where=where)
 
 
 def from_torch(module, input_shape):
@@ -877,7 +890,7 @@ def from_torch(module, input_shape):
     for i, child in enumerate(children):
         where = f"module {i} ({child!r})"
         if isinstance(child, nn.Linear):
-            steps.append(Step(layers.Dense(child.out_features),
+            steps.append(Step(_layer(where, layers.Dense, child.out_features),
                               _torch_numpy(child.weight).T, _torch_numpy(child.bias),
                               where=where))
         elif isinstance(child, nn.Conv2d):
