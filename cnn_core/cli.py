@@ -188,10 +188,12 @@ def build_parser():
 
     convert = commands.add_parser(
         "convert", help="convert between cnn_core model files (.cnn) and ONNX (.onnx)",
-        description="Convert a network between formats, told apart by the file names: a "
-                    "cnn_core model file (.cnn), ONNX (.onnx), or, with --unsafe-pickle "
-                    "only, a pickled scikit-learn MLPClassifier (.pkl, .pickle, .joblib) as "
-                    "the source. The target is written atomically.")
+        description="Convert a network (a multilayer perceptron or a convolutional "
+                    "network, a classifier or a regression network) between formats, told "
+                    "apart by the file names: a cnn_core model file (.cnn), ONNX (.onnx), "
+                    "or, with --unsafe-pickle only, a pickled scikit-learn MLPClassifier or "
+                    "MLPRegressor (.pkl, .pickle, .joblib) as the source. The target is "
+                    "written atomically.")
     convert.add_argument("source", metavar="SOURCE", type=Path, help="file to read")
     convert.add_argument("target", metavar="TARGET", type=Path,
                          help="file to write: .cnn or .onnx")
@@ -416,9 +418,10 @@ def _convert(args):
     _check_output(target)
     net = _read_network(args.source, args.unsafe_pickle)
     if suffix == ".onnx":
-        from .interop import OPSET
+        from .interop import LABEL, OPSET, PROBABILITIES, VARIABLE
         net.to_onnx(target)
-        kind = f"ONNX, opset {OPSET}"
+        outputs = (LABEL, PROBABILITIES) if net.loss == "cross_entropy" else (VARIABLE,)
+        kind = f"ONNX, opset {OPSET}, input 'input', outputs {', '.join(map(repr, outputs))}"
     else:
         net.save(target)
         kind = "cnn_core model file"
