@@ -748,8 +748,8 @@ class Network:
 
     @classmethod
     def from_sklearn(cls, mlp):
-        """A network equal to a fitted scikit-learn MLPClassifier (labels in ``classes_``);
-        see cnn_core.interop.from_sklearn."""
+        """A network equal to a fitted scikit-learn MLPClassifier (labels in ``classes_``)
+        or MLPRegressor (loss="squared_error"); see cnn_core.interop.from_sklearn."""
         from .interop import from_sklearn
         return from_sklearn(mlp)
 
