@@ -29,18 +29,20 @@ CYTHON_DIRECTIVES = dict(language_level=3, boundscheck=False, wraparound=False,
                          cdivision=True, initializedcheck=False, embedsignature=True)
 
 
+def environment_flags(*names):
+    """The flags in environment variables `names` (e.g. CFLAGS, LDFLAGS), as a list."""
+    return [flag for name in names for flag in shlex.split(os.environ.get(name, ""))]
+
+
 def compiler_flags(compiler_type, openmp):
     """(compile flags for our C, flags for the extension, link flags) for a compiler."""
     if compiler_type == "msvc":
         omp = ["/openmp"] if openmp else []
         return ["/O2"] + omp, ["/O2"] + omp, []
     omp = ["-fopenmp"] if openmp else []
-    return (["-O3", "-std=c99", "-Wall", "-Wextra"] + omp, ["-O3"] + omp, omp)
-
-
-def environment_flags(*names):
-    """The flags in environment variables `names` (e.g. CFLAGS, LDFLAGS), as a list."""
-    return [flag for name in names for flag in shlex.split(os.environ.get(name, ""))]
+    # an optimisation level in $CFLAGS (e.g. -O1 for a sanitizer build) wins over ours
+    opt = [] if any(f.startswith("-O") for f in environment_flags("CFLAGS")) else ["-O3"]
+    return (opt + ["-std=c99", "-Wall", "-Wextra"] + omp, opt + omp, omp)
 
 
 def compiler_has_openmp(compiler):
