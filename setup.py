@@ -9,6 +9,7 @@ Environment:
                           rebuilt (no object of an older build with other flags is reused).
 """
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 import os
 import shlex
 import shutil
@@ -29,18 +30,20 @@ CYTHON_DIRECTIVES = dict(language_level=3, boundscheck=False, wraparound=False,
                          cdivision=True, initializedcheck=False, embedsignature=True)
 
 
+def environment_flags(*names):
+    """The flags in environment variables `names` (e.g. CFLAGS, LDFLAGS), as a list."""
+    return [flag for name in names for flag in shlex.split(os.environ.get(name, ""))]
+
+
 def compiler_flags(compiler_type, openmp):
     """(compile flags for our C, flags for the extension, link flags) for a compiler."""
     if compiler_type == "msvc":
         omp = ["/openmp"] if openmp else []
         return ["/O2"] + omp, ["/O2"] + omp, []
     omp = ["-fopenmp"] if openmp else []
-    return (["-O3", "-std=c99", "-Wall", "-Wextra"] + omp, ["-O3"] + omp, omp)
-
-
-def environment_flags(*names):
-    """The flags in environment variables `names` (e.g. CFLAGS, LDFLAGS), as a list."""
-    return [flag for name in names for flag in shlex.split(os.environ.get(name, ""))]
+    # an optimisation level in $CFLAGS (e.g. -O1 for a sanitizer build) wins over ours
+    opt = [] if any(f.startswith("-O") for f in environment_flags("CFLAGS")) else ["-O3"]
+    return (opt + ["-std=c99", "-Wall", "-Wextra"] + omp, opt + omp, omp)
 
 
 def compiler_has_openmp(compiler):
@@ -102,7 +105,8 @@ def build_signature(compiler, openmp):
 
 
 class BuildKernels(build_clib):
-    """Build libcnn_core from src/**/*.c with strict warnings and optional OpenMP."""
+    """Build libcnn_core from src/**/*.c with strict warnings and optional OpenMP, one
+    compiler process per core (build_clib itself compiles one file at a time)."""
 
     def build_libraries(self, libraries):
         openmp = use_openmp(self.compiler)
@@ -111,8 +115,22 @@ class BuildKernels(build_clib):
         signature = build_signature(self.compiler, openmp)
         rebuild_if_flags_changed(self, "library", signature)
         self.distribution.cnn_core_signature = signature
-        libraries = [(name, dict(info, cflags=cflags)) for name, info in libraries]
-        super().build_libraries(libraries)
+        for name, info in libraries:
+            sources = sorted(info["sources"])
+            objects = self.compiler.object_filenames(sources, output_dir=self.build_temp)
+            newest_header = max(os.path.getmtime(h) for h in info["obj_deps"][""])
+            stale = [src for src, obj in zip(sources, objects)
+                     if self.force or not os.path.exists(obj)
+                     or os.path.getmtime(obj) < max(os.path.getmtime(src), newest_header)]
+
+            def compile_one(source, info=info):
+                return self.compiler.compile([source], output_dir=self.build_temp,
+                                             include_dirs=info["include_dirs"],
+                                             extra_postargs=cflags, debug=self.debug)
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                list(pool.map(compile_one, stale))
+            self.compiler.create_static_lib(objects, name, output_dir=self.build_clib,
+                                            debug=self.debug)
 
 
 class BuildExtension(build_ext):

@@ -2,8 +2,9 @@
 
     python tests/fuzz/make_seeds.py [--data MNIST_FOLDER]
 
-MNIST_FOLDER holds the four MNIST files (default: ../shared/data/mnist-t10k-split beside
-the repository, else $CNN_CORE_DATA). Writes tests/fuzz/corpus/ (not versioned):
+MNIST_FOLDER holds the four MNIST files (default: $CNN_CORE_DATA, else
+../shared/data/mnist-t10k-split beside the repository, else load_mnist's download cache).
+Writes tests/fuzz/corpus/ (not versioned):
     model/   model files saved by Network.save: MLPs trained briefly on MNIST (full
              28x28 and 7x7-pooled images), untrained ones of every hidden activation and
              depth, and CNNs of every layer kind when Network accepts a layer stack
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cnn_core import Network
-from cnn_core.datasets import load_idx
+from cnn_core.datasets import load_idx, load_mnist
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "corpus"
@@ -83,10 +84,15 @@ def main(argv=None):
     parser.add_argument("--data", type=Path,
                         default=Path(os.environ.get("CNN_CORE_DATA", DEFAULT_DATA)))
     data = parser.parse_args(argv).data
-    images = load_idx(mnist_file(data, "train-images-idx3-ubyte"))
-    labels = load_idx(mnist_file(data, "train-labels-idx1-ubyte"))
-    test_images = load_idx(mnist_file(data, "t10k-images-idx3-ubyte"))
-    test_labels = load_idx(mnist_file(data, "t10k-labels-idx1-ubyte"))
+    if data.is_dir():
+        images = load_idx(mnist_file(data, "train-images-idx3-ubyte"))
+        labels = load_idx(mnist_file(data, "train-labels-idx1-ubyte"))
+        test_images = load_idx(mnist_file(data, "t10k-images-idx3-ubyte"))
+        test_labels = load_idx(mnist_file(data, "t10k-labels-idx1-ubyte"))
+    else:   # no local copy: MNIST from cnn_core's verified download cache
+        print(f"{data} not found: using load_mnist's cache (downloaded if missing)")
+        (images, labels), (test_images, test_labels) = load_mnist(verbose=False)
+        images, test_images = images.reshape(-1, 28, 28), test_images.reshape(-1, 28, 28)
     if CORPUS.exists():
         shutil.rmtree(CORPUS)
 
