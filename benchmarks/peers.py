@@ -106,24 +106,10 @@ def cnn_core_network(model, seed, weights=None):
     """A cnn_core.Network for `model`, with `weights` copied in if given."""
     import cnn_core
 
-    if model != LENET:
-        net = cnn_core.Network(model, activation="relu", seed=seed)
+    if model == LENET:
+        net = cnn_core.Network(cnn_core.layers.lenet5(dropout=0), seed=seed)
     else:
-        from cnn_core import layers
-
-        stack = [layers.Input((28, 28, 1))]
-        for layer in LENET_LAYERS:
-            if layer[0] == "conv":
-                stack.append(layers.Conv2D(layer[1], 5, padding=layer[2], activation="relu"))
-            elif layer[0] == "pool":
-                stack.append(layers.MaxPool2D(2))
-            else:
-                if not any(type(s).__name__ == "Flatten" for s in stack):
-                    stack.append(layers.Flatten())
-                last = layer is LENET_LAYERS[-1]
-                stack.append(layers.Dense(layer[1]) if last else
-                             layers.Dense(layer[1], activation="relu"))
-        net = cnn_core.Network(stack, seed=seed)
+        net = cnn_core.Network(model, activation="relu", seed=seed)
     if weights is not None:
         for (W, b), W_net, b_net in zip(weights, net.weights, net.biases):
             W_net[...] = W.reshape(W_net.shape)
