@@ -106,24 +106,10 @@ def cnn_core_network(model, seed, weights=None):
     """A cnn_core.Network for `model`, with `weights` copied in if given."""
     import cnn_core
 
-    if model != LENET:
-        net = cnn_core.Network(model, activation="relu", seed=seed)
+    if model == LENET:
+        net = cnn_core.Network(cnn_core.layers.lenet5(dropout=0), seed=seed)
     else:
-        from cnn_core import layers
-
-        stack = [layers.Input((28, 28, 1))]
-        for layer in LENET_LAYERS:
-            if layer[0] == "conv":
-                stack.append(layers.Conv2D(layer[1], 5, padding=layer[2], activation="relu"))
-            elif layer[0] == "pool":
-                stack.append(layers.MaxPool2D(2))
-            else:
-                if not any(type(s).__name__ == "Flatten" for s in stack):
-                    stack.append(layers.Flatten())
-                last = layer is LENET_LAYERS[-1]
-                stack.append(layers.Dense(layer[1]) if last else
-                             layers.Dense(layer[1], activation="relu"))
-        net = cnn_core.Network(stack, seed=seed)
+        net = cnn_core.Network(model, activation="relu", seed=seed)
     if weights is not None:
         for (W, b), W_net, b_net in zip(weights, net.weights, net.biases):
             W_net[...] = W.reshape(W_net.shape)
@@ -176,21 +162,28 @@ def _torch_input(torch, model, X):
     return t.reshape(-1, 1, 28, 28) if model == LENET else t
 
 
+def channels_first(weights):
+    """cnn_core-layout LeNet weights for a channels-first (NCHW) network: conv kernels
+    HWIO -> OIHW, and the rows of the first dense layer after the convolutions from HWC
+    order to CHW order (what flattening an NCHW tensor gives); dense stays (n_in, n_out)."""
+    out = []
+    for i, (W, b) in enumerate(weights):
+        if W.ndim == 4:
+            W = W.transpose(3, 2, 0, 1)
+        elif i > 0 and weights[i - 1][0].ndim == 4:
+            c = weights[i - 1][0].shape[3]
+            side = int(round((W.shape[0] // c) ** 0.5))
+            W = W.reshape(side, side, c, -1).transpose(2, 0, 1, 3).reshape(W.shape)
+        out.append((np.ascontiguousarray(W), b))
+    return out
+
+
 def _torch_load(torch, net, weights):
-    """Copy cnn_core-layout weights into the torch model (conv HWIO -> OIHW; the first
-    dense layer after a conv stack takes its input in CHW order, not HWC)."""
+    """Copy cnn_core-layout weights into the torch model (Linear keeps (out, in))."""
     params = [m for m in net if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     with torch.no_grad():
-        for i, ((W, b), m) in enumerate(zip(weights, params)):
-            if W.ndim == 4:
-                W = W.transpose(3, 2, 0, 1)
-            elif i > 0 and weights[i - 1][0].ndim == 4:
-                c = weights[i - 1][0].shape[3]
-                W = W.reshape(5, 5, c, -1).transpose(2, 0, 1, 3).reshape(W.shape)
-                W = W.T
-            else:
-                W = W.T
-            m.weight.copy_(torch.from_numpy(np.ascontiguousarray(W)))
+        for (W, b), m in zip(channels_first(weights), params):
+            m.weight.copy_(torch.from_numpy(np.ascontiguousarray(W if W.ndim == 4 else W.T)))
             m.bias.copy_(torch.from_numpy(b))
 
 
@@ -247,23 +240,25 @@ def predict_torch(model, weights, n_threads):
 # ---- JAX -----------------------------------------------------------------------------
 
 def _jax_logits(jax, jnp, model, params, x):
-    """Logits of `model` (cnn_core's weight layout, NHWC images) for a batch x (m, 784)."""
+    """Logits of `model` for a batch x (m, 784): the MLP with cnn_core's weights, LeNet-5
+    in NCHW with channels_first(weights) (XLA's CPU convolutions are faster in NCHW than
+    in NHWC)."""
     if model != LENET:
         h = x
         for W, b in params[:-1]:
             h = jax.nn.relu(h @ W + b)
         W, b = params[-1]
         return h @ W + b
-    h = x.reshape(-1, 28, 28, 1)
+    h = x.reshape(-1, 1, 28, 28)
     it = iter(params)
     for layer in LENET_LAYERS:
         if layer[0] == "conv":
             W, b = next(it)
             h = jax.lax.conv_general_dilated(h, W, (1, 1), layer[2].upper(),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            h = jax.nn.relu(h + b)
+                                             dimension_numbers=("NCHW", "OIHW", "NCHW"))
+            h = jax.nn.relu(h + b[None, :, None, None])
         elif layer[0] == "pool":
-            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2),
                                       "VALID")
         else:
             W, b = next(it)
@@ -284,7 +279,9 @@ def train_jax(X, y, model, batch_size, n_threads, seed):
 
     X_d = jax.device_put(as_float32(X))
     y_d = jax.device_put(y.astype(np.int32))
-    params = [(jnp.asarray(W), jnp.asarray(b)) for W, b in model_weights(model, seed)]
+    weights = model_weights(model, seed)
+    weights = channels_first(weights) if model == LENET else weights
+    params = [(jnp.asarray(W), jnp.asarray(b)) for W, b in weights]
     velocity = jax.tree_util.tree_map(jnp.zeros_like, params)
     state = {"params": params, "velocity": velocity, "key": jax.random.PRNGKey(seed)}
     compiled = {}
