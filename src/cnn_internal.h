@@ -31,6 +31,14 @@ void cnn_parallel_for(int n_threads, int64_t n_tasks, cnn_task_fn fn, void *ctx)
 int cnn_gather_rows_threaded(float *out, const void *X, cnn_dtype dtype, const int64_t *index,
                              int64_t n_index, int64_t n_rows, int64_t n_cols, int n_threads);
 
+/* Max (avg = 0) or average (avg = 1) pooling backward, each image's dX then multiplied
+   by act'(act_y) while it is in cache: act_y (batch, in_h, in_w, channels) is the
+   activation output that was pooled (unused for CNN_ACT_IDENTITY).  X as for
+   cnn_maxpool2d_backward (unused for average pooling). */
+int cnn_pool2d_backward_act(float *dX, const float *dY, const float *X, const float *act_y,
+                            const cnn_pool2d_shape *s, int avg, cnn_activation act,
+                            float alpha, int n_threads);
+
 /* Apply `ep` to row i of C, columns j0 .. j0 + n - 1 (c points at column j0). */
 void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, int64_t n);
 

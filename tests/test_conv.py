@@ -268,6 +268,33 @@ def test_pooling_fast_equals_reference_bitwise():
                           kernels.avgpool2d_backward(dY, X.shape, 3, 2, reference=True))
 
 
+# Shapes whose windows tile the image (size == stride, sizes divisible), the vector
+# path of max pooling, with a row of more than 32 windows; and some that do not.
+TILING_POOL_CASES = [(1, 2, 2, 1, 2), (3, 28, 28, 6, 2), (2, 10, 10, 16, 2), (1, 6, 9, 17, 3),
+                     (3, 4, 70, 3, 2), (1, 1, 5, 8, 1), (5, 14, 14, 64, 2), (1, 4, 4, 65, 2),
+                     (2, 31, 31, 6, 2), (1, 7, 7, 1, 2)]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", TILING_POOL_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_max_pooling_fast_paths_equal_reference(kernel, case):
+    kernels.set_kernel(kernel)
+    batch, h, w, ch, size = case
+    rng = np.random.default_rng(h * w + ch)
+    # few distinct values, so windows hold ties (the first maximum must win), and zeros
+    X = rng.integers(-2, 3, (batch, h, w, ch)).astype(np.float32)
+    X[0, 0, 0, 0] = np.nan
+    oh, ow = (h - size) // size + 1, (w - size) // size + 1
+    dY = rng.standard_normal((batch, oh, ow, ch)).astype(np.float32)
+    dY[-1, -1, -1, -1] = -0.0
+    Y = kernels.maxpool2d_forward(X, size)
+    assert np.array_equal(Y, kernels.maxpool2d_forward(X, size, reference=True), equal_nan=True)
+    dX = kernels.maxpool2d_backward(dY, X, size)
+    assert np.array_equal(dX, kernels.maxpool2d_backward(dY, X, size, reference=True))
+    assert np.allclose(dX, pool_backward64(dY, np.nan_to_num(X, nan=np.inf), size, size,
+                                           False))
+
+
 # ---- thread-count independence ---------------------------------------------------------
 
 @pytest.mark.parametrize("kernel", KERNELS)

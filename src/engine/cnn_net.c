@@ -177,11 +177,13 @@ static int maxpool2d_forward(float *Y, const float *X, const layer_call *c)
 static int maxpool2d_backward(float *dX, const float *dY, const float *X, const float *Y,
                               const layer_call *c)
 {
-    /* dX = dY routed to the first maximum of each window */
+    /* dX = dY routed to the first maximum of each window, times input_act'(X) */
     (void)Y;
     cnn_pool2d_shape s;
     int status = pool_shape(&s, c->g, c->layer, c->rows);
-    return status == CNN_OK ? cnn_maxpool2d_backward(dX, dY, X, &s, c->n_threads) : status;
+    return status == CNN_OK ? cnn_pool2d_backward_act(dX, dY, X, X, &s, 0, c->input_act,
+                                                      c->input_alpha, c->n_threads)
+                            : status;
 }
 
 static int avgpool2d_forward(float *Y, const float *X, const layer_call *c)
@@ -195,11 +197,13 @@ static int avgpool2d_forward(float *Y, const float *X, const layer_call *c)
 static int avgpool2d_backward(float *dX, const float *dY, const float *X, const float *Y,
                               const layer_call *c)
 {
-    /* dX = dY / size^2 spread over each window */
-    (void)X; (void)Y;
+    /* dX = dY / size^2 spread over each window, times input_act'(X) */
+    (void)Y;
     cnn_pool2d_shape s;
     int status = pool_shape(&s, c->g, c->layer, c->rows);
-    return status == CNN_OK ? cnn_avgpool2d_backward(dX, dY, &s, c->n_threads) : status;
+    return status == CNN_OK ? cnn_pool2d_backward_act(dX, dY, NULL, X, &s, 1, c->input_act,
+                                                      c->input_alpha, c->n_threads)
+                            : status;
 }
 
 /* ---- flatten and dropout ------------------------------------------------------- */
@@ -254,9 +258,9 @@ static const layer_ops LAYER_OPS[] = {
     [CNN_LAYER_CONV2D] = { conv2d_shape, conv2d_workspace, conv2d_forward, conv2d_backward,
                            0, 1, 0 },
     [CNN_LAYER_MAXPOOL2D] = { pool2d_shape, no_workspace, maxpool2d_forward,
-                              maxpool2d_backward, 0, 0, 0 },
+                              maxpool2d_backward, 1, 0, 0 },
     [CNN_LAYER_AVGPOOL2D] = { pool2d_shape, no_workspace, avgpool2d_forward,
-                              avgpool2d_backward, 0, 0, 0 },
+                              avgpool2d_backward, 1, 0, 0 },
     [CNN_LAYER_FLATTEN] = { flatten_shape, no_workspace, NULL, NULL, 0, 0, 0 },
     [CNN_LAYER_DROPOUT] = { dropout_shape, no_workspace, dropout_forward, dropout_backward,
                             0, 0, 1 },

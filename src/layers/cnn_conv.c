@@ -206,7 +206,7 @@ typedef struct conv_geom {
     int64_t K, span;       /* kernel_h kernel_w in_c ; kernel_w in_c: one patch row   */
     int64_t Hp, Wp;        /* the padded image that holds every window              */
     int64_t ldx;           /* floats between image rows (padded or X's own)         */
-    int64_t image;         /* floats of a padded image slot, rounded up             */
+    int64_t image;         /* floats of a per-thread image slot, rounded up         */
     int64_t o_pad;         /* out_c rounded up to whole tiles (8 nv)                */
     int64_t span_pad;      /* span rounded up to 8                                  */
     int nv;                /* vectors of output channels per tile: 1 or 2           */
@@ -224,7 +224,9 @@ static conv_geom make_geom(const cnn_conv2d_shape *s)
     g.Wp = (s->out_w - 1) * s->stride + s->kernel_w;
     g.in_place = s->pad_top == 0 && s->pad_left == 0 && g.Hp <= s->in_h && g.Wp <= s->in_w;
     g.ldx = (g.in_place ? s->in_w : g.Wp) * s->in_c;
-    g.image = cnn_round_up_floats(g.Hp * g.Wp * s->in_c);
+    /* a padded image, or (in place) the dX rows of the windows, plus the spill of the
+       whole-vector dX stores past the last window */
+    g.image = cnn_round_up_floats(g.Hp * g.ldx + 8);
     g.nv = s->out_c > 8 ? 2 : 1;
     g.o_pad = (s->out_c + 8 * g.nv - 1) / (8 * g.nv) * (8 * g.nv);
     g.span_pad = (g.span + 7) / 8 * 8;
@@ -232,14 +234,15 @@ static conv_geom make_geom(const cnn_conv2d_shape *s)
     return g;
 }
 
-/* Workspace: packed weights (K, o_pad) for the forward pass, their transpose per kernel
-   row (kernel_h, out_c, span_pad) for dX, dW accumulators (K, o_pad), then one padded
-   image per thread. */
+/* Workspace: packed weights (K, o_pad) for the forward pass, dW accumulators (K, o_pad),
+   the weights' transpose per kernel row (kernel_h, out_c, span_pad) for dX, the padded
+   bias (o_pad + 16) for the forward pass, then one image slot per thread. */
 static int64_t shared_floats(const cnn_conv2d_shape *s, const conv_geom *g)
 {
     /* -> floats before the per-thread images */
     return 2 * cnn_round_up_floats(g->K * g->o_pad) +
-           cnn_round_up_floats(s->kernel_h * s->out_c * g->span_pad);
+           cnn_round_up_floats(s->kernel_h * s->out_c * g->span_pad) +
+           cnn_round_up_floats(g->o_pad + CONV_NR);
 }
 
 int64_t cnn_conv2d_workspace_floats(const cnn_conv2d_shape *s, int n_threads)
@@ -408,11 +411,16 @@ CONV_AVX2 void dw_tile_avx2(const int MRJ, const int NV, float *dw, int64_t ldw,
         acc1[jj] = NV == 2 ? _mm256_loadu_ps(dw + jj * ldw + 8) : acc0[jj];
     }
     const int64_t step = s->stride * s->in_c;
+    /* at or before the end of this image's dY whatever the tile's first channel */
+    const float *dy_end = dy + (s->out_h * s->out_w - 1) * s->out_c;
     for (int64_t oy = 0; oy < s->out_h; ++oy) {
         const float *a = img + oy * s->stride * g->ldx + koff;
         for (int64_t ox = 0; ox < s->out_w; ++ox, a += step, dy += s->out_c) {
-            const __m256 b0 = _mm256_maskload_ps(dy, m0);
-            const __m256 b1 = NV == 2 ? _mm256_maskload_ps(dy + 8, m1) : b0;
+            /* lanes past nvalid only reach dW's padding columns: whole loads inside dY */
+            const int whole = dy_end - dy >= 8 * NV;
+            const __m256 b0 = whole ? _mm256_loadu_ps(dy) : _mm256_maskload_ps(dy, m0);
+            const __m256 b1 = NV != 2 ? b0 : whole ? _mm256_loadu_ps(dy + 8)
+                                                   : _mm256_maskload_ps(dy + 8, m1);
             CNN_UNROLL
             for (int jj = 0; jj < MRJ; ++jj) {
                 const __m256 x = _mm256_broadcast_ss(a + jj);
@@ -434,7 +442,8 @@ __attribute__((target("avx2,fma")))
 static void dx_row_avx2(float *t, const float *d, const float *wt, int64_t out_c,
                         int64_t span, int64_t span_pad)
 {
-    /* as dx_row_generic, with fused multiply-adds, CONV_DX_VECS vectors at a time */
+    /* as dx_row_generic, with fused multiply-adds, CONV_DX_VECS vectors at a time; t
+       has room for span_pad floats, and the lanes past span add zeros (wt's padding) */
     for (int64_t j0 = 0; j0 < span; j0 += 8 * CONV_DX_VECS) {
         __m256 acc[CONV_DX_VECS];
         CNN_UNROLL
@@ -450,10 +459,9 @@ static void dx_row_avx2(float *t, const float *d, const float *wt, int64_t out_c
         }
         CNN_UNROLL
         for (int v = 0; v < CONV_DX_VECS; ++v) {
-            const __m256i m = lanes8(span - j0 - 8 * v);
             float *tv = t + j0 + 8 * v;
             if (j0 + 8 * v < span)
-                _mm256_maskstore_ps(tv, m, _mm256_add_ps(_mm256_maskload_ps(tv, m), acc[v]));
+                _mm256_storeu_ps(tv, _mm256_add_ps(_mm256_loadu_ps(tv), acc[v]));
         }
     }
 }
@@ -534,7 +542,9 @@ typedef struct conv_ctx {
     const float *wpk;     /* (K, o_pad) */
     float *wt;            /* (kernel_h, out_c, span_pad) */
     float *dwp;           /* (K, o_pad) */
-    const cnn_epilogue *ep;
+    const float *bias_pad;  /* (o_pad + 16): the bias, then zeros */
+    cnn_activation act;
+    float alpha;
     float *images;        /* n_threads padded images */
     int avx2;
 } conv_ctx;
@@ -560,11 +570,17 @@ static void forward_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slo
                 const int64_t no = min64(8 * g->nv, O - o0);
                 fwd_tile(tile, a, s->kernel_h, g->span, g->ldx, x->wpk + o0, g->o_pad, g->nv,
                          x->avx2);
-                for (int64_t i = 0; i < mr; ++i) {
-                    float *y = x->Y + (n * npix + q0 + i) * O + o0;
-                    memcpy(y, tile + i * CONV_NR, (size_t)no * sizeof(float));
-                    cnn_epilogue_row(y, x->ep, 0, o0, no);
-                }
+                /* bias, then the activation, over the whole tile at once (what the GEMM
+                   epilogue does per row); padding columns are computed and dropped */
+                const float *bias = x->bias_pad + o0;
+                for (int64_t i = 0; i < mr; ++i)
+                    for (int v = 0; v < CONV_NR; ++v)
+                        tile[i * CONV_NR + v] += bias[v];
+                cnn_activate_in_place(tile, mr * CONV_NR, x->act, x->alpha);
+                float *y = x->Y + (n * npix + q0) * O + o0;
+                for (int64_t i = 0; i < mr; ++i, y += O)
+                    for (int64_t v = 0; v < no; ++v)
+                        y[v] = tile[i * CONV_NR + v];
             }
         }
     }
@@ -595,7 +611,9 @@ static void weight_tiles(const conv_ctx *x, int64_t t0, int64_t t1, float *slot)
     }
 }
 
-/* dX of images n0 .. n1-1: each pixel's dY times the weights added to its window. */
+/* dX of images n0 .. n1-1: each pixel's dY times the weights added to its window, in
+   the thread's slot (whole-vector stores may run past a window row, adding zeros), then
+   copied out. */
 static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
 {
     /* dX images [n0, n1) */
@@ -603,8 +621,8 @@ static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
     const conv_geom *g = &x->g;
     const int64_t C = s->in_c, image = s->in_h * s->in_w * C;
     for (int64_t n = n0; n < n1; ++n) {
-        float *t = g->in_place ? x->dX + n * image : slot;
-        memset(t, 0, (size_t)(g->in_place ? image : g->Hp * g->ldx) * sizeof(float));
+        float *t = slot;
+        memset(t, 0, (size_t)g->image * sizeof(float));
         const float *dy = x->dY + n * s->out_h * s->out_w * s->out_c;
         for (int64_t oy = 0; oy < s->out_h; ++oy)
             for (int64_t ox = 0; ox < s->out_w; ++ox, dy += s->out_c) {
@@ -620,8 +638,13 @@ static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
                     dx_row_generic(corner + ky * g->ldx, dy, wt, s->out_c, g->span, g->span_pad);
                 }
             }
-        if (g->in_place)
+        if (g->in_place) {
+            /* slot rows are image rows: the windows' rows, then zeros */
+            memcpy(x->dX + n * image, t, (size_t)(g->Hp * g->ldx) * sizeof(float));
+            memset(x->dX + n * image + g->Hp * g->ldx, 0,
+                   (size_t)(image - g->Hp * g->ldx) * sizeof(float));
             continue;
+        }
         /* the part of the padded gradient that lies on the image */
         const int64_t mid = max64(0, min64(s->in_w, g->Wp - s->pad_left)) * C;
         for (int64_t iy = 0; iy < s->in_h; ++iy) {
@@ -693,21 +716,21 @@ int cnn_conv2d_forward(float *Y, const float *X, const float *W, const float *b,
     if (!Y || !X || !W || !b || !work)
         return CNN_ERR_ARG;
     conv_ctx x = make_ctx(s, work);
-    cnn_epilogue ep = {0};
-    ep.bias = b;
-    ep.act = act;
-    ep.grad_act = CNN_ACT_IDENTITY;
-    ep.alpha = alpha;
-    x.ep = &ep;
+    x.act = act;
+    x.alpha = alpha;
     x.X = X;
     x.Y = Y;
-    /* weights with out_c padded to whole vectors by zeros */
+    /* weights with out_c padded to whole vectors by zeros, and the bias likewise */
     float *wpk = work;
     for (int64_t k = 0; k < x.g.K; ++k) {
         memcpy(wpk + k * x.g.o_pad, W + k * s->out_c, (size_t)s->out_c * sizeof(float));
         memset(wpk + k * x.g.o_pad + s->out_c, 0,
                (size_t)(x.g.o_pad - s->out_c) * sizeof(float));
     }
+    float *bias_pad = x.wt + cnn_round_up_floats(s->kernel_h * s->out_c * x.g.span_pad);
+    memcpy(bias_pad, b, (size_t)s->out_c * sizeof(float));
+    memset(bias_pad + s->out_c, 0, (size_t)(x.g.o_pad + CONV_NR - s->out_c) * sizeof(float));
+    x.bias_pad = bias_pad;
     const double macs = (double)s->batch * s->out_h * s->out_w * x.g.K * s->out_c;
     run_split(&x, forward_images, s->batch, pass_threads(n_threads, macs));
     return CNN_OK;

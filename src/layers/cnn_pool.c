@@ -180,39 +180,36 @@ static void pool_row(float *y, const float *X, const cnn_pool2d_shape *s, int64_
     }
 }
 
-/* dX of image n from its dY: zeroed, then each window's gradient added. */
-static void pool_backward_image(float *dX, const float *dY, const float *X,
-                                const cnn_pool2d_shape *s, int64_t n, int avg)
+/* 1 if the windows tile the image exactly: every input in exactly one window. */
+static int windows_tile(const cnn_pool2d_shape *s)
 {
-    /* image n of dX (in_h, in_w, channels) */
-    const int64_t C = s->channels, image = s->in_h * s->in_w * C;
-    const float area = (float)(s->size * s->size);
-    memset(dX + n * image, 0, (size_t)image * sizeof(float));
+    /* s -> flag */
+    return s->stride == s->size && s->out_h * s->size == s->in_h &&
+           s->out_w * s->size == s->in_w;
+}
+
+/* Max-pool backward of one image, portable: x, dx (in_h, in_w, channels), dy (out_h,
+   out_w, channels).  dx must be zero unless the windows tile the image. */
+static void max_backward_image(float *dx, const float *dy, const float *x,
+                               const cnn_pool2d_shape *s)
+{
+    /* dx[first argmax of each window] += dy */
+    const int64_t C = s->channels;
     for (int64_t oy = 0; oy < s->out_h; ++oy)
-        for (int64_t ox = 0; ox < s->out_w; ++ox) {
-            const int64_t base = window_at(s, n, oy, ox);
-            const float *d = dY + ((n * s->out_h + oy) * s->out_w + ox) * C;
+        for (int64_t ox = 0; ox < s->out_w; ++ox, dy += C) {
+            const int64_t base = window_at(s, 0, oy, ox);
             for (int64_t c0 = 0; c0 < C; c0 += POOL_CHANNEL_BLOCK) {
                 const int64_t nc = C - c0 < POOL_CHANNEL_BLOCK ? C - c0 : POOL_CHANNEL_BLOCK;
-                if (avg) {
-                    for (int64_t i = 0; i < s->size; ++i)
-                        for (int64_t j = 0; j < s->size; ++j) {
-                            float *x = dX + base + (i * s->in_w + j) * C + c0;
-                            for (int64_t c = 0; c < nc; ++c)
-                                x[c] += d[c0 + c] / area;
-                        }
-                    continue;
-                }
                 float best[POOL_CHANNEL_BLOCK];
                 int64_t at[POOL_CHANNEL_BLOCK];
                 for (int64_t c = 0; c < nc; ++c) {
-                    best[c] = X[base + c0 + c];
+                    best[c] = x[base + c0 + c];
                     at[c] = 0;
                 }
                 for (int64_t i = 0; i < s->size; ++i)
                     for (int64_t j = 0; j < s->size; ++j) {
                         const int64_t off = (i * s->in_w + j) * C;
-                        const float *v = X + base + off + c0;
+                        const float *v = x + base + off + c0;
                         for (int64_t c = 0; c < nc; ++c) {
                             const int take = v[c] > best[c];
                             best[c] = take ? v[c] : best[c];
@@ -220,9 +217,179 @@ static void pool_backward_image(float *dX, const float *dY, const float *X,
                         }
                     }
                 for (int64_t c = 0; c < nc; ++c)
-                    dX[base + at[c] + c0 + c] += d[c0 + c];
+                    dx[base + at[c] + c0 + c] += dy[c0 + c];
             }
         }
+}
+
+#ifdef CNN_AVX2_BUILD
+#include <immintrin.h>
+#define POOL_AVX2 static inline __attribute__((always_inline, target("avx2")))
+
+/* Mask of the low n lanes of 8 (n clamped to [0, 8]). */
+POOL_AVX2 __m256i pool_lanes(int64_t n)
+{
+    /* n -> (8,) int mask */
+    const int32_t m = n <= 0 ? 0 : (n >= 8 ? 8 : (int32_t)n);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* The 8 floats at p, or only the lanes of m when fewer than 8 remain before `end`
+   (unmasked loads are faster, and the lanes past a pixel's channels are never used). */
+POOL_AVX2 __m256 load_before(const float *p, const float *end, __m256i m)
+{
+    /* -> (8,) */
+    return end - p >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m);
+}
+
+/* Masked stores are slow on some CPUs (microcoded on AMD), so the vector loops below
+   store whole vectors in increasing address order along a row, each store's spill past
+   its pixel rewritten by later stores, and mask only stores that would leave the row. */
+
+/* As pool_row for max pooling, eight channels at a time.  _mm256_max_ps(v, y) is
+   exactly v > y ? v : y (NaN and signed zeros included), the portable rule. */
+__attribute__((target("avx2")))
+static void max_row_avx2(float *y, const float *X, const cnn_pool2d_shape *s, int64_t g)
+{
+    /* g = n * out_h + oy -> y (out_w, channels) */
+    const int64_t C = s->channels, n = g / s->out_h, oy = g % s->out_h;
+    const float *end = X + (n + 1) * s->in_h * s->in_w * C;
+    for (int64_t ox = 0; ox < s->out_w; ++ox, y += C) {
+        const float *x = X + window_at(s, n, oy, ox);
+        for (int64_t c0 = 0; c0 < C; c0 += 8) {
+            const __m256i m = pool_lanes(C - c0);
+            __m256 best = load_before(x + c0, end, m);
+            for (int64_t i = 0; i < s->size; ++i)
+                for (int64_t j = 0; j < s->size; ++j)
+                    best = _mm256_max_ps(load_before(x + (i * s->in_w + j) * C + c0, end, m),
+                                         best);
+            if ((ox * C + c0 + 8 <= s->out_w * C))
+                _mm256_storeu_ps(y + c0, best);
+            else
+                _mm256_maskstore_ps(y + c0, m, best);
+        }
+    }
+}
+
+/* Windows handled together by max_backward_image_avx2, and its most channels. */
+enum { POOL_WINDOWS = 32, POOL_AVX2_MAX_C = 64 };
+
+/* As max_backward_image when the windows tile the image and channels <= 64, eight
+   channels at a time: the first argmax of each of up to 32 windows of a window row
+   found in registers, then every input of those windows written once (0 + dy or 0, so
+   dx need not be cleared), input row by input row. */
+__attribute__((target("avx2")))
+static void max_backward_image_avx2(float *dx, const float *dy, const float *x,
+                                    const cnn_pool2d_shape *s)
+{
+    /* dx (in_h, in_w, channels) = dy routed to the first maxima */
+    const int64_t C = s->channels, size = s->size, nb = (C + 7) / 8, row = s->in_w * C;
+    const float *end = x + s->in_h * row, *dy_end = dy + s->out_h * s->out_w * C;
+    const __m256 zero = _mm256_setzero_ps();
+    __m256i at[POOL_WINDOWS * POOL_AVX2_MAX_C / 8];
+    __m256 d[POOL_WINDOWS * POOL_AVX2_MAX_C / 8];
+    for (int64_t oy = 0; oy < s->out_h; ++oy)
+        for (int64_t ox0 = 0; ox0 < s->out_w; ox0 += POOL_WINDOWS) {
+            const int64_t nw = s->out_w - ox0 < POOL_WINDOWS ? s->out_w - ox0 : POOL_WINDOWS;
+            for (int64_t w = 0; w < nw; ++w) {
+                const float *xw = x + window_at(s, 0, oy, ox0 + w);
+                const float *dw = dy + (oy * s->out_w + ox0 + w) * C;
+                for (int64_t b = 0; b < nb; ++b) {
+                    const __m256i m = pool_lanes(C - 8 * b);
+                    __m256 best = load_before(xw + 8 * b, end, m);
+                    __m256i a = _mm256_setzero_si256();
+                    for (int64_t k = 1; k < size * size; ++k) {
+                        const __m256 v =
+                            load_before(xw + (k / size * s->in_w + k % size) * C + 8 * b, end, m);
+                        const __m256 gt = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+                        best = _mm256_blendv_ps(best, v, gt);
+                        a = _mm256_castps_si256(_mm256_blendv_ps(
+                            _mm256_castsi256_ps(a), _mm256_castsi256_ps(_mm256_set1_epi32((int)k)),
+                            gt));
+                    }
+                    at[w * nb + b] = a;
+                    d[w * nb + b] = _mm256_add_ps(zero, load_before(dw + 8 * b, dy_end, m));
+                }
+            }
+            for (int64_t i = 0; i < size; ++i) {
+                float *out = dx + (oy * size + i) * row + ox0 * size * C;
+                for (int64_t w = 0; w < nw; ++w)
+                    for (int64_t j = 0; j < size; ++j, out += C) {
+                        const __m256i k = _mm256_set1_epi32((int)(i * size + j));
+                        const int64_t room = row - ((ox0 + w) * size + j) * C;
+                        for (int64_t b = 0; b < nb; ++b) {
+                            const __m256 g = _mm256_and_ps(
+                                _mm256_castsi256_ps(_mm256_cmpeq_epi32(at[w * nb + b], k)),
+                                d[w * nb + b]);
+                            if (8 * b + 8 <= room)
+                                _mm256_storeu_ps(out + 8 * b, g);
+                            else
+                                _mm256_maskstore_ps(out + 8 * b, pool_lanes(C - 8 * b), g);
+                        }
+                    }
+            }
+        }
+}
+#endif
+
+/* Max-pool backward of one image with the selected family: dx zeroed where needed. */
+static void max_backward_any(float *dx, const float *dy, const float *x,
+                             const cnn_pool2d_shape *s)
+{
+    /* dx (in_h, in_w, channels) = dy routed to the first maxima */
+    const int64_t image = s->in_h * s->in_w * s->channels;
+#ifdef CNN_AVX2_BUILD
+    if (cnn_use_avx2_build() && windows_tile(s) && s->channels <= POOL_AVX2_MAX_C) {
+        max_backward_image_avx2(dx, dy, x, s);
+        return;
+    }
+#endif
+    memset(dx, 0, (size_t)image * sizeof(float));
+    max_backward_image(dx, dy, x, s);
+}
+
+/* dX of image n from its dY, times act'(act_y) (act_y: the activation output that was
+   pooled; CNN_ACT_IDENTITY: no factor), computed while the image is in cache. */
+static void pool_backward_image(float *dX, const float *dY, const float *X,
+                                const float *act_y, const cnn_pool2d_shape *s, int64_t n,
+                                int avg, cnn_activation act, float alpha)
+{
+    /* image n of dX (in_h, in_w, channels) */
+    const int64_t C = s->channels, image = s->in_h * s->in_w * C;
+    const float area = (float)(s->size * s->size);
+    float *dx = dX + n * image;
+    const float *dy = dY + n * s->out_h * s->out_w * C;
+    if (!avg) {
+        max_backward_any(dx, dy, X + n * image, s);
+    } else {
+        memset(dx, 0, (size_t)image * sizeof(float));
+        for (int64_t oy = 0; oy < s->out_h; ++oy)
+            for (int64_t ox = 0; ox < s->out_w; ++ox, dy += C) {
+                const int64_t base = window_at(s, 0, oy, ox);
+                for (int64_t i = 0; i < s->size; ++i)
+                    for (int64_t j = 0; j < s->size; ++j) {
+                        float *x = dx + base + (i * s->in_w + j) * C;
+                        for (int64_t c = 0; c < C; ++c)
+                            x[c] += dy[c] / area;
+                    }
+            }
+    }
+    if (act != CNN_ACT_IDENTITY)
+        cnn_activation_grad(dx, dx, act_y + n * image, image, act, alpha);
+}
+
+/* Output row g of pooling with the selected family. */
+static void pool_row_any(float *y, const float *X, const cnn_pool2d_shape *s, int64_t g,
+                         int avg)
+{
+    /* g = n * out_h + oy -> y (out_w, channels) */
+#ifdef CNN_AVX2_BUILD
+    if (!avg && cnn_use_avx2_build()) {
+        max_row_avx2(y, X, s, g);
+        return;
+    }
+#endif
+    pool_row(y, X, s, g, avg);
 }
 
 static int pool_forward(float *Y, const float *X, const cnn_pool2d_shape *s, int n_threads,
@@ -238,21 +405,23 @@ static int pool_forward(float *Y, const float *X, const cnn_pool2d_shape *s, int
         {
             const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
             for (int64_t g = rows * t / T; g < rows * (t + 1) / T; ++g)
-                pool_row(Y + g * row, X, s, g, avg);
+                pool_row_any(Y + g * row, X, s, g, avg);
         }
         return CNN_OK;
     }
 #endif
     for (int64_t g = 0; g < rows; ++g)
-        pool_row(Y + g * row, X, s, g, avg);
+        pool_row_any(Y + g * row, X, s, g, avg);
     return CNN_OK;
 }
 
-static int pool_backward(float *dX, const float *dY, const float *X, const cnn_pool2d_shape *s,
-                         int n_threads, int avg)
+int cnn_pool2d_backward_act(float *dX, const float *dY, const float *X, const float *act_y,
+                            const cnn_pool2d_shape *s, int avg, cnn_activation act,
+                            float alpha, int n_threads)
 {
     /* dX (batch, in_h, in_w, channels), whole images split over threads */
-    if (cnn_pool2d_shape_check(s) != CNN_OK || n_threads < 1)
+    if (cnn_pool2d_shape_check(s) != CNN_OK || n_threads < 1 ||
+        !cnn_is_elementwise_activation(act) || (act != CNN_ACT_IDENTITY && !act_y))
         return CNN_ERR_ARG;
     const int64_t work = s->batch * s->in_h * s->in_w * s->channels;
 #ifdef _OPENMP
@@ -261,14 +430,14 @@ static int pool_backward(float *dX, const float *dY, const float *X, const cnn_p
         {
             const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
             for (int64_t n = s->batch * t / T; n < s->batch * (t + 1) / T; ++n)
-                pool_backward_image(dX, dY, X, s, n, avg);
+                pool_backward_image(dX, dY, X, act_y, s, n, avg, act, alpha);
         }
         return CNN_OK;
     }
 #endif
     (void)work;
     for (int64_t n = 0; n < s->batch; ++n)
-        pool_backward_image(dX, dY, X, s, n, avg);
+        pool_backward_image(dX, dY, X, act_y, s, n, avg, act, alpha);
     return CNN_OK;
 }
 
@@ -282,7 +451,7 @@ int cnn_maxpool2d_backward(float *dX, const float *dY, const float *X, const cnn
                            int n_threads)
 {
     /* dX = dY routed to each window's first maximum */
-    return pool_backward(dX, dY, X, s, n_threads, 0);
+    return cnn_pool2d_backward_act(dX, dY, X, NULL, s, 0, CNN_ACT_IDENTITY, 0.0f, n_threads);
 }
 
 int cnn_avgpool2d_forward(float *Y, const float *X, const cnn_pool2d_shape *s, int n_threads)
@@ -294,5 +463,6 @@ int cnn_avgpool2d_forward(float *Y, const float *X, const cnn_pool2d_shape *s, i
 int cnn_avgpool2d_backward(float *dX, const float *dY, const cnn_pool2d_shape *s, int n_threads)
 {
     /* dX = dY / (size * size) spread over each window */
-    return pool_backward(dX, dY, NULL, s, n_threads, 1);
+    return cnn_pool2d_backward_act(dX, dY, NULL, NULL, s, 1, CNN_ACT_IDENTITY, 0.0f,
+                                   n_threads);
 }
