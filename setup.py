@@ -4,8 +4,14 @@ header, inside the package for projects that embed the kernels.
 
 Environment:
     CNN_CORE_OPENMP=0|1   force OpenMP off or on (default: on when the compiler has it).
+    CC, CFLAGS, LDFLAGS   the usual compiler settings, honoured by every compile and link
+                          (the OpenMP probe included); when they change, everything is
+                          rebuilt (no object of an older build with other flags is reused).
 """
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -24,17 +30,25 @@ CYTHON_DIRECTIVES = dict(language_level=3, boundscheck=False, wraparound=False,
                          cdivision=True, initializedcheck=False, embedsignature=True)
 
 
+def environment_flags(*names):
+    """The flags in environment variables `names` (e.g. CFLAGS, LDFLAGS), as a list."""
+    return [flag for name in names for flag in shlex.split(os.environ.get(name, ""))]
+
+
 def compiler_flags(compiler_type, openmp):
     """(compile flags for our C, flags for the extension, link flags) for a compiler."""
     if compiler_type == "msvc":
         omp = ["/openmp"] if openmp else []
         return ["/O2"] + omp, ["/O2"] + omp, []
     omp = ["-fopenmp"] if openmp else []
-    return (["-O3", "-std=c99", "-Wall", "-Wextra"] + omp, ["-O3"] + omp, omp)
+    # an optimisation level in $CFLAGS (e.g. -O1 for a sanitizer build) wins over ours
+    opt = [] if any(f.startswith("-O") for f in environment_flags("CFLAGS")) else ["-O3"]
+    return (opt + ["-std=c99", "-Wall", "-Wextra"] + omp, opt + omp, omp)
 
 
 def compiler_has_openmp(compiler):
-    """True if `compiler` compiles and links a tiny OpenMP program."""
+    """True if `compiler` compiles and links a tiny OpenMP program (with $CFLAGS and
+    $LDFLAGS, as the real build: -fsanitize=... objects need them at link time too)."""
     if compiler.compiler_type == "msvc":
         return True
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,7 +57,8 @@ def compiler_has_openmp(compiler):
         try:
             objects = compiler.compile([str(src)], output_dir=tmp, extra_postargs=["-fopenmp"])
             compiler.link_executable(objects, "omp_check", output_dir=tmp,
-                                     extra_postargs=["-fopenmp"])
+                                     extra_postargs=["-fopenmp"]
+                                     + environment_flags("CFLAGS", "LDFLAGS"))
             return True
         except Exception:
             return False
@@ -63,31 +78,90 @@ def use_openmp(compiler):
     return found
 
 
+def rebuild_if_flags_changed(command, kind, flags):
+    """Make `command` rebuild everything if `flags` differ from those of its last build
+    (objects compiled with other flags must not be linked with these), and record them.
+    build_clib reuses any object newer than its sources whatever --force says, so the
+    stale objects are deleted; build_ext honours force."""
+    temp = Path(command.build_temp)
+    stamp = temp / f"cnn_core_{kind}_flags.sha256"
+    digest = hashlib.sha256("\0".join(flags).encode()).hexdigest()
+    if not stamp.is_file() or stamp.read_text().strip() != digest:
+        command.force = True
+        if kind == "library" and temp.is_dir():
+            for stale in [*temp.rglob("*.o"), *temp.rglob("*.obj"), *temp.glob("*.a"),
+                          *temp.glob("*.lib")]:
+                stale.unlink()
+    temp.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest + "\n")
+
+
+def build_signature(compiler, openmp):
+    """Everything that changes the objects: compiler commands, environment flags, OpenMP."""
+    commands = [getattr(compiler, name, None) or [] for name in
+                ("compiler_so", "linker_so", "linker_exe", "archiver")]
+    return ([compiler.compiler_type, f"openmp={openmp}"] + [" ".join(c) for c in commands]
+            + environment_flags("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS"))
+
+
 class BuildKernels(build_clib):
-    """Build libcnn_core from src/**/*.c with strict warnings and optional OpenMP."""
+    """Build libcnn_core from src/**/*.c with strict warnings and optional OpenMP, one
+    compiler process per core (build_clib itself compiles one file at a time)."""
 
     def build_libraries(self, libraries):
         openmp = use_openmp(self.compiler)
         cflags, _, _ = compiler_flags(self.compiler.compiler_type, openmp)
         self.distribution.cnn_core_openmp = openmp
-        libraries = [(name, dict(info, cflags=cflags)) for name, info in libraries]
-        super().build_libraries(libraries)
+        signature = build_signature(self.compiler, openmp)
+        rebuild_if_flags_changed(self, "library", signature)
+        self.distribution.cnn_core_signature = signature
+        for name, info in libraries:
+            sources = sorted(info["sources"])
+            objects = self.compiler.object_filenames(sources, output_dir=self.build_temp)
+            newest_header = max(os.path.getmtime(h) for h in info["obj_deps"][""])
+            stale = [src for src, obj in zip(sources, objects)
+                     if self.force or not os.path.exists(obj)
+                     or os.path.getmtime(obj) < max(os.path.getmtime(src), newest_header)]
+
+            def compile_one(source, info=info):
+                return self.compiler.compile([source], output_dir=self.build_temp,
+                                             include_dirs=info["include_dirs"],
+                                             extra_postargs=cflags, debug=self.debug)
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                list(pool.map(compile_one, stale))
+            self.compiler.create_static_lib(objects, name, output_dir=self.build_clib,
+                                            debug=self.debug)
 
 
 class BuildExtension(build_ext):
-    """Link the extension against libcnn_core and ship the library and headers."""
+    """Link the extension against libcnn_core and ship the library and headers (also
+    into the source tree for in-place builds and editable installs, whose import of
+    cnn_core finds get_include() and get_library_dir() there)."""
+
+    def run(self):
+        # setuptools clears self.inplace while build_extensions runs; remember it
+        self.into_source = bool(self.inplace or getattr(self, "editable_mode", False))
+        super().run()
 
     def build_extensions(self):
         clib = self.get_finalized_command("build_clib")
         openmp = getattr(self.distribution, "cnn_core_openmp", False)
+        signature = getattr(self.distribution, "cnn_core_signature", None)
+        if signature is not None:
+            rebuild_if_flags_changed(self, "extension", signature)
         _, cflags, ldflags = compiler_flags(self.compiler.compiler_type, openmp)
         for ext in self.extensions:
             ext.extra_compile_args = cflags
             ext.extra_link_args = ldflags
         super().build_extensions()
-        package = Path(self.build_lib) / "cnn_core"
-        if self.inplace:
-            package = ROOT / "cnn_core"
+        packages = [Path(self.build_lib) / "cnn_core"]
+        if getattr(self, "into_source", False):
+            packages.append(ROOT / "cnn_core")
+        for package in packages:
+            self.ship(package, clib, openmp, ldflags)
+
+    def ship(self, package, clib, openmp, ldflags):
+        """Copy the public headers, the static library and its pkg-config file to package."""
         (package / "include").mkdir(parents=True, exist_ok=True)
         (package / "lib").mkdir(parents=True, exist_ok=True)
         for header in PUBLIC_HEADERS:

@@ -1,23 +1,28 @@
 #!/usr/bin/env python
 """Side-by-side benchmarks of cnn_core against its peers, in one run.
 
-    python benchmarks/bench.py                  # everything (several minutes)
-    python benchmarks/bench.py --quick          # smoke run, about a minute
-    python benchmarks/bench.py --only gemm,predict --threads 2 --json results.json
+    python benchmarks/bench.py                  # everything (about 20 minutes)
+    python benchmarks/bench.py --quick          # smoke run (under 3 minutes)
+    python benchmarks/bench.py --load           # the same under a busy loop on one CPU
+    python benchmarks/bench.py --only train,lenet --json results.json
 
 Sections (see benchmarks/README.md for the method):
 
 1. gemm     cnn_core.kernels.gemm vs numpy's float32 matmul (its BLAS), 1 and N threads.
-2. train    seconds per epoch on 60,000 MNIST-shaped rows vs PyTorch, a numpy MLP,
-            scikit-learn's MLPClassifier and a jitted JAX epoch.
-3. predict  one-sample latency and 10,000-sample throughput vs PyTorch and numpy.
-4. memory   cnn_core's peak RSS while training, above the loaded-data baseline.
+2. train    seconds per MLP epoch on 60,000 MNIST rows, real pixels and dense standardised
+            features, 1 and N threads, vs PyTorch eager and a jitted JAX epoch, and
+            against the epoch's GEMM-bound limit.
+3. twoproc  two cnn_core trainings with N threads each at once, vs each one alone.
+4. lenet    LeNet-5: training epoch vs PyTorch and JAX, 10,000-image predict vs PyTorch.
+5. predict  MLP one-sample latency and 10,000-sample throughput vs PyTorch, numpy and
+            ONNX Runtime (on the file Network.to_onnx writes), 1 and N threads.
+6. memory   cnn_core's peak RSS while training, above the loaded-data baseline.
 
-Peers that are not installed are skipped with a note.  Every measurement runs in a fresh
-subprocess per library (and thread count or configuration), so the thread pool of one
-library (OpenMP, OpenBLAS, XLA), spinning idle after its last call, never takes the cores
-another library is being timed on.
-Results are printed; ``--json PATH`` also writes them as JSON.
+Every measurement runs in a fresh subprocess per library, configuration and thread count,
+so the thread pool of one library (OpenBLAS, XLA, ONNX Runtime), spinning idle after its
+last call, never takes the cores another library is being timed on.  One-thread
+processes are all pinned (taskset) to the same CPU.  With --load a busy loop runs on
+another CPU during every measurement.  The targets are checked at the end.
 """
 import argparse
 import gc
@@ -25,9 +30,11 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,15 +44,29 @@ HERE = Path(__file__).resolve().parent
 # the real MNIST images kept beside the project checkout (repo root /../shared/data)
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "mnist-t10k-split"
 RESULT_PREFIX = "BENCH-RESULT "
-SECTIONS = ("gemm", "train", "predict", "memory")
-PEERS = ("cnn_core", "torch", "numpy", "sklearn", "jax")
+READY, GO = "BENCH-READY", "GO"
+SECTIONS = ("gemm", "train", "twoproc", "lenet", "predict", "memory")
+TRAIN_PEERS = ("cnn_core", "torch", "jax")
+PREDICT_PEERS = ("cnn_core", "torch", "numpy", "onnxruntime")
+PEERS = ("cnn_core", "torch", "jax", "numpy", "onnxruntime")
+INPUTS = {"real": "real pixels (uint8)", "dense": "dense input (standardised float32)"}
 TRAIN_ROWS = 60_000
 PREDICT_ROWS = 10_000
 PREDICT_SIZES = [784, 128, 10]
+LENET = "lenet5"
+LENET_BATCH = 64
 MEMORY_TARGET_MB = 50.0
 SEED = 0
 
+# the CPUs: one-thread processes all run on the last usable one, the --load busy loop on
+# the first (so it competes with multi-threaded runs, not with the one-thread rows)
+_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+PIN_CPU = _CPUS[-1] if _CPUS else None
+LOAD_CPU = _CPUS[0] if _CPUS else None
+LOAD_PIDS = []   # processes of the --load busy loop (their CPU time is not "other")
+
 # (label, A shape as stored, B shape as stored, trans_a, trans_b, what it is in training)
+RATE_CASE = "1536x1536x1536"
 GEMM_CASES = [
     ("1x784x128", (1, 784), (784, 128), False, False, "forward, 1 sample"),
     ("64x784x128", (64, 784), (784, 128), False, False, "forward, batch 64"),
@@ -53,24 +74,36 @@ GEMM_CASES = [
     ("256x1024x1024", (256, 1024), (1024, 1024), False, False, "forward, batch 256"),
     ("A^T B 784x64x128", (64, 784), (64, 128), True, False, "dW = X^T dY"),
     ("A B^T 64x128x784", (64, 128), (784, 128), False, True, "dX = dY W^T"),
+    (RATE_CASE, (1536, 1536), (1536, 1536), False, False, "large SGEMM (the rate)"),
     ("1x1x1", (1, 1), (1, 1), False, False, "per-call overhead"),
 ]
-QUICK_GEMM = ("1x784x128", "64x784x128", "A^T B 784x64x128", "A B^T 64x128x784", "1x1x1")
+QUICK_GEMM = ("1x784x128", "64x784x128", "A^T B 784x64x128", "A B^T 64x128x784",
+              RATE_CASE, "1x1x1")
 
 # (layer sizes, batch size)
 TRAIN_CONFIGS = [
     ([784, 128, 10], 64),
-    ([784, 128, 10], 128),
     ([784, 512, 256, 10], 128),
     ([784, 1024, 1024, 10], 256),
 ]
 
-FULL = {"gemm_reps": 7, "gemm_block_s": 0.1, "train_min_reps": 3, "train_max_reps": 5,
-        "train_budget_s": 90.0, "predict_calls": 2000, "predict_batch_reps": 20,
-        "configs": TRAIN_CONFIGS, "gemm_cases": [c[0] for c in GEMM_CASES]}
-QUICK = {"gemm_reps": 3, "gemm_block_s": 0.02, "train_min_reps": 1, "train_max_reps": 2,
-         "train_budget_s": 4.0, "predict_calls": 300, "predict_batch_reps": 3,
-         "configs": TRAIN_CONFIGS[:1], "gemm_cases": list(QUICK_GEMM)}
+FULL = {"gemm_reps": 7, "gemm_block_s": 0.1, "rate_reps": 5, "train_min_reps": 3,
+        "train_max_reps": 5, "train_budget_s": 60.0, "predict_calls": 2000,
+        "predict_batch_reps": 20, "configs": TRAIN_CONFIGS,
+        "gemm_cases": [c[0] for c in GEMM_CASES], "lenet_rows": TRAIN_ROWS,
+        "twoproc_configs": TRAIN_CONFIGS[:2], "twoproc_epochs": 3}
+QUICK = {"gemm_reps": 3, "gemm_block_s": 0.02, "rate_reps": 3, "train_min_reps": 1,
+         "train_max_reps": 2, "train_budget_s": 4.0, "predict_calls": 300,
+         "predict_batch_reps": 3, "configs": TRAIN_CONFIGS[:1],
+         "gemm_cases": list(QUICK_GEMM), "lenet_rows": 3_200,
+         "twoproc_configs": TRAIN_CONFIGS[:1], "twoproc_epochs": 2}
+
+# the targets of the speed work (README.md, "Targets")
+DENSE_TARGETS = {"jax": 1.1, "torch": 2.5, "limit": 1.25}
+REAL_TARGETS = {"first": {"jax": 1.5, "torch": 4.0}, "other": {"jax": 1.3}}
+LOAD_TARGET = 1.15        # cnn_core N threads / 1 thread under load, at most
+TWOPROC_TARGET = 2.5      # together / alone, at most
+LENET_TARGETS = {"jax": 1.5, "torch": 4.0, "predict_torch": 3.0}
 
 
 # ---- small utilities -------------------------------------------------------------------
@@ -116,8 +149,10 @@ def print_table(headers, rows, indent="  ", n_left=1):
         print(line(row))
 
 
-def config_name(sizes, batch_size):
-    return f"{'-'.join(map(str, sizes))} batch {batch_size}"
+def config_name(model, batch_size):
+    import peers
+
+    return f"{peers.model_name(model)} batch {batch_size}"
 
 
 # ---- memory readings -------------------------------------------------------------------
@@ -158,8 +193,9 @@ class CpuWatch:
     """How much CPU other processes (and the hypervisor) took while we measured.
 
     Linux only (/proc/stat); elsewhere the shares are None.  `other` is the share of all
-    CPUs busy with processes that are neither this one nor its finished children; `steal`
-    the share the hypervisor took.  Either above a few percent makes timings noisy.
+    CPUs busy with processes that are neither this one, nor its finished children, nor
+    the --load busy loop; `steal` the share the hypervisor took.  Either above a few
+    percent makes timings noisy.
     """
 
     def __init__(self):
@@ -172,6 +208,7 @@ class CpuWatch:
         own = sum(getattr(resource.getrusage(who), f) for who in
                   (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
                   for f in ("ru_utime", "ru_stime"))
+        own += sum(process_cpu_seconds(pid) for pid in LOAD_PIDS)
         try:
             with open("/proc/stat") as f:
                 fields = [int(v) for v in f.readline().split()[1:]]
@@ -240,10 +277,25 @@ def tile_rows(a, n):
     return out
 
 
+def dense_features(X):
+    """The pixels standardised per column, float32: (X / 255 - mean) / std, with std 1 for
+    constant columns (MNIST's blank border), so almost every entry is nonzero."""
+    Xf = X.astype(np.float32)
+    Xf *= np.float32(1.0 / 255.0)
+    mean = Xf.mean(axis=0, dtype=np.float64).astype(np.float32)
+    std = Xf.std(axis=0, dtype=np.float64).astype(np.float32)
+    std[std == 0] = 1.0
+    Xf -= mean
+    Xf /= std
+    return Xf
+
+
 def training_data(spec):
-    """(X uint8 (rows, 784), y uint8 (rows,)) tiled from the real images."""
+    """(X, y uint8 (rows,)) tiled from the real images: X uint8 pixels (rows, 784) for
+    input "real", their standardised float32 features for input "dense"."""
     X, y = load_images(spec.get("data"))
-    return tile_rows(X, spec["rows"]), tile_rows(y, spec["rows"])
+    X, y = tile_rows(X, spec["rows"]), tile_rows(y, spec["rows"])
+    return (dense_features(X) if spec.get("input") == "dense" else X), y
 
 
 # ---- timing ----------------------------------------------------------------------------
@@ -283,6 +335,123 @@ def per_call_median(f, x, calls):
         f(x)
         samples.append(clock() - t0)
     return statistics.median(samples)
+
+
+def spread(times):
+    """Run-to-run spread of repeated timings: (slowest - fastest) / median."""
+    return (max(times) - min(times)) / statistics.median(times) if len(times) > 1 else None
+
+
+def fmt_spread(value):
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+# ---- processes: workers, pinning, the --load busy loop ---------------------------------
+
+def process_cpu_seconds(pid):
+    """User + system CPU seconds of a live process (Linux /proc; 0 where unknown)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def pinned(cmd, cpu):
+    """(command, preexec_fn) running cmd on CPU `cpu` only: taskset where installed, else
+    the same affinity set in the child before exec."""
+    if cpu is None:
+        return cmd, None
+    taskset = shutil.which("taskset")
+    if taskset:
+        return [taskset, "-c", str(cpu)] + cmd, None
+    return cmd, lambda: os.sched_setaffinity(0, {cpu})
+
+
+class BusyLoad:
+    """--load: a CPU-bound Python busy loop pinned to LOAD_CPU while the block runs."""
+
+    def __init__(self, active):
+        self.active, self.proc = active, None
+
+    def __enter__(self):
+        if self.active:
+            cmd, preexec = pinned([sys.executable, "-c", "while True: pass"], LOAD_CPU)
+            self.proc = subprocess.Popen(cmd, preexec_fn=preexec)
+            LOAD_PIDS.append(self.proc.pid)
+            time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            LOAD_PIDS.remove(self.proc.pid)
+
+
+def worker_env(n_threads):
+    """Environment for a worker process limited to n_threads (set before any import)."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(n_threads)
+    multi = "true" if n_threads > 1 else "false"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={multi}"
+                        f" intra_op_parallelism_threads={n_threads}").strip()
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; the message holds the end of its stderr."""
+
+
+def start_worker(spec, n_threads):
+    """Start `python bench.py --worker SPEC` (pinned to PIN_CPU for one thread)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    cmd, preexec = pinned(cmd, PIN_CPU if n_threads == 1 else None)
+    err = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env=worker_env(n_threads), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=err, text=True,
+                            preexec_fn=preexec)
+    proc.err_file = err
+    return proc
+
+
+def finish_worker(proc, timeout=3600):
+    """Wait for a worker; returns its JSON result or raises WorkerError."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise WorkerError(f"timed out after {timeout} s") from None
+    finally:
+        proc.err_file.seek(0)
+        err = proc.err_file.read()
+        proc.err_file.close()
+    for line in reversed(out.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    raise WorkerError(lines[-1] if lines else f"exit status {proc.returncode}, no output")
+
+
+def run_worker(spec, n_threads):
+    """Run `spec` in a fresh worker process; returns its JSON result."""
+    return finish_worker(start_worker(spec, n_threads))
+
+
+def threads_list(args):
+    return sorted({1, args.threads})
+
+
+def installed(args, candidates):
+    import peers
+
+    chosen = [p for p in candidates if p in args.peers]
+    return [p for p in chosen if peers.available(p)], [p for p in chosen if not peers.available(p)]
 
 
 # ---- section 1: GEMM -------------------------------------------------------------------
@@ -344,19 +513,17 @@ def gemm_error(case):
     return float(np.abs(C_cnn - C_np).max()) / (float(np.abs(C_np).max()) or 1.0)
 
 
-def bench_gemm(args, settings):
-    """Each library and thread count runs in its own process: a library's idle threads
-    (OpenBLAS keeps its workers spinning for a while after a call) would otherwise take
-    the cores the other one is timed on."""
-    cases = settings["gemm_cases"]
-    watch = CpuWatch()
+def gemm_rows(args, cases, reps, block_s):
+    """Time `cases` with cnn_core and numpy at 1 and N threads, each library and thread
+    count in its own process (a library's idle threads -- OpenBLAS keeps its workers
+    spinning for a while after a call -- would otherwise take the other one's cores)."""
     rows, limiters, errors = [], set(), {}
-    for t in sorted({1, args.threads}):
+    for t in threads_list(args):
         times = {}
         for library in ("cnn_core", "numpy"):
             log(f"  gemm {library}, {t} thread(s)")
             spec = {"task": "gemm", "library": library, "threads": t, "cases": cases,
-                    "reps": settings["gemm_reps"], "block_s": settings["gemm_block_s"]}
+                    "reps": reps, "block_s": block_s}
             result = run_worker(spec, t)
             times[library] = result["times"]
             errors = result["errors"] or errors
@@ -375,7 +542,19 @@ def bench_gemm(args, settings):
                 "cnn_core_gflops": flop / t_cnn / 1e9 if big else None,
                 "numpy_gflops": flop / t_np / 1e9 if big else None,
                 "speed_ratio": t_np / t_cnn, "max_rel_err": errors[case[0]]})
-    contention = watch.shares()
+    return rows, limiters
+
+
+def sgemm_rates(rows):
+    """{threads: GFLOP/s} of the large SGEMM, the faster of cnn_core and numpy."""
+    return {r["threads"]: max(r["cnn_core_gflops"], r["numpy_gflops"])
+            for r in rows if r["case"] == RATE_CASE}
+
+
+def bench_gemm(args, settings):
+    watch = CpuWatch()
+    rows, limiters = gemm_rows(args, settings["gemm_cases"], settings["gemm_reps"],
+                               settings["gemm_block_s"])
     how = ("threadpoolctl and OPENBLAS_NUM_THREADS" if limiters == {"threadpoolctl"} else
            "OPENBLAS_NUM_THREADS/OMP_NUM_THREADS (threadpoolctl is not installed)")
     notes = [f"each library and thread count timed in its own process; numpy's BLAS "
@@ -383,7 +562,7 @@ def bench_gemm(args, settings):
              "kernels.gemm checks its arguments in Python on every call (its packing "
              "workspace is reused); the 1x1x1 row shows the fixed per-call cost of each "
              "library."]
-    return {"rows": rows, "notes": notes, "contention": contention}
+    return {"rows": rows, "notes": notes, "contention": watch.shares()}
 
 
 def print_gemm(result, settings):
@@ -403,77 +582,7 @@ def print_gemm(result, settings):
     print(f"  during this section: {fmt_contention(result['contention'])}")
 
 
-# ---- subprocess workers ----------------------------------------------------------------
-
-def worker_env(n_threads):
-    """Environment for a worker process limited to n_threads (set before any import)."""
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(n_threads)
-    multi = "true" if n_threads > 1 else "false"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={multi}"
-                        f" intra_op_parallelism_threads={n_threads}").strip()
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env
-
-
-class WorkerError(RuntimeError):
-    """A worker process failed; the message holds the end of its stderr."""
-
-
-def run_worker(spec, n_threads, timeout=3600):
-    """Run `spec` in a fresh `python bench.py --worker` process; returns its JSON result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, env=worker_env(n_threads), capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise WorkerError(f"timed out after {timeout} s") from None
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    raise WorkerError(lines[-1] if lines else f"exit status {proc.returncode}, no output")
-
-
-def blas_description():
-    """The BLAS libraries loaded in this process, e.g. 'openblas 0.3.x (Haswell, pthreads),
-    2 threads [numpy.libs]', from threadpoolctl; without it, numpy's build-time BLAS."""
-    try:
-        from threadpoolctl import threadpool_info
-        libs = [f"{lib.get('internal_api')} {lib.get('version')} "
-                f"({lib.get('architecture')}, {lib.get('threading_layer')}), "
-                f"{lib.get('num_threads')} threads [{Path(lib.get('filepath', '')).parent.name}]"
-                for lib in threadpool_info() if lib.get("user_api") == "blas"]
-        if libs:
-            return "; ".join(libs)
-    except ImportError:
-        pass
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        return f"{blas.get('name')} {blas.get('version')}"
-    except Exception:  # the layout of show_config differs between numpy versions
-        return "unknown"
-
-
-def peer_detail(peer, n_threads):
-    """One line on how a peer ran (threads, backend), from inside its worker."""
-    if peer == "cnn_core":
-        from cnn_core import kernels
-        return (f"kernel {kernels.get_kernel()}, OpenMP {kernels.openmp_enabled()}, "
-                f"n_threads={n_threads}")
-    if peer == "torch":
-        import torch
-        return (f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
-                f"MKL {torch.backends.mkl.is_available()}, "
-                f"oneDNN {torch.backends.mkldnn.is_available()}")
-    if peer == "jax":
-        import jax
-        return (f"jax {jax.__version__} on {jax.devices()[0].platform}, "
-                f"XLA_FLAGS={os.environ.get('XLA_FLAGS')}")
-    return f"BLAS {blas_description()}"
-
+# ---- training workers ------------------------------------------------------------------
 
 def plan_rows(epoch, n, batch_size, cap_s):
     """How many rows one timed epoch may use so that it takes at most about cap_s seconds.
@@ -500,52 +609,344 @@ def plan_rows(epoch, n, batch_size, cap_s):
     return max(batch_size, min(n, fit)), estimate
 
 
+def peer_detail(peer, n_threads):
+    """One line on how a peer ran (threads, backend), from inside its worker."""
+    if peer == "cnn_core":
+        from cnn_core import kernels
+        return f"kernel {kernels.get_kernel()}, n_threads={n_threads}"
+    if peer == "torch":
+        import torch
+        return (f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+                f"MKL {torch.backends.mkl.is_available()}, "
+                f"oneDNN {torch.backends.mkldnn.is_available()}")
+    if peer == "jax":
+        import jax
+        return (f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+                f"XLA_FLAGS={os.environ.get('XLA_FLAGS')}")
+    if peer == "onnxruntime":
+        import onnxruntime
+        return (f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, "
+                f"intra_op_num_threads={n_threads}")
+    return f"BLAS {blas_description()}"
+
+
 def worker_train(spec):
-    """Time epochs of one peer on one configuration (runs inside a worker process)."""
+    """Time epochs of one peer on one configuration (runs inside a worker process).
+
+    With spec["sync"] (the two-process section) all rows are timed for a fixed number of
+    epochs, after a warm-up epoch and a handshake: the worker prints READY and waits for
+    GO on stdin, so that two workers start timing together.
+    """
     import peers
 
-    peer, sizes, batch, threads = spec["peer"], spec["sizes"], spec["batch"], spec["threads"]
+    peer, model, batch, threads = spec["peer"], spec["model"], spec["batch"], spec["threads"]
     X, y = training_data(spec)
-    epoch = peers.TRAINERS[peer](X, y, sizes, batch, threads, SEED)
+    epoch = peers.TRAINERS[peer](X, y, model, batch, threads, SEED)
     gc.collect()
     baseline = current_rss_mb()
     peak_reset = reset_peak_rss()
     n = len(X)
-    cap = spec["budget_s"] / spec["min_reps"]
-    if peer == "jax":
-        rows, estimate = n, None  # every new row count would be a new compilation
+    most = min(n, spec.get("max_rows") or n)
+    if spec.get("sync") or peer == "jax":   # for JAX every row count is a compilation
+        rows = most
     else:
-        rows, estimate = plan_rows(epoch, n, batch, cap)
+        rows, _ = plan_rows(epoch, most, batch, spec["budget_s"] / spec["min_reps"])
     warmup = None
-    if rows == n:
+    if rows == most:   # otherwise the probes of plan_rows were the warm-up
         t0 = time.perf_counter()
-        epoch(n)
+        epoch(rows)
         warmup = time.perf_counter() - t0
+    if spec.get("sync"):
+        print(READY, flush=True)
+        sys.stdin.readline()
     times, loss = [], None
+    started = time.perf_counter()
     while len(times) < spec["max_reps"]:
         t0 = time.perf_counter()
         loss = epoch(rows)
         times.append((time.perf_counter() - t0) * n / rows)
-        spent = sum(times) * rows / n
+        spent = time.perf_counter() - started
         # min_reps epochs unless they overrun the budget; more while under half of it
+        if spec.get("sync"):
+            continue
         if spent >= spec["budget_s"] or (len(times) >= spec["min_reps"]
                                          and spent >= spec["budget_s"] / 2):
             break
     peak = peak_rss_mb()
     return {"peer": peer, "rows": n, "rows_timed": rows, "epoch_s": times,
-            "median_s": statistics.median(times), "warmup_s": warmup,
-            "estimate_s": estimate, "loss": loss, "baseline_mb": baseline,
+            "median_s": statistics.median(times), "spread": spread(times),
+            "total_s": time.perf_counter() - started, "warmup_s": warmup,
+            "loss": loss, "baseline_mb": baseline,
             "peak_over_mb": None if baseline is None else peak - baseline,
             "peak_reset": peak_reset, "detail": peer_detail(peer, threads)}
 
+
+def train_spec(args, settings, peer, model, batch, kind, threads, **extra):
+    spec = {"task": "train", "peer": peer, "model": model, "batch": batch, "input": kind,
+            "threads": threads, "rows": TRAIN_ROWS, "data": args.data,
+            "min_reps": settings["train_min_reps"], "max_reps": settings["train_max_reps"],
+            "budget_s": settings["train_budget_s"]}
+    spec.update(extra)
+    return spec
+
+
+def run_train(spec, threads):
+    """(result, error): one training worker with the machine's contention attached."""
+    log(f"  train {spec['peer']} {config_name(spec['model'], spec['batch'])} "
+        f"{spec['input']}, {threads} thread(s)")
+    watch = CpuWatch()
+    try:
+        result = run_worker(spec, threads)
+    except WorkerError as exc:
+        return None, str(exc)
+    result["contention"] = watch.shares()
+    return result, None
+
+
+# ---- section 2: MLP training -----------------------------------------------------------
+
+def mlp_epoch_flops(sizes, rows):
+    """Floating-point operations of one training epoch's GEMMs: forward Y = XW and
+    gradient dW = X^T dY for every layer, dX = dY W^T for all but the first (the input
+    needs no gradient); 2 flops per multiply-add."""
+    macs = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
+    return 2.0 * rows * (3 * sum(macs) - macs[0])
+
+
+def bench_train(args, settings):
+    present, missing = installed(args, TRAIN_PEERS)
+    log("  large SGEMM rate (for the GEMM-bound limit)")
+    watch = CpuWatch()
+    rate_rows, _ = gemm_rows(args, [RATE_CASE], settings["rate_reps"], 0.1)
+    rates = sgemm_rates(rate_rows)
+    entries = []
+    for sizes, batch in settings["configs"]:
+        for kind in INPUTS:
+            for t in threads_list(args):
+                entry = {"sizes": sizes, "batch": batch, "input": kind, "threads": t,
+                         "results": {}, "errors": {}}
+                for peer in present:
+                    spec = train_spec(args, settings, peer, sizes, batch, kind, t)
+                    result, error = run_train(spec, t)
+                    if error:
+                        entry["errors"][peer] = error
+                    else:
+                        entry["results"][peer] = result
+                flops = mlp_epoch_flops(sizes, TRAIN_ROWS)
+                entry["flops"] = flops
+                entry["limit_s"] = flops / (rates[t] * 1e9)
+                base = entry["results"].get("cnn_core")
+                entry["speedup"] = {p: r["median_s"] / base["median_s"]
+                                    for p, r in entry["results"].items()
+                                    if base and p != "cnn_core"}
+                entry["over_limit"] = base["median_s"] / entry["limit_s"] if base else None
+                entries.append(entry)
+    return {"entries": entries, "rates_gflops": rates, "rate_rows": rate_rows,
+            "missing": missing, "peers": present, "contention": watch.shares()}
+
+
+def print_train(result, settings, args):
+    under = " under --load" if args.load else ""
+    print(f"\n== 2. MLP training{under}: seconds per epoch on {TRAIN_ROWS:,} MNIST rows "
+          f"(SGD lr 0.01 momentum 0.9, relu, softmax cross-entropy)")
+    print(f"   median of up to {settings['train_max_reps']} epochs after a warm-up, spread "
+          "(max - min) / median; peer/cnn > 1: cnn_core is faster;")
+    rates = ", ".join(f"{t} thread(s) {g:.1f}" for t, g in sorted(result["rates_gflops"].items()))
+    print(f"   GEMM limit = the epoch's GEMM flops / the large-SGEMM rate measured now "
+          f"({RATE_CASE}, faster of cnn_core and numpy: {rates} GFLOP/s)\n")
+    peers_shown = result["peers"]
+    details, flagged = {}, False
+    groups = {}
+    for e in result["entries"]:
+        groups.setdefault((tuple(e["sizes"]), e["batch"], e["input"]), []).append(e)
+    for (sizes, batch, kind), entries in groups.items():
+        print(f"  {config_name(list(sizes), batch)}, {INPUTS[kind]}, "
+              f"{entries[0]['flops'] / 1e9:.1f} GFLOP per epoch")
+        table = []
+        for e in entries:
+            row = [e["threads"]]
+            for peer in peers_shown:
+                r = e["results"].get(peer)
+                if r is None:
+                    row += ["failed" if peer in e["errors"] else "-", ""]
+                    continue
+                details[peer] = r["detail"]
+                mark = ""
+                if r["rows_timed"] < r["rows"]:
+                    mark, flagged = "*", True
+                row += [f"{r['median_s']:.3f}{mark}", fmt_spread(r["spread"])]
+            row += [fmt_ratio(e["speedup"].get(p)) for p in peers_shown if p != "cnn_core"]
+            row += [f"{e['limit_s']:.3f}", fmt_ratio(e["over_limit"])]
+            others = [r["contention"]["other"] for r in e["results"].values()
+                      if r["contention"]["other"] is not None]
+            row.append(f"{100 * max(others):.0f}%" if others else "-")
+            table.append(row)
+        headers = ["thr"]
+        for peer in peers_shown:
+            headers += [f"{peer} s", "spread"]
+        headers += [f"{p}/cnn" for p in peers_shown if p != "cnn_core"]
+        headers += ["limit s", "cnn/limit", "other CPU"]
+        print_table(headers, table, indent="    ")
+        for e in entries:
+            for peer, err in e["errors"].items():
+                print(f"    {e['threads']} thread(s) {peer} failed: {err[:100]}")
+            losses = ", ".join(f"{p} {r['loss']:.3f}" for p, r in e["results"].items())
+            print(f"    {e['threads']} thread(s) last-epoch loss: {losses}")
+        print()
+    if flagged:
+        print("  * too slow for the time budget: timed on a prefix of the rows and scaled "
+              "to the full epoch.")
+    print(f"  one-thread rows: every library pinned to CPU {PIN_CPU}"
+          + (f"; the --load busy loop runs on CPU {LOAD_CPU}" if args.load else "") + ".")
+    print("  other CPU: largest share of the machine used by other processes during a row "
+          "(> 5%: noisy).")
+    for peer, detail in details.items():
+        print(f"  {peer}: {detail}")
+    for peer in result["missing"]:
+        print(f"  {peer}: not installed, skipped")
+
+
+# ---- section 3: two trainings at once --------------------------------------------------
+
+def run_together(specs, threads):
+    """Start the workers of `specs`, wait for all to be READY, send GO; their results."""
+    procs = [start_worker(spec, threads) for spec in specs]
+    try:
+        for proc in procs:
+            while True:
+                line = proc.stdout.readline()
+                if not line or line.strip() == READY:
+                    break
+        for proc in procs:
+            proc.stdin.write(GO + "\n")
+            proc.stdin.flush()
+    except OSError:
+        pass
+    return [finish_worker(proc) for proc in procs]
+
+
+def bench_twoproc(args, settings):
+    t = args.threads
+    rows, errors = [], {}
+    for sizes, batch in settings["twoproc_configs"]:
+        name = config_name(sizes, batch)
+        spec = train_spec(args, settings, "cnn_core", sizes, batch, "dense", t, sync=True,
+                          max_reps=settings["twoproc_epochs"])
+        log(f"  two processes: {name} alone, then two at once")
+        try:
+            alone = run_together([spec], t)[0]
+            pair = run_together([spec, spec], t)
+        except WorkerError as exc:
+            errors[name] = str(exc)
+            continue
+        rows.append({"sizes": sizes, "batch": batch, "threads": t,
+                     "epochs": settings["twoproc_epochs"], "alone_s": alone["total_s"],
+                     "together_s": [r["total_s"] for r in pair],
+                     "ratios": [r["total_s"] / alone["total_s"] for r in pair]})
+    return {"rows": rows, "errors": errors, "threads": t}
+
+
+def print_twoproc(result, args):
+    under = " under --load" if args.load else ""
+    print(f"\n== 3. Two cnn_core trainings at once{under}, n_threads={result['threads']} "
+          "each, dense input (seconds for the same epochs)")
+    print("   both start timing together (after a warm-up epoch each); ratio = time with the "
+          "other running / time alone\n")
+    table = []
+    for r in result["rows"]:
+        table.append([config_name(r["sizes"], r["batch"]), r["epochs"], f"{r['alone_s']:.2f}",
+                      " / ".join(f"{s:.2f}" for s in r["together_s"]),
+                      " / ".join(fmt_ratio(x) for x in r["ratios"])])
+    for name, err in result["errors"].items():
+        table.append([name, "failed", err[:60], "", ""])
+    print_table(["configuration", "epochs", "alone s", "together s (each)", "ratio (each)"],
+                table)
+
+
+# ---- section 4: LeNet-5 ----------------------------------------------------------------
+
+def bench_lenet(args, settings):
+    present, missing = installed(args, TRAIN_PEERS)
+    entries = []
+    for t in threads_list(args):
+        entry = {"threads": t, "results": {}, "errors": {}, "predict": {}}
+        for peer in present:
+            spec = train_spec(args, settings, peer, LENET, LENET_BATCH, "real", t,
+                              max_rows=settings["lenet_rows"])
+            result, error = run_train(spec, t)
+            if error:
+                entry["errors"][peer] = error
+            else:
+                entry["results"][peer] = result
+        base = entry["results"].get("cnn_core")
+        entry["speedup"] = {p: r["median_s"] / base["median_s"]
+                            for p, r in entry["results"].items() if base and p != "cnn_core"}
+        for peer in [p for p in present if p in ("cnn_core", "torch")]:
+            log(f"  predict LeNet-5 {peer}, {t} thread(s)")
+            spec = {"task": "predict", "peer": peer, "model": LENET, "threads": t,
+                    "calls": settings["predict_calls"] // 4,
+                    "batch_reps": settings["predict_batch_reps"], "data": args.data}
+            try:
+                entry["predict"][peer] = run_worker(spec, t)
+            except WorkerError as exc:
+                entry["errors"][f"{peer} predict"] = str(exc)
+        agree_labels(entry["predict"].values())
+        entries.append(entry)
+    return {"entries": entries, "missing": missing, "peers": present}
+
+
+def print_lenet(result, settings, args):
+    under = " under --load" if args.load else ""
+    print(f"\n== 4. LeNet-5{under} (conv 6@5x5 same, maxpool 2, conv 16@5x5, maxpool 2, "
+          f"dense 120-84-10, relu), real pixels, batch {LENET_BATCH}, SGD momentum 0.9")
+    print(f"   training: seconds per epoch on {TRAIN_ROWS:,} rows (median, spread); "
+          f"predict: {PREDICT_ROWS:,} float32 images\n")
+    table = []
+    for e in result["entries"]:
+        row = [e["threads"]]
+        for peer in result["peers"]:
+            r = e["results"].get(peer)
+            mark = "*" if r and r["rows_timed"] < r["rows"] else ""
+            row += [f"{r['median_s']:.3f}{mark}" if r else "failed",
+                    fmt_spread(r["spread"]) if r else ""]
+        row += [fmt_ratio(e["speedup"].get(p)) for p in result["peers"] if p != "cnn_core"]
+        table.append(row)
+    headers = ["thr"]
+    for peer in result["peers"]:
+        headers += [f"{peer} s", "spread"]
+    headers += [f"{p}/cnn" for p in result["peers"] if p != "cnn_core"]
+    print("  training epoch")
+    print_table(headers, table, indent="    ")
+    print("  predict")
+    table = []
+    for e in result["entries"]:
+        rows = [row for r in e["predict"].values() for row in r["rows"]]
+        base = next((row for row in rows if row["name"] == "cnn_core predict"), None)
+        for row in rows:
+            table.append([e["threads"], row["name"], fmt_time(row["one_s"]),
+                          fmt_time(row["batch_s"]),
+                          fmt_ratio(row["batch_s"] / base["batch_s"]) if base else "-",
+                          f"{row['agreement']:.4f}"])
+    print_table(["thr", "call", "1 image", f"{PREDICT_ROWS:,} images", "ratio", "same labels"],
+                table, indent="    ", n_left=2)
+    for e in result["entries"]:
+        for name, err in e["errors"].items():
+            print(f"  {e['threads']} thread(s) {name} failed: {err[:100]}")
+    if any(r["rows_timed"] < r["rows"] for e in result["entries"]
+           for r in e["results"].values()):
+        print("  * timed on a prefix of the rows and scaled to the full epoch.")
+
+
+# ---- section 5: MLP inference ----------------------------------------------------------
 
 def worker_predict(spec):
     """Time each prediction call of one peer (runs inside a worker process)."""
     import peers
 
+    model = spec["model"]
     X, _ = load_images(spec.get("data"))
-    X = peers.scaled_float32(tile_rows(X, PREDICT_ROWS))
-    convert, funcs = peers.PREDICTORS[spec["peer"]](peers.mlp_weights(spec["sizes"], SEED),
+    X = peers.as_float32(tile_rows(X, PREDICT_ROWS))
+    convert, funcs = peers.PREDICTORS[spec["peer"]](model, peers.model_weights(model, SEED),
                                                     spec["threads"])
     x1, X = convert(np.ascontiguousarray(X[:1])), convert(X)
     rows = []
@@ -560,10 +961,73 @@ def worker_predict(spec):
         out = np.asarray(out)
         labels = out.argmax(axis=1) if out.ndim == 2 else out
         rows.append({"name": name, "one_s": one, "batch_s": statistics.median(batch),
-                     "labels": labels.astype(int).tolist()})
+                     "batch_spread": spread(batch), "labels": labels.astype(int).tolist()})
     return {"peer": spec["peer"], "rows": rows,
             "detail": peer_detail(spec["peer"], spec["threads"])}
 
+
+def agree_labels(results):
+    """Replace each row's labels by the fraction equal to the first row's."""
+    reference = None
+    for r in results:
+        for row in r["rows"]:
+            if reference is None:
+                reference = np.array(row["labels"])
+            row["agreement"] = float(np.mean(np.array(row.pop("labels")) == reference))
+
+
+def bench_predict(args, settings):
+    present, missing = installed(args, PREDICT_PEERS)
+    entries = []
+    watch = CpuWatch()
+    for t in threads_list(args):
+        results, errors = [], {}
+        for peer in present:
+            log(f"  predict {peer}, {t} thread(s)")
+            spec = {"task": "predict", "peer": peer, "model": PREDICT_SIZES, "threads": t,
+                    "calls": settings["predict_calls"],
+                    "batch_reps": settings["predict_batch_reps"], "data": args.data}
+            try:
+                results.append(run_worker(spec, t))
+            except WorkerError as exc:
+                errors[peer] = str(exc)
+        agree_labels(results)
+        entries.append({"threads": t, "peers": results, "errors": errors})
+    return {"entries": entries, "missing": missing, "contention": watch.shares()}
+
+
+def print_predict(result, settings, args):
+    under = " under --load" if args.load else ""
+    print(f"\n== 5. MLP inference{under}, {'-'.join(map(str, PREDICT_SIZES))} relu, same "
+          "weights everywhere")
+    print(f"   one sample: float32 (1, 784), median of {settings['predict_calls']} single "
+          f"calls; batch: {PREDICT_ROWS:,} samples, median of "
+          f"{settings['predict_batch_reps']} calls")
+    print("   ratio = this row's time / cnn_core predict's time (> 1: cnn_core is faster)\n")
+    table, details = [], {}
+    for e in result["entries"]:
+        rows = [row for r in e["peers"] for row in r["rows"]]
+        base = next((row for row in rows if row["name"] == "cnn_core predict"), None)
+        for row in rows:
+            table.append([e["threads"], row["name"], fmt_time(row["one_s"]),
+                          fmt_ratio(row["one_s"] / base["one_s"]) if base else "-",
+                          fmt_time(row["batch_s"]), fmt_spread(row["batch_spread"]),
+                          fmt_ratio(row["batch_s"] / base["batch_s"]) if base else "-",
+                          f"{row['agreement']:.4f}"])
+        for peer, err in e["errors"].items():
+            table.append([e["threads"], peer, "failed", "", "", "", "", err[:60]])
+        details.update({r["peer"]: r["detail"] for r in e["peers"]})
+    print_table(["thr", "call", "1 sample", "ratio", f"{PREDICT_ROWS:,} samples", "spread",
+                 "ratio", "same labels"], table, n_left=2)
+    print("  same labels: fraction of the 10,000 argmax labels equal to the first row's.")
+    print(f"  during this section: {fmt_contention(result['contention'])}")
+    for peer, detail in details.items():
+        print(f"  {peer}: {detail}")
+    for peer in result["missing"]:
+        print(f"  {peer}: not installed, skipped")
+
+
+# ---- section 6: memory -----------------------------------------------------------------
 
 def worker_memory(spec):
     """cnn_core's peak RSS during fit above the baseline taken just before the Network is
@@ -591,145 +1055,6 @@ def worker_memory(spec):
             "over_mb": peak - baseline if baseline is not None else None}
 
 
-WORKERS = {"train": worker_train, "predict": worker_predict, "memory": worker_memory,
-           "gemm": worker_gemm}
-
-
-def worker_main(spec):
-    sys.path.insert(0, str(HERE))
-    result = WORKERS[spec["task"]](spec)
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
-# ---- section 2: training ---------------------------------------------------------------
-
-def installed_peers(args):
-    import peers
-
-    chosen = [p for p in PEERS if p in args.peers]
-    return [p for p in chosen if peers.available(p)], [p for p in chosen if not peers.available(p)]
-
-
-def bench_train(args, settings):
-    present, missing = installed_peers(args)
-    configs = []
-    for sizes, batch in settings["configs"]:
-        entry = {"sizes": sizes, "batch": batch, "results": {}, "errors": {}}
-        for peer in present:
-            log(f"  train {peer} {config_name(sizes, batch)}")
-            spec = {"task": "train", "peer": peer, "sizes": sizes, "batch": batch,
-                    "threads": args.threads, "rows": TRAIN_ROWS, "data": args.data,
-                    "min_reps": settings["train_min_reps"],
-                    "max_reps": settings["train_max_reps"],
-                    "budget_s": settings["train_budget_s"]}
-            watch = CpuWatch()
-            try:
-                entry["results"][peer] = run_worker(spec, args.threads)
-                entry["results"][peer]["contention"] = watch.shares()
-            except WorkerError as exc:
-                entry["errors"][peer] = str(exc)
-        configs.append(entry)
-    return {"configs": configs, "missing": missing, "threads": args.threads}
-
-
-def print_train(result, settings):
-    print(f"\n== 2. Training: seconds per epoch on {TRAIN_ROWS:,} MNIST-shaped rows "
-          f"(SGD lr 0.01 momentum 0.9, relu, {result['threads']} threads)")
-    print(f"   median of up to {settings['train_max_reps']} epochs after a warm-up; "
-          "speedup = peer s/epoch / cnn_core s/epoch (> 1: cnn_core is faster)\n")
-    details, flagged = {}, False
-    for entry in result["configs"]:
-        print(f"  {config_name(entry['sizes'], entry['batch'])}")
-        base = entry["results"].get("cnn_core")
-        table = []
-        for peer, r in entry["results"].items():
-            details[peer] = r["detail"]
-            mark = ""
-            if r["rows_timed"] < r["rows"]:
-                mark, flagged = "*", True
-            speedup = r["median_s"] / base["median_s"] if base and peer != "cnn_core" else None
-            other = r["contention"]["other"]
-            table.append([peer, f"{r['median_s']:.3f}{mark}", f"{min(r['epoch_s']):.3f}",
-                          len(r["epoch_s"]), fmt_num(r["warmup_s"], 2), fmt_num(r["loss"], 3),
-                          fmt_num(r["peak_over_mb"], 0),
-                          "-" if other is None else f"{100 * other:.0f}%", fmt_ratio(speedup)])
-        for peer, err in entry["errors"].items():
-            table.append([peer, "failed", "", "", "", "", "", "", err[:60]])
-        print_table(["peer", "s/epoch", "min", "runs", "warm-up s", "loss", "+MB peak",
-                     "other CPU", "cnn_core speedup"], table, indent="    ")
-        print()
-    if flagged:
-        print("  * too slow for the time budget: timed on a prefix of the rows and scaled "
-              "to the full epoch (warm-up was the row-count probe).")
-    print("  +MB peak: peak RSS above the RSS once data and model are prepared (peers "
-          "train on a float32 copy, cnn_core on the uint8 pixels; copies are not counted;\n"
-          "  for JAX it includes compiling the epoch).")
-    print("  loss: mean training loss of the last timed epoch (sanity check, not a score).")
-    print("  other CPU: share of the machine used by other processes meanwhile (> 5%: noisy).")
-    for peer, detail in details.items():
-        print(f"  {peer}: {detail}")
-    for peer in result["missing"]:
-        print(f"  {peer}: not installed, skipped")
-
-
-# ---- section 3: prediction -------------------------------------------------------------
-
-def bench_predict(args, settings):
-    present, missing = installed_peers(args)
-    results, errors = [], {}
-    watch = CpuWatch()
-    for peer in present:
-        if peer not in ("cnn_core", "torch", "numpy"):
-            continue
-        log(f"  predict {peer}")
-        spec = {"task": "predict", "peer": peer, "sizes": PREDICT_SIZES,
-                "threads": args.threads, "calls": settings["predict_calls"],
-                "batch_reps": settings["predict_batch_reps"], "data": args.data}
-        try:
-            results.append(run_worker(spec, args.threads))
-        except WorkerError as exc:
-            errors[peer] = str(exc)
-    reference = None
-    for r in results:
-        for row in r["rows"]:
-            if reference is None:
-                reference = np.array(row["labels"])
-            row["agreement"] = float(np.mean(np.array(row.pop("labels")) == reference))
-    return {"peers": results, "errors": errors, "threads": args.threads,
-            "contention": watch.shares(),
-            "missing": [p for p in missing if p in ("cnn_core", "torch", "numpy")]}
-
-
-def print_predict(result, settings):
-    print(f"\n== 3. Inference, {'-'.join(map(str, PREDICT_SIZES))} relu, same weights "
-          f"everywhere, {result['threads']} threads")
-    print(f"   one sample: float32 (1, 784), median of {settings['predict_calls']} single "
-          f"calls; batch: {PREDICT_ROWS:,} samples, median of "
-          f"{settings['predict_batch_reps']} calls")
-    print("   ratio = this row's time / cnn_core predict's time (> 1: cnn_core is faster)\n")
-    rows = [row for r in result["peers"] for row in r["rows"]]
-    base = next((row for row in rows if row["name"] == "cnn_core predict"), None)
-    table = []
-    for row in rows:
-        table.append([row["name"], fmt_time(row["one_s"]),
-                      fmt_ratio(row["one_s"] / base["one_s"]) if base else "-",
-                      fmt_time(row["batch_s"]),
-                      fmt_ratio(row["batch_s"] / base["batch_s"]) if base else "-",
-                      f"{row['agreement']:.4f}"])
-    for peer, err in result["errors"].items():
-        table.append([peer, "failed", "", "", "", err[:60]])
-    print_table(["call", "1 sample", "ratio", f"{PREDICT_ROWS:,} samples", "ratio",
-                 "same labels"], table)
-    print("  same labels: fraction of the 10,000 argmax labels equal to the first row's.")
-    print(f"  during this section: {fmt_contention(result['contention'])}")
-    for r in result["peers"]:
-        print(f"  {r['peer']}: {r['detail']}")
-    for peer in result["missing"]:
-        print(f"  {peer}: not installed, skipped")
-
-
-# ---- section 4: memory -----------------------------------------------------------------
-
 def bench_memory(args, settings):
     rows, errors = [], {}
     for sizes, batch in settings["configs"]:
@@ -745,7 +1070,7 @@ def bench_memory(args, settings):
 
 
 def print_memory(result):
-    print(f"\n== 4. Peak memory of cnn_core training on {TRAIN_ROWS:,} uint8 rows "
+    print(f"\n== 6. Peak memory of cnn_core training on {TRAIN_ROWS:,} uint8 rows "
           f"(target: at most {result['target_mb']:.0f} MB above the baseline)")
     print("   baseline: RSS after importing numpy + cnn_core and tiling the data, before "
           "building the Network; peak: ru_maxrss after fit\n")
@@ -770,7 +1095,110 @@ def print_memory(result):
               "data loading; the figure is an upper bound.")
 
 
+WORKERS = {"train": worker_train, "predict": worker_predict, "memory": worker_memory,
+           "gemm": worker_gemm}
+
+
+def worker_main(spec):
+    sys.path.insert(0, str(HERE))
+    result = WORKERS[spec["task"]](spec)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ---- the targets -----------------------------------------------------------------------
+
+def check_targets(results, args):
+    """[{"target", "value", "ok"}]: every target the run has figures for.  Without --load
+    the plain targets; with --load the targets under load."""
+    checks = []
+
+    def add(text, value, ok):
+        checks.append({"target": text, "value": value, "ok": bool(ok)})
+
+    train = results.get("train", {}).get("entries", [])
+    if not args.load:
+        first = [784, 128, 10]
+        for e in train:
+            where = f"{config_name(e['sizes'], e['batch'])} {e['input']} {e['threads']}thr"
+            if e["input"] == "dense":
+                need = DENSE_TARGETS
+                if e["over_limit"] is not None:
+                    add(f"{where}: cnn_core / GEMM limit <= {need['limit']}",
+                        e["over_limit"], e["over_limit"] <= need["limit"])
+            else:
+                need = REAL_TARGETS["first" if e["sizes"] == first else "other"]
+            for peer, x in e["speedup"].items():
+                if peer in need:
+                    add(f"{where}: {peer}/cnn_core >= {need[peer]}", x, x >= need[peer])
+        for r in results.get("twoproc", {}).get("rows", []):
+            where = f"two processes {config_name(r['sizes'], r['batch'])}"
+            add(f"{where}: together / alone <= {TWOPROC_TARGET}", max(r["ratios"]),
+                max(r["ratios"]) <= TWOPROC_TARGET)
+        for e in results.get("lenet", {}).get("entries", []):
+            where = f"LeNet-5 {e['threads']}thr"
+            for peer, x in e["speedup"].items():
+                add(f"{where} training: {peer}/cnn_core >= {LENET_TARGETS[peer]}", x,
+                    x >= LENET_TARGETS[peer])
+            rows = {row["name"]: row for r in e["predict"].values() for row in r["rows"]}
+            if "cnn_core predict" in rows and "torch no_grad model(x)" in rows:
+                x = rows["torch no_grad model(x)"]["batch_s"] / rows["cnn_core predict"]["batch_s"]
+                need = LENET_TARGETS["predict_torch"]
+                add(f"{where} predict 10k: torch no_grad/cnn_core >= {need}", x, x >= need)
+        for e in results.get("predict", {}).get("entries", []):
+            rows = {row["name"]: row for r in e["peers"] for row in r["rows"]}
+            if "cnn_core predict" in rows and "onnxruntime run (label)" in rows:
+                cnn, ort = rows["cnn_core predict"], rows["onnxruntime run (label)"]
+                for key, what in (("one_s", "1 sample"), ("batch_s", "10k samples")):
+                    x = ort[key] / cnn[key]
+                    add(f"MLP predict {what} {e['threads']}thr: onnxruntime/cnn_core > 1", x,
+                        x > 1)
+    else:
+        by_key = {(tuple(e["sizes"]), e["batch"], e["input"], e["threads"]): e for e in train}
+        for (sizes, batch, kind, t), e in by_key.items():
+            where = f"{config_name(list(sizes), batch)} {kind} {t}thr under load"
+            for peer, x in e["speedup"].items():
+                add(f"{where}: {peer}/cnn_core > 1", x, x > 1)
+            one = by_key.get((sizes, batch, kind, 1))
+            if t > 1 and one and "cnn_core" in e["results"] and "cnn_core" in one["results"]:
+                x = e["results"]["cnn_core"]["median_s"] / one["results"]["cnn_core"]["median_s"]
+                add(f"{config_name(list(sizes), batch)} {kind} under load: cnn_core {t}thr / "
+                    f"1thr <= {LOAD_TARGET}", x, x <= LOAD_TARGET)
+    return checks
+
+
+def print_targets(checks, args):
+    print(f"\n== Targets{' under --load' if args.load else ''} (value, and whether it is met)\n")
+    if not checks:
+        print("  (no section with a target was run)")
+        return
+    print_table(["target", "value", ""],
+                [[c["target"], f"{c['value']:.2f}", "ok" if c["ok"] else "MISSED"]
+                 for c in checks])
+    missed = sum(not c["ok"] for c in checks)
+    print(f"\n  {len(checks) - missed} of {len(checks)} met")
+
+
 # ---- machine description ---------------------------------------------------------------
+
+def blas_description():
+    """The BLAS libraries loaded in this process, e.g. 'openblas 0.3.x (Haswell, pthreads),
+    2 threads [numpy.libs]', from threadpoolctl; without it, numpy's build-time BLAS."""
+    try:
+        from threadpoolctl import threadpool_info
+        libs = [f"{lib.get('internal_api')} {lib.get('version')} "
+                f"({lib.get('architecture')}, {lib.get('threading_layer')}), "
+                f"{lib.get('num_threads')} threads [{Path(lib.get('filepath', '')).parent.name}]"
+                for lib in threadpool_info() if lib.get("user_api") == "blas"]
+        if libs:
+            return "; ".join(libs)
+    except ImportError:
+        pass
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        return f"{blas.get('name')} {blas.get('version')}"
+    except Exception:  # the layout of show_config differs between numpy versions
+        return "unknown"
+
 
 def cpu_description():
     """CPU model, core counts and the SIMD extensions that matter here."""
@@ -796,15 +1224,14 @@ def cpu_description():
         pass
     simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "asimd")
             if f in flags]
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {"model": model or platform.processor() or platform.machine(),
             "physical_cores": cores, "logical_cpus": os.cpu_count(),
-            "usable_cpus": affinity, "simd": simd}
+            "usable_cpus": len(_CPUS) or None, "simd": simd}
 
 
 def package_versions():
     versions = {}
-    for name in ("numpy", "cnn_core", "torch", "scikit-learn", "jax", "jaxlib",
+    for name in ("numpy", "cnn_core", "torch", "jax", "jaxlib", "onnxruntime",
                  "threadpoolctl"):
         try:
             versions[name] = importlib.metadata.version(name)
@@ -820,7 +1247,7 @@ def machine_info():
             "python": platform.python_version(), "versions": package_versions(),
             "cnn_core_info": cnn_core.info(),
             "cnn_core_location": str(Path(cnn_core.__file__).parent),
-            "numpy_blas": blas_description(),
+            "numpy_blas": blas_description(), "pin_cpu": PIN_CPU, "load_cpu": LOAD_CPU,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
@@ -842,7 +1269,9 @@ def print_machine(m, args):
               "AVX-512 ones, so numpy-based peers here are not at their best.")
     versions = ", ".join(f"{k} {v or 'not installed'}" for k, v in m["versions"].items())
     print(f"  versions: {versions}")
-    print(f"  run:      {' '.join(sys.argv[1:]) or '(defaults)'}; threads {args.threads}")
+    print(f"  run:      {' '.join(sys.argv[1:]) or '(defaults)'}; threads 1 (pinned to CPU "
+          f"{PIN_CPU}) and {args.threads}"
+          + (f"; busy loop on CPU {LOAD_CPU} throughout" if args.load else ""))
 
 
 # ---- main ------------------------------------------------------------------------------
@@ -851,16 +1280,18 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="smoke run (~1 min): fewer repetitions, fewer GEMM shapes, one "
-                        "training configuration, short time budgets")
+                   help="smoke run (under 3 min): fewer repetitions, fewer GEMM shapes, "
+                        "one training configuration, short time budgets")
     p.add_argument("--only", default=",".join(SECTIONS),
-                   help="comma-separated sections to run: gemm,train,predict,memory")
+                   help="comma-separated sections to run: " + ",".join(SECTIONS))
     p.add_argument("--threads", type=int, default=2,
-                   help="threads for training, prediction and memory (default 2); GEMM "
-                        "runs at 1 and this many")
+                   help="the multi-threaded setting (default 2); every section also runs "
+                        "one thread, except twoproc and memory")
+    p.add_argument("--load", action="store_true",
+                   help=f"run a CPU-bound busy loop on CPU {LOAD_CPU} during every "
+                        "measurement (peers alike) and check the targets under load")
     p.add_argument("--peers", default=",".join(PEERS),
-                   help="comma-separated libraries for train/predict (default all: "
-                        + ",".join(PEERS) + ")")
+                   help="comma-separated libraries (default all: " + ",".join(PEERS) + ")")
     p.add_argument("--data", default=None,
                    help="MNIST folder (default: ../shared/data/mnist-t10k-split beside the "
                         "checkout, else cnn_core's cache)")
@@ -880,11 +1311,21 @@ def parse_args(argv):
         bad = [s for s in args.peers if s not in PEERS]
         if bad:
             p.error(f"unknown peer(s) {bad}; choose from {list(PEERS)}")
-        if args.threads < 1:
-            p.error("--threads must be >= 1")
+        if args.threads < 2:
+            p.error("--threads must be >= 2 (one thread is always measured too)")
         if args.data is not None:
             args.data = str(Path(args.data).resolve())
     return args
+
+
+SECTION_RUNS = {  # section -> (title, bench, print)
+    "gemm": ("GEMM", bench_gemm, lambda r, s, a: print_gemm(r, s)),
+    "train": ("MLP training", bench_train, print_train),
+    "twoproc": ("two processes", bench_twoproc, lambda r, s, a: print_twoproc(r, a)),
+    "lenet": ("LeNet-5", bench_lenet, print_lenet),
+    "predict": ("MLP inference", bench_predict, print_predict),
+    "memory": ("memory", bench_memory, lambda r, s, a: print_memory(r)),
+}
 
 
 def main(argv=None):
@@ -905,22 +1346,16 @@ def main(argv=None):
     started = time.perf_counter()
     results = {"machine": machine_info(), "args": vars(args), "settings": settings}
     print_machine(results["machine"], args)
-    if "gemm" in args.only:
-        log("GEMM ...")
-        results["gemm"] = bench_gemm(args, settings)
-        print_gemm(results["gemm"], settings)
-    if "train" in args.only:
-        log("training ...")
-        results["train"] = bench_train(args, settings)
-        print_train(results["train"], settings)
-    if "predict" in args.only:
-        log("prediction ...")
-        results["predict"] = bench_predict(args, settings)
-        print_predict(results["predict"], settings)
-    if "memory" in args.only:
-        log("memory ...")
-        results["memory"] = bench_memory(args, settings)
-        print_memory(results["memory"])
+    with BusyLoad(args.load):
+        for section in SECTIONS:
+            if section not in args.only:
+                continue
+            title, bench, show = SECTION_RUNS[section]
+            log(f"{title} ...")
+            results[section] = bench(args, settings)
+            show(results[section], settings, args)
+    results["targets"] = check_targets(results, args)
+    print_targets(results["targets"], args)
     results["seconds"] = time.perf_counter() - started
     results["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     end_load = results["load_average_end"]

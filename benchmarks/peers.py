@@ -1,29 +1,33 @@
 """The workloads of the benchmark, one implementation per library.
 
-Every training factory ``train_<peer>(X, y, sizes, batch_size, n_threads, seed)`` takes
-uint8 pixels X (n, 784), integer labels y (n,) and the layer sizes, does its one-time
-data preparation (e.g. float32 / 255) and returns ``epoch(rows) -> mean loss``: one
-shuffled epoch of minibatch SGD (learning rate 0.01, momentum 0.9, no weight decay, relu
-hidden layers, softmax cross-entropy) over the first ``rows`` samples.
+Training factories ``train_<peer>(X, y, model, batch_size, n_threads, seed)`` take the
+training rows X (n, 784): uint8 pixels, which every library scales by 1/255 (cnn_core as
+it gathers a batch, the others once up front), or float32 features, used as they are;
+integer labels y (n,); and the model: a list of layer sizes (an MLP with relu hidden
+layers) or ``"lenet5"``.  Each does its one-time preparation and returns ``epoch(rows) ->
+mean loss``: one shuffled epoch of minibatch SGD (learning rate 0.01, momentum 0.9, no
+weight decay, softmax cross-entropy) over the first ``rows`` samples.
 
-Every prediction factory ``predict_<peer>(weights, n_threads)`` takes the same float32
-weights [(W (n_in, n_out), b (n_out,)), ...] and returns ``(convert, {label: f})``:
-``convert`` turns a float32 numpy array into that library's input once (outside the
-timing), and each ``f(converted X)`` is one way that library predicts from Python.
+Prediction factories ``predict_<peer>(model, weights, n_threads)`` take the same float32
+weights in every library and return ``(convert, {label: f})``: ``convert`` turns float32
+rows (n, 784) into that library's input once (outside the timing), and each
+``f(converted X)`` is one way that library predicts from Python.
 
 Peers are imported lazily, inside the factories, so a missing one costs nothing.
 """
 import importlib.util
-import warnings
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
+LENET = "lenet5"
 
 # peer name -> the module that must be importable for it
-PEER_MODULES = {"cnn_core": "cnn_core", "torch": "torch", "numpy": "numpy",
-                "sklearn": "sklearn", "jax": "jax"}
+PEER_MODULES = {"cnn_core": "cnn_core", "torch": "torch", "jax": "jax", "numpy": "numpy",
+                "onnxruntime": "onnxruntime"}
 
 
 def available(peer):
@@ -38,6 +42,24 @@ def _same(X):
     return X
 
 
+def as_float32(X):
+    """Training rows as float32: uint8 pixels scaled to [0, 1] (no float64 temporaries),
+    float32 features as they are."""
+    if X.dtype == np.uint8:
+        out = X.astype(np.float32)
+        out *= np.float32(1.0 / 255.0)
+        return out
+    return X
+
+
+# ---- the models ------------------------------------------------------------------------
+
+# LeNet-5 on 28x28x1 images, channels last: (kind, settings); conv kernels 5x5 with relu,
+# max pooling 2x2, then dense layers with relu except the last.
+LENET_LAYERS = [("conv", 6, "same"), ("pool",), ("conv", 16, "valid"), ("pool",),
+                ("dense", 120), ("dense", 84), ("dense", 10)]
+
+
 def mlp_weights(sizes, seed):
     """He-initialised float32 weights [(W (n_in, n_out), b (n_out,)), ...] for `sizes`."""
     rng = np.random.default_rng(seed)
@@ -48,20 +70,56 @@ def mlp_weights(sizes, seed):
     return layers
 
 
-def scaled_float32(X):
-    """X (uint8 pixels) as a new float32 array scaled to [0, 1], without float64 temporaries."""
-    out = X.astype(np.float32)
-    out *= np.float32(1.0 / 255.0)
-    return out
+def lenet_weights(seed):
+    """He-initialised float32 LeNet-5 weights, cnn_core's layout: conv (5, 5, in_c, out_c)
+    (HWIO), dense (n_in, n_out) with the flattened input in HWC order."""
+    rng = np.random.default_rng(seed)
+    weights, channels = [], 1
+    n_in = None
+    for layer in LENET_LAYERS:
+        if layer[0] == "conv":
+            shape = (5, 5, channels, layer[1])
+            channels = layer[1]
+        elif layer[0] == "dense":
+            n_in = n_in or 5 * 5 * channels
+            shape = (n_in, layer[1])
+            n_in = layer[1]
+        else:
+            continue
+        fan_in = int(np.prod(shape[:-1]))
+        W = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        weights.append((W, np.zeros(shape[-1], dtype=np.float32)))
+    return weights
+
+
+def model_weights(model, seed):
+    return lenet_weights(seed) if model == LENET else mlp_weights(model, seed)
+
+
+def model_name(model):
+    return "LeNet-5" if model == LENET else "-".join(map(str, model))
 
 
 # ---- cnn_core ------------------------------------------------------------------------
 
-def train_cnn_core(X, y, sizes, batch_size, n_threads, seed):
-    """cnn_core.Network.fit(epochs=1) on the uint8 pixels as they are."""
+def cnn_core_network(model, seed, weights=None):
+    """A cnn_core.Network for `model`, with `weights` copied in if given."""
     import cnn_core
 
-    net = cnn_core.Network(sizes, activation="relu", seed=seed)
+    if model == LENET:
+        net = cnn_core.Network(cnn_core.layers.lenet5(dropout=0), seed=seed)
+    else:
+        net = cnn_core.Network(model, activation="relu", seed=seed)
+    if weights is not None:
+        for (W, b), W_net, b_net in zip(weights, net.weights, net.biases):
+            W_net[...] = W.reshape(W_net.shape)
+            b_net[...] = b
+    return net
+
+
+def train_cnn_core(X, y, model, batch_size, n_threads, seed):
+    """cnn_core.Network.fit(epochs=1) on X as it is (uint8 pixels or float32 features)."""
+    net = cnn_core_network(model, seed)
 
     def epoch(rows):
         history = net.fit(X[:rows], y[:rows], epochs=1, batch_size=batch_size,
@@ -72,43 +130,75 @@ def train_cnn_core(X, y, sizes, batch_size, n_threads, seed):
     return epoch
 
 
-def predict_cnn_core(weights, n_threads):
-    """Network.predict / predict_proba with the given weights copied in."""
-    import cnn_core
-
-    sizes = [weights[0][0].shape[0]] + [W.shape[1] for W, _ in weights]
-    net = cnn_core.Network(sizes, activation="relu", seed=0)
-    for (W, b), W_net, b_net in zip(weights, net.weights, net.biases):
-        W_net[...] = W
-        b_net[...] = b
-    return _same, {
-        "cnn_core predict": lambda X: net.predict(X, n_threads=n_threads),
-        "cnn_core predict_proba": lambda X: net.predict_proba(X, n_threads=n_threads),
-        "cnn_core predict (n_threads=1)": lambda X: net.predict(X, n_threads=1),
-    }
+def predict_cnn_core(model, weights, n_threads):
+    """Network.predict (and, for the MLP, predict_proba) with the given weights."""
+    net = cnn_core_network(model, 0, weights)
+    funcs = {"cnn_core predict": lambda X: net.predict(X, n_threads=n_threads)}
+    if model != LENET:
+        funcs["cnn_core predict_proba"] = lambda X: net.predict_proba(X, n_threads=n_threads)
+    return _same, funcs
 
 
 # ---- PyTorch -------------------------------------------------------------------------
 
-def _torch_model(torch, sizes):
+def _torch_model(torch, model):
+    nn = torch.nn
+    if model == LENET:
+        return nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
     layers = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
+    for i, (n_in, n_out) in enumerate(zip(model[:-1], model[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(model) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
 
 
-def train_torch(X, y, sizes, batch_size, n_threads, seed):
-    """nn.Sequential + CrossEntropyLoss + optim.SGD; data converted to a float tensor once."""
+def _torch_input(torch, model, X):
+    """float32 rows (n, 784) as the tensor the model takes (NCHW images for LeNet-5)."""
+    t = torch.from_numpy(np.ascontiguousarray(X))
+    return t.reshape(-1, 1, 28, 28) if model == LENET else t
+
+
+def channels_first(weights):
+    """cnn_core-layout LeNet weights for a channels-first (NCHW) network: conv kernels
+    HWIO -> OIHW, and the rows of the first dense layer after the convolutions from HWC
+    order to CHW order (what flattening an NCHW tensor gives); dense stays (n_in, n_out)."""
+    out = []
+    for i, (W, b) in enumerate(weights):
+        if W.ndim == 4:
+            W = W.transpose(3, 2, 0, 1)
+        elif i > 0 and weights[i - 1][0].ndim == 4:
+            c = weights[i - 1][0].shape[3]
+            side = int(round((W.shape[0] // c) ** 0.5))
+            W = W.reshape(side, side, c, -1).transpose(2, 0, 1, 3).reshape(W.shape)
+        out.append((np.ascontiguousarray(W), b))
+    return out
+
+
+def _torch_load(torch, net, weights):
+    """Copy cnn_core-layout weights into the torch model (Linear keeps (out, in))."""
+    params = [m for m in net if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    with torch.no_grad():
+        for (W, b), m in zip(channels_first(weights), params):
+            m.weight.copy_(torch.from_numpy(np.ascontiguousarray(W if W.ndim == 4 else W.T)))
+            m.bias.copy_(torch.from_numpy(b))
+
+
+def train_torch(X, y, model, batch_size, n_threads, seed):
+    """nn.Sequential + CrossEntropyLoss + optim.SGD (eager); data converted to a float32
+    tensor once, batches gathered by index."""
     import torch
 
     torch.set_num_threads(n_threads)
     torch.manual_seed(seed)
-    X_t = torch.from_numpy(X).float().div_(255.0)
+    X_t = _torch_input(torch, model, as_float32(X))
     y_t = torch.from_numpy(y.astype(np.int64))
-    model = _torch_model(torch, sizes)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+    net = _torch_model(torch, model)
+    _torch_load(torch, net, model_weights(model, seed))
+    optimizer = torch.optim.SGD(net.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def epoch(rows):
@@ -118,7 +208,7 @@ def train_torch(X, y, sizes, batch_size, n_threads, seed):
             idx = order[start:start + batch_size]
             xb, yb = X_t[idx], y_t[idx]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
+            loss = loss_fn(net(xb), yb)
             loss.backward()
             optimizer.step()
             total += loss.detach() * len(idx)
@@ -127,182 +217,77 @@ def train_torch(X, y, sizes, batch_size, n_threads, seed):
     return epoch
 
 
-def predict_torch(weights, n_threads):
+def predict_torch(model, weights, n_threads):
     """model(x) under torch.no_grad() and under torch.inference_mode()."""
     import torch
 
     torch.set_num_threads(n_threads)
-    sizes = [weights[0][0].shape[0]] + [W.shape[1] for W, _ in weights]
-    model = _torch_model(torch, sizes).eval()
-    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        for (W, b), lin in zip(weights, linears):
-            lin.weight.copy_(torch.from_numpy(W.T.copy()))
-            lin.bias.copy_(torch.from_numpy(b))
+    net = _torch_model(torch, model).eval()
+    _torch_load(torch, net, weights)
 
     def no_grad(X):
         with torch.no_grad():
-            return model(X)
+            return net(X)
 
     def inference_mode(X):
         with torch.inference_mode():
-            return model(X)
+            return net(X)
 
-    return torch.from_numpy, {"torch no_grad model(x)": no_grad,
-                              "torch inference_mode model(x)": inference_mode}
-
-
-# ---- numpy from scratch --------------------------------------------------------------
-
-class NumpyMLP:
-    """A float32 MLP in plain numpy: flat parameter/gradient/velocity vectors with
-    per-layer views, and activation/delta buffers allocated once for `batch_size` rows."""
-
-    def __init__(self, sizes, batch_size, seed):
-        self.sizes = list(sizes)
-        layers = mlp_weights(sizes, seed)
-        n = sum(W.size + b.size for W, b in layers)
-        self.params = np.empty(n, dtype=np.float32)
-        self.grads = np.zeros(n, dtype=np.float32)
-        self.velocity = np.zeros(n, dtype=np.float32)
-        self.step_buf = np.empty(n, dtype=np.float32)
-        self.W, self.b, self.dW, self.db = [], [], [], []
-        offset = 0
-        for W, b in layers:
-            for arr, views, grads in ((W, self.W, self.dW), (b, self.b, self.db)):
-                view = self.params[offset:offset + arr.size].reshape(arr.shape)
-                view[...] = arr
-                views.append(view)
-                grads.append(self.grads[offset:offset + arr.size].reshape(arr.shape))
-                offset += arr.size
-        # acts[0] is the input batch, acts[l + 1] the output of layer l (logits last)
-        self.acts = [np.empty((batch_size, s), dtype=np.float32) for s in sizes]
-        self.deltas = [np.empty((batch_size, s), dtype=np.float32) for s in sizes[1:]]
-
-    def forward(self, m):
-        """Fill acts[1:] for the m rows held in acts[0][:m]; returns the logits (m, C)."""
-        last = len(self.W) - 1
-        for l, (W, b) in enumerate(zip(self.W, self.b)):
-            Z = self.acts[l + 1][:m]
-            np.matmul(self.acts[l][:m], W, out=Z)
-            Z += b
-            if l < last:
-                np.maximum(Z, 0.0, out=Z)
-        return self.acts[-1][:m]
-
-    def train_batch(self, X, idx, y):
-        """One SGD-momentum step on rows X[idx]; returns the batch's summed loss."""
-        m = len(idx)
-        np.take(X, idx, axis=0, out=self.acts[0][:m])
-        P = self.forward(m)
-        P -= P.max(axis=1, keepdims=True)
-        np.exp(P, out=P)
-        P /= P.sum(axis=1, keepdims=True)
-        labels = y[idx]
-        rows = np.arange(m)
-        loss = -np.log(P[rows, labels] + 1e-30).sum()
-        D = self.deltas[-1][:m]
-        np.divide(P, m, out=D)
-        D[rows, labels] -= 1.0 / m
-        for l in range(len(self.W) - 1, -1, -1):
-            np.matmul(self.acts[l][:m].T, D, out=self.dW[l])
-            D.sum(axis=0, out=self.db[l])
-            if l > 0:
-                D_prev = self.deltas[l - 1][:m]
-                np.matmul(D, self.W[l].T, out=D_prev)
-                D_prev *= self.acts[l][:m] > 0
-                D = D_prev
-        self.velocity *= MOMENTUM
-        self.velocity += self.grads
-        np.multiply(self.velocity, LEARNING_RATE, out=self.step_buf)
-        self.params -= self.step_buf
-        return float(loss)
-
-
-def train_numpy(X, y, sizes, batch_size, n_threads, seed):
-    """NumpyMLP; pixels converted to float32 / 255 once; threads set by the caller's BLAS."""
-    X_f = scaled_float32(X)
-    labels = y.astype(np.intp)
-    net = NumpyMLP(sizes, batch_size, seed)
-    rng = np.random.default_rng(seed)
-
-    def epoch(rows):
-        order = rng.permutation(rows)
-        total = 0.0
-        for start in range(0, rows, batch_size):
-            total += net.train_batch(X_f, order[start:start + batch_size], labels)
-        return total / rows
-
-    return epoch
-
-
-def numpy_forward(weights, X):
-    """Logits of the MLP `weights` on float32 X (n, n_in), relu hidden layers."""
-    h = X
-    for l, (W, b) in enumerate(weights):
-        h = h @ W
-        h += b
-        if l < len(weights) - 1:
-            np.maximum(h, 0.0, out=h)
-    return h
-
-
-def predict_numpy(weights, n_threads):
-    """The numpy forward pass (threads set by the caller's BLAS)."""
-    return _same, {"numpy forward (logits)": lambda X: numpy_forward(weights, X)}
-
-
-# ---- scikit-learn --------------------------------------------------------------------
-
-def train_sklearn(X, y, sizes, batch_size, n_threads, seed):
-    """MLPClassifier(solver="sgd").partial_fit: one epoch per call, float32 kept."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-
-    X_f = scaled_float32(X)
-    classes = np.arange(sizes[-1])
-    clf = MLPClassifier(hidden_layer_sizes=tuple(sizes[1:-1]), activation="relu",
-                        solver="sgd", alpha=0.0, batch_size=batch_size,
-                        learning_rate="constant", learning_rate_init=LEARNING_RATE,
-                        momentum=MOMENTUM, nesterovs_momentum=False, shuffle=True,
-                        early_stopping=False, max_iter=1, random_state=seed)
-
-    def epoch(rows):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.partial_fit(X_f[:rows], y[:rows], classes=classes)
-        if clf.coefs_[0].dtype != np.float32:
-            raise RuntimeError(f"scikit-learn trained in {clf.coefs_[0].dtype}, not float32")
-        return float(clf.loss_)
-
-    return epoch
+    return (lambda X: _torch_input(torch, model, X),
+            {"torch no_grad model(x)": no_grad, "torch inference_mode model(x)": inference_mode})
 
 
 # ---- JAX -----------------------------------------------------------------------------
 
-def train_jax(X, y, sizes, batch_size, n_threads, seed):
-    """A jitted epoch: jax.lax.scan over the shuffled minibatches, manual SGD momentum.
+def _jax_logits(jax, jnp, model, params, x):
+    """Logits of `model` for a batch x (m, 784): the MLP with cnn_core's weights, LeNet-5
+    in NCHW with channels_first(weights) (XLA's CPU convolutions are faster in NCHW than
+    in NHWC)."""
+    if model != LENET:
+        h = x
+        for W, b in params[:-1]:
+            h = jax.nn.relu(h @ W + b)
+        W, b = params[-1]
+        return h @ W + b
+    h = x.reshape(-1, 1, 28, 28)
+    it = iter(params)
+    for layer in LENET_LAYERS:
+        if layer[0] == "conv":
+            W, b = next(it)
+            h = jax.lax.conv_general_dilated(h, W, (1, 1), layer[2].upper(),
+                                             dimension_numbers=("NCHW", "OIHW", "NCHW"))
+            h = jax.nn.relu(h + b[None, :, None, None])
+        elif layer[0] == "pool":
+            h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2),
+                                      "VALID")
+        else:
+            W, b = next(it)
+            h = h.reshape(h.shape[0], -1) @ W + b
+            if layer is not LENET_LAYERS[-1]:
+                h = jax.nn.relu(h)
+    return h
 
-    Threads are set through XLA_FLAGS by the caller before jax is imported.  The last,
-    short minibatch is one more step inside the same jitted function.  One compilation
-    per distinct `rows`.
+
+def train_jax(X, y, model, batch_size, n_threads, seed):
+    """The whole epoch is one jax.jit function: a permutation, jax.lax.scan over the
+    minibatches (the short last batch is one more step inside the same function), manual
+    SGD momentum.  Threads are set through XLA_FLAGS (and CPU affinity) by the caller
+    before jax is imported.  One compilation per distinct `rows`.
     """
     import jax
     import jax.numpy as jnp
 
-    X_d = jax.device_put(scaled_float32(X))
+    X_d = jax.device_put(as_float32(X))
     y_d = jax.device_put(y.astype(np.int32))
-    params = [(jnp.asarray(W), jnp.asarray(b)) for W, b in mlp_weights(sizes, seed)]
+    weights = model_weights(model, seed)
+    weights = channels_first(weights) if model == LENET else weights
+    params = [(jnp.asarray(W), jnp.asarray(b)) for W, b in weights]
     velocity = jax.tree_util.tree_map(jnp.zeros_like, params)
     state = {"params": params, "velocity": velocity, "key": jax.random.PRNGKey(seed)}
     compiled = {}
 
     def loss_fn(params, xb, yb):
-        h = xb
-        for W, b in params[:-1]:
-            h = jax.nn.relu(h @ W + b)
-        W, b = params[-1]
-        logp = jax.nn.log_softmax(h @ W + b)
+        logp = jax.nn.log_softmax(_jax_logits(jax, jnp, model, params, xb))
         return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], axis=1))
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -347,6 +332,45 @@ def train_jax(X, y, sizes, batch_size, n_threads, seed):
     return epoch
 
 
-TRAINERS = {"cnn_core": train_cnn_core, "torch": train_torch, "numpy": train_numpy,
-            "sklearn": train_sklearn, "jax": train_jax}
-PREDICTORS = {"cnn_core": predict_cnn_core, "torch": predict_torch, "numpy": predict_numpy}
+# ---- numpy and ONNX Runtime (inference only) -----------------------------------------
+
+def numpy_forward(weights, X):
+    """Logits of the MLP `weights` on float32 X (n, n_in), relu hidden layers."""
+    h = X
+    for l, (W, b) in enumerate(weights):
+        h = h @ W
+        h += b
+        if l < len(weights) - 1:
+            np.maximum(h, 0.0, out=h)
+    return h
+
+
+def predict_numpy(model, weights, n_threads):
+    """The numpy forward pass of the MLP (threads set by the caller's BLAS)."""
+    if model == LENET:
+        return _same, {}
+    return _same, {"numpy forward (logits)": lambda X: numpy_forward(weights, X)}
+
+
+def predict_onnxruntime(model, weights, n_threads):
+    """An ONNX Runtime session (CPU, intra-op threads = n_threads, sequential) on the file
+    written by cnn_core's Network.to_onnx; fetches the label output only, as predict."""
+    import onnxruntime as ort
+
+    if model == LENET:
+        return _same, {}
+    net = cnn_core_network(model, 0, weights)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = n_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    with tempfile.TemporaryDirectory() as folder:
+        path = net.to_onnx(Path(folder) / "mlp.onnx")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return _same, {"onnxruntime run (label)":
+                   lambda X: session.run(["label"], {"input": X})[0]}
+
+
+TRAINERS = {"cnn_core": train_cnn_core, "torch": train_torch, "jax": train_jax}
+PREDICTORS = {"cnn_core": predict_cnn_core, "torch": predict_torch, "numpy": predict_numpy,
+              "onnxruntime": predict_onnxruntime}

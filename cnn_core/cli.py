@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import cnn_core
-from . import kernels, layers, model_file
+from . import kernels, layers, model_file, training
 from .datasets import load_mnist
 from .network import DEFAULT_LEARNING_RATE, Network
 
@@ -165,6 +165,7 @@ def build_parser():
                        help="seed of the initial weights and the shuffling; the same seed "
                             "trains the same model (default: %(default)s)")
     _add_threads(train)
+    _add_toolkit(train)
     save = train.add_mutually_exclusive_group()
     save.add_argument("-o", "--output", metavar="PATH", type=Path, default=Path(DEFAULT_OUTPUT),
                       help="model file to write, atomically (default: %(default)s in the "
@@ -180,13 +181,19 @@ def build_parser():
     evaluate.add_argument("model", metavar="MODEL", type=Path, help="model file")
     _add_data(evaluate)
     _add_threads(evaluate)
+    evaluate.add_argument("--plot", metavar="PNG", type=Path,
+                          help="also draw the confusion matrix beside the most confidently "
+                               "misclassified test images to this picture (.png, .svg, "
+                               ".pdf; needs matplotlib)")
 
     convert = commands.add_parser(
         "convert", help="convert between cnn_core model files (.cnn) and ONNX (.onnx)",
-        description="Convert a network between formats, told apart by the file names: a "
-                    "cnn_core model file (.cnn), ONNX (.onnx), or, with --unsafe-pickle "
-                    "only, a pickled scikit-learn MLPClassifier (.pkl, .pickle, .joblib) as "
-                    "the source. The target is written atomically.")
+        description="Convert a network (a multilayer perceptron or a convolutional "
+                    "network, a classifier or a regression network) between formats, told "
+                    "apart by the file names: a cnn_core model file (.cnn), ONNX (.onnx), "
+                    "or, with --unsafe-pickle only, a pickled scikit-learn MLPClassifier or "
+                    "MLPRegressor (.pkl, .pickle, .joblib) as the source. The target is "
+                    "written atomically.")
     convert.add_argument("source", metavar="SOURCE", type=Path, help="file to read")
     convert.add_argument("target", metavar="TARGET", type=Path,
                          help="file to write: .cnn or .onnx")
@@ -201,6 +208,53 @@ def build_parser():
     info.add_argument("model", metavar="MODEL", type=Path, nargs="?", default=None,
                       help="model file to describe (optional)")
     return parser
+
+
+def _add_toolkit(train):
+    """Options of the training toolkit (cnn_core.training) and the curves' picture."""
+    train.add_argument("--schedule", metavar="NAME", choices=list(training.SCHEDULES),
+                       help="learning-rate schedule with default parameters: "
+                            + ", ".join(training.SCHEDULES) + " (default: constant)")
+    train.add_argument("--validation-split", metavar="F", default=0.0,
+                       type=_float_parser(0, 1, low_open=True, high_open=True),
+                       help="hold out this fraction of the training images (the last "
+                            "ones) to validate on, instead of the test images")
+    train.add_argument("--early-stopping", metavar="PATIENCE", type=_positive_int,
+                       help="stop when the validation loss has not improved for PATIENCE "
+                            "epochs, keeping the best epoch's weights (needs "
+                            "--validation-split)")
+    train.add_argument("--plot", metavar="PNG", type=Path,
+                       help="draw the loss and accuracy curves to this picture (.png, "
+                            ".svg, .pdf; needs matplotlib)")
+
+
+def _check_plot(path):
+    """Fail before training if the picture cannot be drawn or written."""
+    if path is None:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CommandError("--plot needs matplotlib: pip install 'cnn_core[plot]'") from None
+    if not path.parent.is_dir():
+        raise CommandError(f"cannot write the picture {path}: {path.parent} is not a folder")
+
+
+def _toolkit_fit_options(args, X_test, y_test):
+    """fit() arguments of the toolkit options, and a description of them."""
+    if args.early_stopping and not args.validation_split:
+        raise CommandError("--early-stopping needs --validation-split (the test images are "
+                           "for monitoring only)")
+    options = {"schedule": args.schedule}
+    if args.validation_split:
+        options["validation_split"] = args.validation_split
+        what = f"the last {args.validation_split:.0%} of the training images"
+    else:
+        options["validation_data"] = (X_test, y_test)
+        what = f"{len(X_test)} test images"
+    if args.early_stopping:
+        options["early_stopping"] = training.EarlyStopping("val_loss", args.early_stopping)
+    return options, what
 
 
 # ---- commands -------------------------------------------------------------------------
@@ -254,6 +308,7 @@ def _train(args):
         raise CommandError("--nesterov needs --optimizer sgd and --momentum > 0")
     if not args.no_save:
         _check_output(args.output)
+    _check_plot(args.plot)
     (X, y), (X_test, y_test) = _load_data(args.data)
     if args.train_samples is not None:
         X, y = X[:args.train_samples], y[:args.train_samples]
@@ -269,12 +324,21 @@ def _train(args):
     if args.weight_decay:
         settings.append(f"weight decay {args.weight_decay:g}")
     settings.append(f"batch size {args.batch_size}")
+    options, validating = _toolkit_fit_options(args, X_test, y_test)
+    if args.schedule:
+        settings.append(f"{args.schedule} schedule")
     print(f"training {_describe(net)} on {len(X)} images for {args.epochs} epochs "
-          f"({', '.join(settings)}); validating on {len(X_test)} test images", flush=True)
-    net.fit(X, y, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-            learning_rate=learning_rate, momentum=args.momentum, nesterov=args.nesterov,
-            weight_decay=args.weight_decay, validation_data=(X_test, y_test), verbose=1,
-            n_threads=args.threads)
+          f"({', '.join(settings)}); validating on {validating}", flush=True)
+    history = net.fit(X, y, epochs=args.epochs, batch_size=args.batch_size,
+                      optimizer=args.optimizer, learning_rate=learning_rate,
+                      momentum=args.momentum, nesterov=args.nesterov,
+                      weight_decay=args.weight_decay, verbose=1, n_threads=args.threads,
+                      **options)
+    if history.best_epoch is not None:
+        print(f"kept the weights of epoch {history.best_epoch} (lowest validation loss)")
+    if args.plot is not None:
+        history.plot(args.plot)
+        print(f"curves drawn to {args.plot}")
     loss, accuracy = net.evaluate(X_test, y_test, n_threads=args.threads)
     if args.no_save:
         where = "model not saved (--no-save)"
@@ -306,8 +370,13 @@ def _evaluate(args):
     if len(y_test) and net.n_classes <= int(y_test.max()):
         raise CommandError(f"model {path} has {net.n_classes} classes, but MNIST has 10")
     print(f"model {path}: {_describe(net)}\n{net.summary()}")
+    _check_plot(args.plot)
     loss, accuracy = net.evaluate(X_test, y_test, n_threads=args.threads)
     print(_result_line(loss, accuracy, len(X_test)))
+    if args.plot is not None:
+        from .plotting import plot_errors
+        plot_errors(net, X_test, y_test, args.plot, title=f"{path.name} on MNIST test images")
+        print(f"errors drawn to {args.plot}")
     return EXIT_OK
 
 
@@ -349,9 +418,10 @@ def _convert(args):
     _check_output(target)
     net = _read_network(args.source, args.unsafe_pickle)
     if suffix == ".onnx":
-        from .interop import OPSET
+        from .interop import LABEL, OPSET, PROBABILITIES, VARIABLE
         net.to_onnx(target)
-        kind = f"ONNX, opset {OPSET}"
+        outputs = (LABEL, PROBABILITIES) if net.loss == "cross_entropy" else (VARIABLE,)
+        kind = f"ONNX, opset {OPSET}, input 'input', outputs {', '.join(map(repr, outputs))}"
     else:
         net.save(target)
         kind = "cnn_core model file"

@@ -2,9 +2,14 @@
 
 :func:`export_c` writes ``<name>.h`` and ``<name>.c``: the weights become ``static const``
 tables (float32, or int8 with float scales), and two functions classify one input
-vector with no allocation at all, using two stack buffers as wide as the widest hidden
-layer.  The generated code needs only a C99 compiler and ``-lm``, so it builds for a
-microcontroller as readily as for a desktop program::
+vector with no allocation at all.  Every layer kind is written out: Dense, Conv2D (valid
+or same padding, any stride), MaxPool2D, AvgPool2D, and Flatten and Dropout, which do
+nothing at inference.  Activations pass through two buffers as wide as the widest layer,
+sized at export: on the stack for networks of Dense layers (calls may then run in
+several threads at once), in static storage for convolutional networks, whose images
+would not fit the small stacks of microcontrollers (one call at a time there).  The
+generated code needs only a C99 compiler and ``-lm``, so it builds for a microcontroller
+as readily as for a desktop program::
 
     report = cnn_core.export.export_c(net, "firmware/model", name="digits",
                                       quantize="int8", X_check=X_test)
@@ -17,11 +22,12 @@ microcontroller as readily as for a desktop program::
     digits_predict_proba(x, probs);
 
 With ``quantize="int8"`` each weight matrix is stored as int8 with one float scale per
-output unit (or one per matrix with ``per_channel=False``): ``W ~= q * scale``, ``q`` in
-[-127, 127].  Inputs, biases, activations and arithmetic stay float32, so the tables
+output unit or filter (or one per matrix with ``per_channel=False``): ``W ~= q * scale``,
+``q`` in [-127, 127].  Inputs, biases, activations and arithmetic stay float32, so the tables
 are four times smaller and the results close to the float network's; ``X_check`` lets
 you measure how close.
 """
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,11 +56,13 @@ class ExportReport:
     n_parameters : weights and biases exported.
     table_bytes : bytes of the constant tables (weights, biases, scales).
     stack_bytes : bytes of activations a predict call keeps on the stack.
+    static_bytes : bytes of the static activation buffers (0 for networks of Dense
+        layers, whose buffers are on the stack).
     max_weight_error : largest |W - q * scale| over all weights (0.0 for float32).
     n_checked : rows of X_check evaluated (0 without X_check).
-    agreement : share of those rows on which the exported model (evaluated in numpy
-        with exactly the exported weights) predicts the class ``network.predict``
-        predicts; None without X_check.
+    agreement : share of those rows on which the exported weights (run by cnn_core's
+        own engine, int8 weights as q * scale) give the class ``network.predict``
+        gives; None without X_check.
     """
     name: str
     header: Path
@@ -65,6 +73,7 @@ class ExportReport:
     table_bytes: int
     stack_bytes: int
     max_weight_error: float
+    static_bytes: int = 0
     n_checked: int = 0
     agreement: Optional[float] = None
 
@@ -73,46 +82,24 @@ class ExportReport:
             f"int8 ({'per-channel' if self.per_channel else 'per-tensor'} scales)")
         text = (f"exported {self.name}: {self.n_parameters:,} parameters as {kind}, "
                 f"{self.table_bytes:,} bytes of tables, {self.stack_bytes:,} bytes of stack")
+        if self.static_bytes:
+            text += f", {self.static_bytes:,} bytes of static buffers"
         if self.agreement is not None:
             text += f"; agrees with the network on {self.agreement:.2%} of {self.n_checked} rows"
         return text
 
 
-# ---- quantization and the numpy model of the generated code ------------------------------
+# ---- quantization ------------------------------------------------------------------------
 
 def _quantize(W, per_channel):
-    """(q int8 (n_in, n_out), scale float32 (n_out,) or (1,)) with W ~= q * scale."""
+    """(q int8 of W's shape, scale float32 (outputs,) or (1,)) with W ~= q * scale; the
+    outputs (units, filters) are W's last axis."""
+    shape = W.shape
+    W = W.reshape(-1, shape[-1])
     peak = np.abs(W).max(axis=0) if per_channel else np.abs(W).max().reshape(1)
     scale = np.where(peak > 0, peak / np.float32(127), np.float32(1)).astype(np.float32)
     q = np.clip(np.rint(W / scale), -127, 127).astype(np.int8)
-    return q, scale
-
-
-def _activate(Z, activation, slope):
-    """The hidden activation on a float32 array (as the generated C computes it)."""
-    if activation == "relu":
-        return np.maximum(Z, np.float32(0))
-    if activation == "leaky_relu":
-        return np.where(Z > 0, Z, np.float32(slope) * Z)
-    if activation == "sigmoid":
-        with np.errstate(over="ignore"):
-            return (1 / (1 + np.exp(-Z))).astype(np.float32)
-    if activation == "tanh":
-        return np.tanh(Z)
-    return Z
-
-
-def _emulate(layers, activation, slope, X):
-    """Logits float32 (n, n_classes) of the exported layers on X float32 (n, n_inputs)."""
-    h = X
-    for l, (W, b, scale) in enumerate(layers):
-        if scale is None:
-            h = h @ W + b
-        else:
-            h = (h @ W.astype(np.float32)) * scale + b
-        if l + 1 < len(layers):
-            h = _activate(h, activation, slope)
-    return h
+    return q.reshape(shape), scale
 
 
 # ---- C text ----------------------------------------------------------------------------
@@ -133,66 +120,30 @@ def _table(ctype, name, values, fmt):
     return f"static const {ctype} {name}[{len(items)}] = {{\n    {body}\n}};\n"
 
 
-def _activation_c(activation, slope):
-    """Body of the generated `activate` function for the hidden activation."""
-    if activation == "relu":
-        return "        y[j] = y[j] > 0.0f ? y[j] : 0.0f;"
-    if activation == "leaky_relu":
-        return f"        y[j] = y[j] > 0.0f ? y[j] : {_float_literal(slope)} * y[j];"
-    if activation == "sigmoid":
-        return ("        if (y[j] >= 0.0f) {\n"
+def _shape_text(shape):
+    return "x".join(str(d) for d in shape)
+
+
+_ACTIVATION_BODIES = {
+    "relu": "        y[j] = y[j] > 0.0f ? y[j] : 0.0f;",
+    "leaky_relu": "        y[j] = y[j] > 0.0f ? y[j] : slope * y[j];",
+    "sigmoid": ("        if (y[j] >= 0.0f) {\n"
                 "            y[j] = 1.0f / (1.0f + expf(-y[j]));\n"
                 "        } else {\n"
-                "            float e = expf(y[j]);\n"
+                "            const float e = expf(y[j]);\n"
                 "            y[j] = e / (1.0f + e);\n"
-                "        }")
-    if activation == "tanh":
-        return "        y[j] = tanhf(y[j]);"
-    return None
+                "        }"),
+    "tanh": "        y[j] = tanhf(y[j]);",
+}
 
 
-def _header_text(name, sizes, activation, kind):
-    guard = f"{name.upper()}_H"
-    macro = name.upper()
-    arch = " -> ".join(str(s) for s in sizes)
-    return f"""\
-/* {name}.h -- a cnn_core multilayer perceptron exported as dependency-free C99.
-   Layers {arch}, hidden activation {activation}, {kind}.
-   Generated by cnn_core.export.export_c; compile {name}.c with any C99 compiler and
-   link with -lm.  No allocation and no global state: a call keeps at most
-   {macro}_STACK_BYTES bytes of activations on the stack, and calls may run in
-   several threads at once. */
-#ifndef {guard}
-#define {guard}
-
-#ifdef __cplusplus
-extern "C" {{
-#endif
-
-#define {macro}_N_INPUTS {sizes[0]}
-#define {macro}_N_CLASSES {sizes[-1]}
-#define {macro}_STACK_BYTES {_stack_bytes(sizes)}
-
-/* Predicted class in [0, {macro}_N_CLASSES) for one input x ({macro}_N_INPUTS floats,
-   scaled as in training, e.g. pixels / 255): the first largest output. */
-int {name}_predict(const float *x);
-
-/* probs ({macro}_N_CLASSES,) = softmax of the network's outputs for x
-   ({macro}_N_INPUTS,); returns the predicted class, as {name}_predict does. */
-int {name}_predict_proba(const float *x, float *probs);
-
-#ifdef __cplusplus
-}}
-#endif
-#endif /* {guard} */
-"""
-
-
-def _stack_bytes(sizes):
-    """Bytes of activations a predict call keeps on the stack: up to two buffers as
-    wide as the widest hidden layer, and the outputs."""
-    hidden = sizes[1:-1]
-    return 4 * (min(len(hidden), 2) * max(hidden, default=0) + sizes[-1])
+def _activation_function(activation):
+    """The generated C function applying `activation` in place (not identity)."""
+    slope = ", float slope" if activation == "leaky_relu" else ""
+    return (f"static void activate_{activation}(float *y, size_t n{slope})\n{{\n"
+            f"    /* y (n,) = {activation}(y) */\n"
+            f"    for (size_t j = 0; j < n; ++j) {{\n{_ACTIVATION_BODIES[activation]}\n"
+            f"    }}\n}}\n")
 
 
 _DENSE_FLOAT = """\
@@ -232,6 +183,82 @@ static void dense(float *y, const float *x, const int8_t *Q, const float *scale,
 }
 """
 
+_CONV_SHAPE = """\
+/* One convolution's geometry: input (in_h, in_w, in_c), output (out_h, out_w, out_c),
+   kernel k_h x k_w moved by stride, pad_top / pad_left rows and columns of zeros. */
+typedef struct conv_shape {
+    size_t in_h, in_w, in_c, out_h, out_w, out_c, k_h, k_w, stride, pad_top, pad_left;
+} conv_shape;
+"""
+
+_CONV = """\
+static void conv2d(float *y, const float *x, const {wtype} *W, {scale_args}const float *b,
+                   const conv_shape *s)
+{{
+    /* y (out_h, out_w, out_c) = {formula} ; the sum runs over each window of
+       x (in_h, in_w, in_c) with W (k_h, k_w, in_c, out_c), zeros outside x; images are
+       row-major, channels last */
+    for (size_t oy = 0; oy < s->out_h; ++oy) {{
+        for (size_t ox = 0; ox < s->out_w; ++ox) {{
+            float *o = y + (oy * s->out_w + ox) * s->out_c;
+            for (size_t j = 0; j < s->out_c; ++j)
+                o[j] = 0.0f;
+            for (size_t ky = 0; ky < s->k_h; ++ky) {{
+                const size_t iy = oy * s->stride + ky;      /* row of the padded image */
+                if (iy < s->pad_top || iy - s->pad_top >= s->in_h)
+                    continue;
+                for (size_t kx = 0; kx < s->k_w; ++kx) {{
+                    const size_t ix = ox * s->stride + kx;
+                    if (ix < s->pad_left || ix - s->pad_left >= s->in_w)
+                        continue;
+                    const float *xi = x + ((iy - s->pad_top) * s->in_w + ix - s->pad_left)
+                                              * s->in_c;
+                    const {wtype} *w = W + (ky * s->k_w + kx) * s->in_c * s->out_c;
+                    for (size_t c = 0; c < s->in_c; ++c) {{
+                        const float v = xi[c];
+                        for (size_t j = 0; j < s->out_c; ++j)
+                            o[j] += v * {cast}w[c * s->out_c + j];
+                    }}
+                }}
+            }}
+            for (size_t j = 0; j < s->out_c; ++j)
+                {finish}
+        }}
+    }}
+}}
+"""
+
+_POOL_SHAPE = """\
+/* One pooling layer's geometry: input (in_h, in_w, channels), output (out_h, out_w,
+   channels), size x size windows moved by stride. */
+typedef struct pool_shape {
+    size_t in_h, in_w, channels, out_h, out_w, size, stride;
+} pool_shape;
+"""
+
+_POOL = """\
+static void {kind}(float *y, const float *x, const pool_shape *s)
+{{
+    /* y (out_h, out_w, channels) = the {what} of each window of x (in_h, in_w, channels) */
+    const size_t C = s->channels;
+    for (size_t oy = 0; oy < s->out_h; ++oy) {{
+        for (size_t ox = 0; ox < s->out_w; ++ox) {{
+            float *o = y + (oy * s->out_w + ox) * C;
+            const float *corner = x + (oy * s->stride * s->in_w + ox * s->stride) * C;
+            for (size_t c = 0; c < C; ++c)
+                o[c] = {start};
+            for (size_t ky = 0; ky < s->size; ++ky) {{
+                for (size_t kx = 0; kx < s->size; ++kx) {{
+                    const float *xi = corner + (ky * s->in_w + kx) * C;
+                    for (size_t c = 0; c < C; ++c)
+                        {step}
+                }}
+            }}{finish}
+        }}
+    }}
+}}
+"""
+
 _COMMON = """\
 static int argmax(const float *v, size_t n)
 {
@@ -264,52 +291,120 @@ static void softmax(float *v, size_t n)
 """
 
 
-def _source_text(name, sizes, activation, slope, layers, kind):
+def _conv_function(quantized):
+    if quantized:
+        return _CONV.format(wtype="int8_t", scale_args="const float *scale, size_t scale_step,\n"
+                                                       "                   ",
+                            formula="(sum of x Q) * scale + b", cast="(float)",
+                            finish="o[j] = o[j] * scale[j * scale_step] + b[j];")
+    return _CONV.format(wtype="float", scale_args="", formula="b + sum of x W", cast="",
+                        finish="o[j] += b[j];")
+
+
+def _pool_function(kind):
+    if kind == "maxpool2d":
+        return _POOL.format(kind=kind, what="maximum", start="corner[c]",
+                            step="o[c] = xi[c] > o[c] ? xi[c] : o[c];", finish="")
+    return _POOL.format(kind=kind, what="mean", start="0.0f", step="o[c] += xi[c];",
+                        finish="\n            for (size_t c = 0; c < C; ++c)\n"
+                               "                o[c] /= (float)(s->size * s->size);")
+
+
+def _plan(stack, tables, macro):
+    """The lines of forward()'s body, the shape constants, and (buffer floats, whether
+    the buffers are static) for the built layers `stack`; tables[k] is (W or q, b,
+    scale or None) of the k-th layer with parameters."""
+    computing = [i for i, layer in enumerate(stack) if i and layer.kind not in
+                 ("flatten", "dropout")]
+    widest = max((math.prod(stack[i].output_shape()) for i in computing[:-1]), default=0)
+    images = any(stack[i].kind != "dense" for i in computing)
+    lines, constants, source, k = [], [], "x", 0
+    for i in computing:
+        layer = stack[i]
+        shape_in, shape_out = layer.input_shape, layer.output_shape()
+        target = "out" if i == computing[-1] else ("act_b" if source == "act_a" else "act_a")
+        lines.append(f"    /* layer {i}, {layer!r}: {_shape_text(shape_in)} -> "
+                     f"{_shape_text(shape_out)} */")
+        if layer.kind in ("dense", "conv2d"):
+            W, _, scale = tables[k]
+            if scale is None:
+                weights = f"W{k}, B{k}"
+            else:
+                weights = f"Q{k}, S{k}, {1 if scale.shape[0] > 1 else 0}, B{k}"
+            if layer.kind == "dense":
+                lines.append(f"    dense({target}, {source}, {weights}, {shape_in[0]}, "
+                             f"{shape_out[0]});")
+            else:
+                top, _, left, _ = layer.padding_amounts(shape_in)
+                kh, kw = layer.kernel_size
+                constants.append(
+                    f"static const conv_shape CONV{i} = {{ {shape_in[0]}, {shape_in[1]}, "
+                    f"{shape_in[2]}, {shape_out[0]}, {shape_out[1]}, {shape_out[2]}, {kh}, "
+                    f"{kw}, {layer.stride}, {top}, {left} }};\n")
+                lines.append(f"    conv2d({target}, {source}, {weights}, &CONV{i});")
+            k += 1
+            if layer.activation != "identity":
+                slope = (f", {_float_literal(layer.leaky_slope)}"
+                         if layer.activation == "leaky_relu" else "")
+                lines.append(f"    activate_{layer.activation}({target}, "
+                             f"{math.prod(shape_out)}{slope});")
+        else:
+            constants.append(
+                f"static const pool_shape POOL{i} = {{ {shape_in[0]}, {shape_in[1]}, "
+                f"{shape_in[2]}, {shape_out[0]}, {shape_out[1]}, {layer.size}, "
+                f"{layer.stride} }};\n")
+            lines.append(f"    {layer.kind}({target}, {source}, &POOL{i});")
+        source = target
+    lines.append(f"    return argmax(out, {macro}_N_CLASSES);")
+    n_buffers = min(len(computing) - 1, 2)
+    return lines, constants, (n_buffers, widest), images
+
+
+def _source_text(name, stack, tables, kind):
     macro = name.upper()
-    L = len(sizes) - 1
-    quantized = layers[0][2] is not None
+    quantized = tables[0][2] is not None
+    kinds = {layer.kind for layer in stack[1:]}
+    activations = sorted({layer.activation for layer in stack[1:]
+                          if getattr(layer, "activation", "identity") != "identity"})
+    lines, constants, (n_buffers, widest), images = _plan(stack, tables, macro)
     parts = [f"/* {name}.c -- generated by cnn_core.export.export_c: {kind}; "
              f"see {name}.h. */\n"
              "#include <math.h>\n#include <stddef.h>\n#include <stdint.h>\n"
              f'#include "{name}.h"\n']
-    for l, (W, b, scale) in enumerate(layers):
-        parts.append(f"/* layer {l}: {sizes[l]} -> {sizes[l + 1]} */\n")
+    k = 0
+    for i, layer in enumerate(stack[1:], 1):
+        if layer.kind not in ("dense", "conv2d"):
+            continue
+        W, b, scale = tables[k]
+        parts.append(f"/* layer {i}, {layer!r}: W {_shape_text(W.shape)}, b {b.size} */\n")
         if quantized:
-            parts.append(_table("int8_t", f"Q{l}", W.ravel(), str))
-            parts.append(_table("float", f"S{l}", scale, _float_literal))
+            parts.append(_table("int8_t", f"Q{k}", W.ravel(), str))
+            parts.append(_table("float", f"S{k}", scale, _float_literal))
         else:
-            parts.append(_table("float", f"W{l}", W.ravel(), _float_literal))
-        parts.append(_table("float", f"B{l}", b, _float_literal))
-    parts.append(_DENSE_INT8 if quantized else _DENSE_FLOAT)
-    body = _activation_c(activation, slope)
-    if L > 1 and body is not None:
-        parts.append("static void activate(float *y, size_t n)\n{\n"
-                     f"    /* y (n,) = {activation}(y) */\n"
-                     f"    for (size_t j = 0; j < n; ++j) {{\n{body}\n    }}\n}}\n")
+            parts.append(_table("float", f"W{k}", W.ravel(), _float_literal))
+        parts.append(_table("float", f"B{k}", b, _float_literal))
+        k += 1
+    if "conv2d" in kinds:
+        parts += [_CONV_SHAPE, _conv_function(quantized)]
+    if kinds & {"maxpool2d", "avgpool2d"}:
+        parts.append(_POOL_SHAPE)
+        parts += [_pool_function(p) for p in ("maxpool2d", "avgpool2d") if p in kinds]
+    if constants:
+        parts.append("".join(constants))
+    if "dense" in kinds:
+        parts.append(_DENSE_INT8 if quantized else _DENSE_FLOAT)
+    parts += [_activation_function(a) for a in activations]
     parts.append(_COMMON)
-
-    lines = ["static int forward(const float *x, float *out)", "{",
-             f"    /* out ({macro}_N_CLASSES,) = the network's outputs for x "
-             f"({macro}_N_INPUTS,);\n       returns their argmax */"]
-    widest = max(sizes[1:-1], default=0)
-    buffers = ["a", "b"][:min(L - 1, 2)]
-    if buffers:
-        lines.append(f"    float {', '.join(f'{v}[{widest}]' for v in buffers)};")
-    source = "x"
-    for l in range(L):
-        target = "out" if l == L - 1 else buffers[l % 2]
-        if quantized:
-            step = 1 if layers[l][2].shape[0] > 1 else 0     # per-unit or single scale
-            call = (f"dense({target}, {source}, Q{l}, S{l}, {step}, B{l}, "
-                    f"{sizes[l]}, {sizes[l + 1]});")
-        else:
-            call = f"dense({target}, {source}, W{l}, B{l}, {sizes[l]}, {sizes[l + 1]});"
-        lines.append("    " + call)
-        if l < L - 1 and body is not None:
-            lines.append(f"    activate({target}, {sizes[l + 1]});")
-        source = target
-    lines += [f"    return argmax(out, {macro}_N_CLASSES);", "}", ""]
-    parts.append("\n".join(lines))
+    buffers = ", ".join(f"act_{v}[{widest}]" for v in "ab"[:n_buffers])
+    body = ["static int forward(const float *x, float *out)", "{",
+            f"    /* out ({macro}_N_CLASSES,) = the network's outputs for x "
+            f"({macro}_N_INPUTS,);\n       returns their argmax */"]
+    if buffers and images:
+        parts.append(f"/* the activations between layers (static: see {name}.h) */\n"
+                     f"static float {buffers};\n")
+    elif buffers:
+        body.append(f"    float {buffers};")
+    parts.append("\n".join(body + lines + ["}", ""]))
     parts.append(f"""\
 int {name}_predict(const float *x)
 {{
@@ -329,39 +424,116 @@ int {name}_predict_proba(const float *x, float *probs)
     return "\n".join(parts)
 
 
+def _memory(stack):
+    """(stack bytes, static bytes) of a predict call of the exported network."""
+    computing = [layer for layer in stack[1:] if layer.kind not in ("flatten", "dropout")]
+    widest = max((math.prod(layer.output_shape()) for layer in computing[:-1]), default=0)
+    buffers = 4 * min(len(computing) - 1, 2) * widest
+    out = 4 * stack[-1].units
+    if any(layer.kind != "dense" for layer in computing):
+        return out, buffers
+    return buffers + out, 0
+
+
+def _header_text(name, stack, kind, stack_bytes, static_bytes):
+    guard = f"{name.upper()}_H"
+    macro = name.upper()
+    arch = " -> ".join(repr(layer) for layer in stack)
+    shape = stack[0].shape
+    if static_bytes:
+        memory = (f"No allocation: the activations pass through {macro}_STATIC_BYTES\n"
+                  f"   bytes of static buffers, so calls must not overlap (one thread at a "
+                  f"time);\n   a call keeps {macro}_STACK_BYTES bytes on the stack.")
+    else:
+        memory = (f"No allocation and no global state: a call keeps at most\n"
+                  f"   {macro}_STACK_BYTES bytes of activations on the stack, and calls may "
+                  f"run in\n   several threads at once.")
+    layout = "" if len(shape) == 1 else (
+        f"\n   An input is a {shape[0]}x{shape[1]} image with {shape[2]} channel"
+        f"{'s' if shape[2] > 1 else ''}: its pixels row by row, channels last.")
+    static = f"#define {macro}_STATIC_BYTES {static_bytes}\n" if static_bytes else ""
+    return f"""\
+/* {name}.h -- a cnn_core network exported as dependency-free C99: {kind}.
+   Layers: {arch}.{layout}
+   Generated by cnn_core.export.export_c; compile {name}.c with any C99 compiler and
+   link with -lm.  {memory} */
+#ifndef {guard}
+#define {guard}
+
+#ifdef __cplusplus
+extern "C" {{
+#endif
+
+#define {macro}_N_INPUTS {math.prod(shape)}
+#define {macro}_N_CLASSES {stack[-1].units}
+#define {macro}_STACK_BYTES {stack_bytes}
+{static}
+/* Predicted class in [0, {macro}_N_CLASSES) for one input x ({macro}_N_INPUTS floats,
+   scaled as in training, e.g. pixels / 255): the first largest output. */
+int {name}_predict(const float *x);
+
+/* probs ({macro}_N_CLASSES,) = softmax of the network's outputs for x
+   ({macro}_N_INPUTS,); returns the predicted class, as {name}_predict does. */
+int {name}_predict_proba(const float *x, float *probs);
+
+#ifdef __cplusplus
+}}
+#endif
+#endif /* {guard} */
+"""
+
+
 # ---- the public function ---------------------------------------------------------------
 
 def _network_parts(network):
-    """(sizes, activation, slope, weights, biases) of a Network, checked."""
+    """(built layers, weights, biases) of a Network, checked."""
     try:
-        sizes = [int(s) for s in network.layer_sizes]
-        activation, slope = network.activation, float(network.leaky_slope)
+        stack, loss = list(network.layers), network.loss
         weights = [np.asarray(W, dtype=np.float32) for W in network.weights]
         biases = [np.asarray(b, dtype=np.float32) for b in network.biases]
     except AttributeError:
         raise TypeError(f"network must be a cnn_core.Network, got "
                         f"{type(network).__name__}") from None
-    if activation not in kernels.HIDDEN_ACTIVATIONS:
-        raise ValueError(f"cannot export hidden activation {activation!r}")
+    if loss != "cross_entropy":
+        raise ValueError(f"export_c writes classifiers (loss='cross_entropy'); this "
+                         f"network's loss is {loss!r}")
     for W, b in zip(weights, biases):
         if not (np.isfinite(W).all() and np.isfinite(b).all()):
             raise ValueError("cannot export a network with NaN or infinite weights")
-    return sizes, activation, slope, weights, biases
+    return stack, weights, biases
+
+
+def _agreement(network, stack, tables, X_check):
+    """(rows, share of them) on which the exported weights, run by cnn_core's engine,
+    give the class network.predict gives."""
+    X = network._check_X(X_check, "X_check")    # errors name X_check, not X
+    expected = np.asarray(network.predict(X))
+    params = []
+    for W, b, scale in tables:
+        params += [W.ravel() if scale is None else (W.astype(np.float32) * scale).ravel(), b]
+    flat = np.concatenate(params)
+    exported = kernels._workspace(flat.size)
+    exported[:] = flat
+    got = kernels._Net(stack, "cross_entropy", exported).predict_labels(
+        X, kernels._threads(None))
+    return len(X), float((got == expected).mean())
 
 
 def export_c(network, folder, *, name="cnn_model", quantize=None, per_channel=True,
              X_check=None):
     """Write ``<name>.h`` and ``<name>.c``: the network as dependency-free C99 code.
 
-    network : a trained :class:`cnn_core.Network`.
+    network : a trained :class:`cnn_core.Network` classifier (any layer stack).
     folder : where to write (created if missing); each file is written atomically.
     name : a C identifier prefixing every exported symbol (``<name>_predict``,
         ``<name>_predict_proba``, ``<NAME>_N_INPUTS``, ``<NAME>_N_CLASSES``).
     quantize : None for float32 weights, or "int8" for int8 weights with float scales.
-    per_channel : with int8, one scale per output unit (default) or one per matrix.
-    X_check : optional (n, n_features) rows (float, or uint8 pixels scaled by 1/255 as
-        the Network does) on which to measure ``report.agreement``: the share of rows
-        the exported model classifies as ``network.predict`` does.
+    per_channel : with int8, one scale per output unit or filter (default) or one per
+        weight tensor.
+    X_check : optional rows (n, n_features), or images as ``network.predict`` takes them
+        (float, or uint8 pixels scaled by 1/255 as the Network does), on which to
+        measure ``report.agreement``: the share of rows the exported model classifies
+        as ``network.predict`` does.
 
     Returns an :class:`ExportReport`.
     """
@@ -369,39 +541,37 @@ def export_c(network, folder, *, name="cnn_model", quantize=None, per_channel=Tr
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     if not isinstance(name, str) or not _IDENTIFIER.match(name) or name in _C_KEYWORDS:
         raise ValueError(f"name must be a C identifier like 'cnn_model', got {name!r}")
-    sizes, activation, slope, weights, biases = _network_parts(network)
+    stack, weights, biases = _network_parts(network)
 
-    layers, max_error, table_bytes = [], 0.0, 0
+    tables, max_error, table_bytes = [], 0.0, 0
     for W, b in zip(weights, biases):
         if quantize == "int8":
             q, scale = _quantize(W, per_channel)
             error = np.abs(W - q.astype(np.float32) * scale).max(initial=0.0)
             max_error = max(max_error, float(error))
-            layers.append((q, b, scale))
+            tables.append((q, b, scale))
             table_bytes += q.size + 4 * (scale.size + b.size)
         else:
-            layers.append((W, b, None))
+            tables.append((W, b, None))
             table_bytes += 4 * (W.size + b.size)
 
     n_checked, agreement = 0, None
     if X_check is not None:
-        expected = np.asarray(network.predict(X_check))   # validates X_check
-        X = np.asarray(X_check)
-        X = X.astype(np.float32) / np.float32(255) if X.dtype == np.uint8 \
-            else np.ascontiguousarray(X, dtype=np.float32)
-        got = _emulate(layers, activation, slope, X).argmax(axis=1)
-        n_checked, agreement = len(X), float((got == expected).mean())
+        n_checked, agreement = _agreement(network, stack, tables, X_check)
 
     kind = "float32 weights" if quantize is None else (
-        f"int8 weights, one float scale per {'output unit' if per_channel else 'matrix'}")
+        f"int8 weights, one float scale per "
+        f"{'output unit or filter' if per_channel else 'weight tensor'}")
+    stack_bytes, static_bytes = _memory(stack)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     header, source = folder / f"{name}.h", folder / f"{name}.c"
-    model_file.write_atomic(source, _source_text(name, sizes, activation, slope, layers,
-                                                 kind).encode())
-    model_file.write_atomic(header, _header_text(name, sizes, activation, kind).encode())
+    model_file.write_atomic(source, _source_text(name, stack, tables, kind).encode())
+    model_file.write_atomic(header, _header_text(name, stack, kind, stack_bytes,
+                                                 static_bytes).encode())
     return ExportReport(name=name, header=header, source=source, quantize=quantize,
                         per_channel=bool(per_channel) if quantize else False,
                         n_parameters=int(sum(W.size + b.size for W, b in zip(weights, biases))),
-                        table_bytes=table_bytes, stack_bytes=_stack_bytes(sizes),
-                        max_weight_error=max_error, n_checked=n_checked, agreement=agreement)
+                        table_bytes=table_bytes, stack_bytes=stack_bytes,
+                        static_bytes=static_bytes, max_weight_error=max_error,
+                        n_checked=n_checked, agreement=agreement)

@@ -1233,6 +1233,29 @@ cdef class _Trainer:
         self.state2 = np.zeros(n if optimizer != "sgd" else 1, dtype=np.float32)
         self.work = _workspace(c.cnn_net_train_workspace_floats(&net.net, batch_size, n_threads))
 
+    @property
+    def learning_rate(self):
+        """The optimizer's learning rate; set it between calls to follow a schedule."""
+        return self.opt.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, float value):
+        if not value >= 0.0:
+            raise ValueError(f"learning_rate must be >= 0, got {value}")
+        self.opt.learning_rate = value
+
+    @property
+    def step(self):
+        """The optimizer's update count (Adam's bias correction); set it to continue the
+        state of an earlier trainer."""
+        return self.opt.step
+
+    @step.setter
+    def step(self, int64_t value):
+        if value < 0:
+            raise ValueError(f"step must be >= 0, got {value}")
+        self.opt.step = value
+
     def train_batches(self, X, y, sample_weight, order, int64_t first_batch,
                       int64_t n_batches):
         """Train on minibatches [first_batch, first_batch + n_batches) of `order`.

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from . import kernels, layers, model_file
+from . import kernels, layers, model_file, training
 from ._progress import EpochProgress
 from .model_file import ModelFileError
 
@@ -31,16 +31,31 @@ def _r2_score(predicted, target, weight):
     return float(scores.mean())
 
 
+class _Reader:
+    """An inference call under way and the engine it reads (None until chosen)."""
+    __slots__ = ("net",)
+
+    def __init__(self):
+        self.net = None
+
+
 class History:
     """Per-epoch training records.
 
-    ``history.records`` is a list of dicts with keys ``epoch``, ``loss``, ``accuracy``,
-    ``seconds`` and, with validation data, ``val_loss`` and ``val_accuracy``;
-    ``history["loss"]`` is the list of one key over the epochs.
+    ``history.records`` is a list of dicts with keys ``epoch``, ``loss``, ``accuracy``
+    (classifiers), ``learning_rate``, ``seconds`` and, with validation data,
+    ``val_loss`` and ``val_accuracy`` (classifiers) or ``val_r2`` (regressions, R^2
+    averaged over the outputs); ``history["loss"]`` is the list of one key over
+    the epochs.  ``best_epoch`` is the epoch whose weights early stopping kept (else
+    None) and ``stopped_epoch`` the epoch after which early stopping or a callback
+    ended training (else None).  A fit with ``reset=False`` appends to the history of
+    the fit it continues.
     """
 
     def __init__(self):
         self.records = []
+        self.best_epoch = None
+        self.stopped_epoch = None
 
     def __getitem__(self, key):
         return [record[key] for record in self.records]
@@ -51,6 +66,13 @@ class History:
     def __repr__(self):
         last = self.records[-1] if self.records else {}
         return f"History(epochs={len(self.records)}, last={last})"
+
+    def plot(self, path=None, *, title=None):
+        """Loss (and accuracy) curves of training and validation over the epochs, with
+        matplotlib (the optional extra ``cnn_core[plot]``); written to `path` (.png,
+        .svg, .pdf) if given.  Returns the matplotlib Figure."""
+        from .plotting import plot_history
+        return plot_history(self, path, title=title)
 
 
 def _check_int(value, name, minimum):
@@ -210,6 +232,7 @@ class Network:
         self.seed = seed
         self._rng = np.random.default_rng(seed)
         self.history_ = None
+        self._optimizer_state = None        # what fit(reset=False) continues
         self._fitting = threading.Lock()    # held by fit
         self._snapshot = None               # the _Net predict uses while fit runs
         self._readers = []                  # inference calls under way
@@ -265,7 +288,7 @@ class Network:
                 offset += size
                 self.biases.append(self._params[offset:offset + shapes[1][0]])
                 offset += shapes[1][0]
-        self._mlp = self._engine(self._params)
+        self._net = self._engine(self._params)
 
     def _engine(self, params):
         """The C view of this network over the parameter vector ``params``."""
@@ -375,28 +398,53 @@ class Network:
     # ---- training ---------------------------------------------------------------------
     def fit(self, X, y, *, epochs=10, batch_size=64, optimizer="sgd", learning_rate=None,
             momentum=0.9, nesterov=False, weight_decay=0.0, beta1=0.9, beta2=0.999,
-            eps=1e-8, validation_data=None, shuffle=True, sample_weight=None, verbose=0,
-            n_threads=None):
-        """Train with minibatch gradient descent on softmax cross-entropy.
+            eps=1e-8, schedule=None, validation_data=None, validation_split=0.0,
+            early_stopping=None, callbacks=None, shuffle=True, sample_weight=None,
+            class_weight=None, reset=True, verbose=0, n_threads=None):
+        """Train with minibatch gradient descent on the network's loss.
 
-        X : (n, n_features) uint8 (scaled by 1/255 as batches are gathered) or floating
-            point (converted to float32 once).  y : (n,) integer labels in [0, n_classes).
+        X : (n, n_features) or images (n, height, width[, channels]), uint8 (scaled by
+            1/255 as batches are gathered) or floating point (converted to float32 once).
+        y : (n,) integer labels in [0, n_classes), or for loss="squared_error" float
+            targets (n,) or (n, n_outputs).
         optimizer : "sgd" (with ``momentum``, ``nesterov``), "adam" or "adamw"
             (``beta1``, ``beta2``, ``eps``).  ``learning_rate`` defaults to 0.05 for SGD
             and 0.001 for Adam/AdamW.  ``weight_decay`` is L2 for SGD/Adam, decoupled
             for AdamW.
-        validation_data : optional (X_val, y_val), evaluated after every epoch.
-        sample_weight : optional (n,) non-negative per-sample loss weights.
+        schedule : the learning rate of each epoch from ``learning_rate``: a name
+            ("constant", "step", "exponential", "cosine", "warmup", "plateau"), a pair
+            (name, {parameters}), a cnn_core.training schedule or a callable f(epoch)
+            giving the rate itself (see cnn_core.training).
+        validation_data : optional (X_val, y_val), evaluated after every epoch; or
+            validation_split : the fraction of rows (the last ones, before shuffling)
+            held out for it.
+        early_stopping : True or a cnn_core.training.EarlyStopping (monitor, patience,
+            min_delta): stop when the monitored value stops improving.  The weights of
+            the best epoch are restored however training ends.
+        callbacks : callables f(network, record) called after every epoch with its
+            record; one returning True ends training (e.g. training.Checkpoint).
+        sample_weight : optional (n,) non-negative per-sample loss weights;
+            class_weight : a dict {label: weight} or "balanced", multiplied into them.
+        reset : False continues the previous fit: the optimizer's state (momentum,
+            Adam's moments and step), the dropout masks' counter and the history, so two
+            fits of 3 epochs give the weights of one fit of 6.
         verbose : 0 silent; 1 a live progress bar on a terminal and one line per epoch.
         n_threads : threads for the kernels (default: OMP_NUM_THREADS / threadpoolctl).
 
-        Returns a :class:`History`, also kept as ``self.history_``.  Training with the
-        same seed gives bit-identical weights for any n_threads.
+        Ctrl-C ends training keeping the weights of the last complete epoch (and raises
+        KeyboardInterrupt).  Returns a :class:`History`, also kept as ``self.history_``.
+        Training with the same seed gives bit-identical weights for any n_threads.
         """
         X = self._check_X(X)
         n = X.shape[0]
         y = self._check_y(y, n)
         w = kernels._sample_weight(sample_weight, n)
+        if class_weight is not None:
+            if self.loss != "cross_entropy":
+                raise ValueError(f"class_weight needs a classifier (loss='cross_entropy'); "
+                                 f"this network has loss={self.loss!r}: use sample_weight")
+            cw = training.class_sample_weight(class_weight, y, self.n_classes)
+            w = cw if w is None else w * cw
         epochs = _check_int(epochs, "epochs", 1)
         batch_size = _check_int(batch_size, "batch_size", 1)
         if optimizer not in kernels.OPTIMIZERS:
@@ -416,20 +464,40 @@ class Network:
             raise ValueError(f"eps must be at least {_FLOAT32_TINY:.3g} (the smallest normal "
                              f"float32; training runs in float32), got {eps:g}; the usual "
                              f"value is 1e-8")
+        continued = self._continued_state(reset, optimizer)
+        keep_history = not reset and self.history_ is not None
+        first_epoch = len(self.history_) + 1 if keep_history else 1
+        schedule = training.make_schedule(schedule, first_epoch + epochs - 1)
+        stopping = training.make_early_stopping(early_stopping)
+        callbacks = training.check_callbacks(callbacks)
+        validation_split = _check_float(validation_split, "validation_split", 0.0, 1.0,
+                                        high_open=True)
         X_val = y_val = None
         if validation_data is not None:
+            if validation_split:
+                raise ValueError("pass validation_data or validation_split, not both")
             try:
                 X_val, y_val = validation_data
             except (TypeError, ValueError):
                 raise ValueError("validation_data must be a pair (X_val, y_val)") from None
             X_val = self._check_X(X_val, "X_val")
             y_val = self._check_y(y_val, X_val.shape[0], "y_val")
+        elif validation_split:
+            n_val = int(round(n * validation_split))
+            if not 1 <= n_val < n:
+                raise ValueError(f"validation_split={validation_split} of {n} rows leaves "
+                                 f"{n_val} for validation and {n - n_val} for training; "
+                                 f"both need at least one")
+            X, X_val = X[:n - n_val], X[n - n_val:]
+            y, y_val = y[:n - n_val], y[n - n_val:]
+            w = None if w is None else np.ascontiguousarray(w[:n - n_val])
+            n -= n_val
         n_threads = kernels._threads(n_threads)
 
         batch_size = min(batch_size, n)
-        floats = kernels._trainer_floats(self._mlp, optimizer, batch_size, n_threads)
+        floats = kernels._trainer_floats(self._net, optimizer, batch_size, n_threads)
         _, largest = _largest_layer(self.layers, 4 * (2 if optimizer == "sgd" else 3))
-        _check_memory(4 * floats + self._params.nbytes,
+        _check_memory(4 * floats + self._params.nbytes * (2 if stopping else 1),
                       f"fit(batch_size={batch_size}) of Network({self._description()}) for its "
                       f"gradients, optimizer state, workspace and last-epoch copy", largest,
                       "use smaller layers, a smaller batch_size or optimizer='sgd'")
@@ -437,37 +505,71 @@ class Network:
             raise RuntimeError("this Network is already being trained by fit in another "
                                "thread; train copies in parallel, or wait for that fit")
         try:
-            return self._fit(X, y, w, epochs, batch_size, optimizer, learning_rate, momentum,
-                             nesterov, weight_decay, beta1, beta2, eps, validation_data,
-                             X_val, y_val, shuffle, verbose, n_threads)
+            trainer = kernels._Trainer(self._net, optimizer, learning_rate, momentum,
+                                       bool(nesterov), weight_decay, beta1, beta2, eps,
+                                       batch_size, n_threads)
+            if continued:
+                trainer.state1[:] = continued["state1"]
+                trainer.state2[:] = continued["state2"]
+                trainer.step = continued["step"]
+                trainer.batch_count = continued["batch_count"]
+            if not keep_history:
+                self.history_ = History()
+            plan = {"optimizer": optimizer, "epochs": epochs, "learning_rate": learning_rate,
+                    "schedule": schedule, "stopping": stopping, "callbacks": callbacks, "shuffle": shuffle,
+                    "verbose": verbose, "n_threads": n_threads}
+            return self._fit(trainer, X, y, w, X_val, y_val, plan)
         finally:
             self._snapshot = None
             self._fitting.release()
 
-    def _fit(self, X, y, w, epochs, batch_size, optimizer, learning_rate, momentum,
-             nesterov, weight_decay, beta1, beta2, eps, validation_data, X_val, y_val,
-             shuffle, verbose, n_threads):
+    def _continued_state(self, reset, optimizer):
+        """The optimizer state a fit with reset=False continues (None to start anew)."""
+        if reset:
+            self._optimizer_state = None
+            return None
+        state = getattr(self, "_optimizer_state", None)
+        if state is None:
+            return None
+        if state["optimizer"] != optimizer:
+            raise ValueError(f"fit(reset=False) continues the {state['optimizer']!r} "
+                             f"optimizer of the previous fit, got optimizer={optimizer!r}; "
+                             f"pass the same optimizer, or reset=True to start anew")
+        return state
+
+    def _keep_optimizer_state(self, trainer, optimizer):
+        self._optimizer_state = {"optimizer": optimizer, "state1": trainer.state1,
+                                 "state2": trainer.state2, "step": trainer.step,
+                                 "batch_count": trainer.batch_count}
+
+    def _fit(self, trainer, X, y, w, X_val, y_val, plan):
         """The epochs of fit, on validated arguments, with self._fitting held.  While it
         runs, predict/predict_proba/evaluate from other threads use self._snapshot: the
         weights at the end of the last completed epoch."""
         n = X.shape[0]
-        trainer = kernels._Trainer(self._mlp, optimizer, learning_rate, momentum,
-                                   bool(nesterov), weight_decay, beta1, beta2, eps,
-                                   batch_size, n_threads)
+        batch_size, n_threads = trainer.batch_size, plan["n_threads"]
         order = np.arange(n, dtype=np.int64)
         n_batches = -(-n // batch_size)
         weight_total = float(w.sum()) if w is not None else float(n)
-        self.history_ = history = History()
+        history = self.history_
+        history.best_epoch = history.stopped_epoch = None
+        first_epoch = len(history) + 1
+        last_epoch = first_epoch + plan["epochs"] - 1
+        tracker = plan["stopping"].tracker() if plan["stopping"] else None
+        best = None         # a copy of the weights of the best epoch, with early stopping
         started = None      # the weights at the start of an epoch not yet recorded
+        self._optimizer_state = None    # valid again once the fit ends cleanly
         try:
-            for epoch in range(1, epochs + 1):
-                if shuffle:
-                    self._rng.shuffle(order)
+            for epoch in range(first_epoch, last_epoch + 1):
+                trainer.learning_rate = training.scheduled_rate(
+                    plan["schedule"], epoch, plan["learning_rate"], history.records)
+                if plan["shuffle"]:     # a fresh permutation, so fits can be continued
+                    order = self._rng.permutation(n).astype(np.int64, copy=False)
                 start = time.perf_counter()
-                progress = EpochProgress(epoch, epochs, n) if verbose else None
+                progress = EpochProgress(epoch, last_epoch, n) if plan["verbose"] else None
                 started = self._copy_of_params()
                 self._snapshot = self._engine(started)
-                while epoch == 1 and self._readers:     # see _begin_inference
+                while epoch == first_epoch and self._live_readers():  # see _begin_inference
                     time.sleep(1e-4)
                 loss_sum, correct, done, chunk = 0.0, 0, 0, 1
                 while done < n_batches:
@@ -488,34 +590,79 @@ class Network:
                         f"training diverged in epoch {epoch} (loss is not finite); the "
                         f"weights from before that epoch were kept. Try a smaller "
                         f"learning_rate.")
-                record = {"epoch": epoch, "loss": loss_sum / (weight_total or 1.0),
-                          "accuracy": correct / n}
-                if validation_data is not None:
-                    record["val_loss"], record["val_accuracy"] = self._evaluate(
-                        X_val, y_val, None, n_threads, self._mlp)
+                record = {"epoch": epoch, "loss": loss_sum / (weight_total or 1.0)}
+                if self.loss == "cross_entropy":
+                    record["accuracy"] = correct / n
+                if X_val is not None:
+                    score = "val_accuracy" if self.loss == "cross_entropy" else "val_r2"
+                    record["val_loss"], record[score] = self._evaluate(
+                        X_val, y_val, None, n_threads, self._net)
+                record["learning_rate"] = trainer.learning_rate
                 record["seconds"] = time.perf_counter() - start
                 history.records.append(record)
                 started = None
                 if progress:
                     progress.finish(record)
+                if tracker is not None and tracker.update(record):
+                    best = self._copy_of_params() if best is None else best
+                    best[:] = self._params
+                    history.best_epoch = epoch
+                stop = tracker is not None and tracker.wait >= plan["stopping"].patience
+                for callback in plan["callbacks"]:
+                    stop = bool(callback(self, record)) or stop
+                if stop:
+                    history.stopped_epoch = epoch
+                    break
+            self._keep_optimizer_state(trainer, plan["optimizer"])
         except (KeyboardInterrupt, FloatingPointError):
             # Ctrl-C or divergence: back to the end of the last recorded epoch
             if started is not None:
                 self._params[:] = started
             raise
+        finally:
+            if best is not None:        # early stopping keeps the best epoch, always
+                self._params[:] = best
         return history
+
+    # ---- pickling (joblib, multiprocessing, copy.deepcopy) ----------------------------
+    def __getstate__(self):
+        """Everything but the locks, the kernel views and fit's inference snapshot."""
+        if self._fitting.locked():
+            raise RuntimeError("a Network cannot be pickled while fit is training it")
+        state = dict(self.__dict__)
+        for name in ("_fitting", "_snapshot", "_readers", "_net", "weights", "biases"):
+            state.pop(name, None)
+        state["_params"] = np.array(self._params)
+        return state
+
+    def __setstate__(self, state):
+        params = state.pop("_params")
+        self.__dict__.update(state)
+        self._fitting = threading.Lock()
+        self._snapshot = None
+        self._readers = []
+        self._set_params(params)
 
     # ---- inference --------------------------------------------------------------------
     # While fit runs, inference reads self._snapshot, the weights at the start of the
-    # current epoch, never the live ones in mid-update.  A caller announces itself in
-    # self._readers (list.append and pop are atomic) before it looks at the snapshot, and
-    # fit waits for the announced callers after publishing its first snapshot: whoever
-    # looked before then finishes with the live weights before training changes them.
+    # current epoch, never the live ones in mid-update.  A caller registers a _Reader in
+    # self._readers (list.append and remove are atomic) before it looks at the snapshot,
+    # and records there the engine it chose; after publishing its first snapshot, fit
+    # waits only for the readers that are undecided or chose the live weights, so callers
+    # that arrive later (and read the snapshot) never hold training up.
     def _begin_inference(self):
-        """The _Net to infer with; the caller pops self._readers when done."""
-        self._readers.append(None)
+        """The _Reader whose ``net`` is the _Net to infer with; the caller passes it to
+        self._readers.remove when done."""
+        reader = _Reader()
+        self._readers.append(reader)
         snapshot = self._snapshot
-        return self._mlp if snapshot is None else snapshot
+        reader.net = self._net if snapshot is None else snapshot
+        return reader
+
+    def _live_readers(self):
+        """Whether an inference call may be reading the live weights."""
+        live = self._net
+        return any(r.net is None or r.net is live for r in list(self._readers))
 
     def predict_proba(self, X, *, n_threads=None):
         """Class probabilities, float32 (n, n_classes), for X (n, n_features) or images."""
@@ -523,32 +670,32 @@ class Network:
             raise TypeError(f"predict_proba needs a classifier (loss='cross_entropy'); this "
                             f"network has loss={self.loss!r}: use predict")
         X = self._flat(X)
-        mlp = self._begin_inference()
+        reader = self._begin_inference()
         try:
-            return mlp.predict(X, False, kernels._threads(n_threads))
+            return reader.net.predict(X, False, kernels._threads(n_threads))
         finally:
-            self._readers.pop()
+            self._readers.remove(reader)
 
     def predict(self, X, *, n_threads=None):
         """Predicted class labels, int64 (n,), for X (n, n_features) or images; for
         loss="squared_error" the predictions, float32 (n, n_outputs)."""
         X = self._flat(X)
-        mlp = self._begin_inference()
+        reader = self._begin_inference()
         try:
             if self.loss != "cross_entropy":
-                return mlp.predict(X, True, kernels._threads(n_threads))
-            return mlp.predict_labels(X, kernels._threads(n_threads))
+                return reader.net.predict(X, True, kernels._threads(n_threads))
+            return reader.net.predict_labels(X, kernels._threads(n_threads))
         finally:
-            self._readers.pop()
+            self._readers.remove(reader)
 
-    def _evaluate(self, X, y, w, n_threads, mlp=None):
-        if mlp is None:
-            mlp = self._begin_inference()
+    def _evaluate(self, X, y, w, n_threads, engine=None):
+        if engine is None:
+            reader = self._begin_inference()
             try:
-                return self._evaluate(X, y, w, n_threads, mlp)
+                return self._evaluate(X, y, w, n_threads, reader.net)
             finally:
-                self._readers.pop()
-        outputs = mlp.predict(X, True, n_threads)
+                self._readers.remove(reader)
+        outputs = engine.predict(X, True, n_threads)
         if self.loss == "squared_error":
             loss, _ = kernels.squared_error(outputs, y, w)
             return loss, _r2_score(outputs, y, w)
@@ -574,18 +721,16 @@ class Network:
 
     def save(self, path):
         """Write the model to `path` atomically (see cnn_core.model_file for the format)."""
-        if self.layer_sizes is None or self.loss != "cross_entropy":
-            raise ValueError("this cnn_core writes model files of multilayer-perceptron "
-                             "classifiers only")
-        model_file.save(path, self.layer_sizes, self.activation, self.leaky_slope, self._params)
+        model_file.save(path, self.layers, self.loss, self._params)
 
     @classmethod
     def load(cls, path):
-        """Read a model saved by :meth:`save`; ModelFileError if the file is not valid."""
-        sizes, activation, slope, params = model_file.load(path)
-        net = cls(sizes, activation, leaky_slope=slope, seed=0)
-        net._set_params(params)
+        """Read a model saved by :meth:`save` (or a version-1 file of an older cnn_core);
+        ModelFileError if the file is not valid."""
+        stack, loss, params = model_file.load(path)
+        net = cls(stack, seed=0, loss=loss)
         net._dropout_seed = 0
+        net._set_params(params)
         net.seed = None
         return net
 
@@ -603,8 +748,8 @@ class Network:
 
     @classmethod
     def from_sklearn(cls, mlp):
-        """A network equal to a fitted scikit-learn MLPClassifier (labels in ``classes_``);
-        see cnn_core.interop.from_sklearn."""
+        """A network equal to a fitted scikit-learn MLPClassifier (labels in ``classes_``)
+        or MLPRegressor (loss="squared_error"); see cnn_core.interop.from_sklearn."""
         from .interop import from_sklearn
         return from_sklearn(mlp)
 

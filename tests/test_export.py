@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cnn_core
-from cnn_core import Network, model_file
+from cnn_core import Network, layers as L, model_file
 from cnn_core.export import ExportReport, export_c
 
 DOWNSTREAM = Path(__file__).resolve().parent / "downstream"
@@ -117,6 +117,88 @@ def test_int8_report(trained, mnist, tmp_path):
     steps = [np.abs(W).max(axis=0) / 127 for W in trained.weights]
     assert 0 < q8.max_weight_error <= max(s.max() for s in steps) / 2 * 1.0001
     assert "agrees with the network" in str(q8)
+
+
+# ---- convolutional networks --------------------------------------------------------------
+
+def test_float_export_of_a_trained_cnn_predicts_like_the_network(cc, trained_cnn, mnist,
+                                                                 tmp_path):
+    X, y = mnist[2], mnist[3]
+    report = export_c(trained_cnn, tmp_path, name="cnn", X_check=X.reshape(-1, 28, 28))
+    assert report.agreement == 1.0 and report.n_checked == len(X)
+    probs, labels = compile_and_run(cc, report, X, tmp_path)
+    np.testing.assert_array_equal(labels, trained_cnn.predict(X))
+    np.testing.assert_allclose(probs, trained_cnn.predict_proba(X), rtol=0, atol=1e-5)
+    assert (labels == y).mean() > 0.6
+    # the activations live in static buffers sized at export: the widest layer output
+    # (12x12x8 floats after the first convolution), twice
+    assert report.static_bytes == 2 * 4 * 12 * 12 * 8 and report.stack_bytes == 4 * 10
+    source, header = report.source.read_text(), report.header.read_text()
+    assert "static float act_a[1152], act_b[1152];" in source
+    assert "#define CNN_STATIC_BYTES 9216" in header and "one thread at a time" in header
+
+
+def every_option_cnn(seed):
+    """Untrained, every layer option the export writes: non-square kernels, strides,
+    both paddings, overlapping and plain pools, every activation, a dropout between
+    dense layers and an activation on the last layer."""
+    return Network([L.Input((28, 28, 1)),
+                    L.Conv2D(5, (3, 2), stride=2, padding="same", activation="leaky_relu",
+                             leaky_slope=0.1),
+                    L.MaxPool2D(3, stride=1),
+                    L.Conv2D(6, 3, stride=2, activation="sigmoid"),
+                    L.Conv2D(4, 1, padding="same", activation="tanh"),
+                    L.AvgPool2D(2),
+                    L.Dropout(0.3), L.Flatten(),
+                    L.Dense(12, activation="relu"), L.Dropout(0.5),
+                    L.Dense(10, activation="tanh")], seed=seed)
+
+
+def test_float_export_of_every_layer_option(cc, mnist, tmp_path):
+    net = every_option_cnn(seed=7)
+    X = mnist[2][:300]
+    report = export_c(net, tmp_path, name="options")
+    probs, labels = compile_and_run(cc, report, X, tmp_path)
+    np.testing.assert_array_equal(labels, net.predict(X))
+    np.testing.assert_allclose(probs, net.predict_proba(X), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_int8_export_of_a_trained_cnn_agrees_with_the_network(cc, trained_cnn, mnist,
+                                                              tmp_path, per_channel):
+    X = mnist[2]
+    expected = trained_cnn.predict(X)
+    report = export_c(trained_cnn, tmp_path, name="cnn8", quantize="int8",
+                      per_channel=per_channel, X_check=X)
+    source = report.source.read_text()
+    assert "static const int8_t Q0[200] = {" in source      # 5x5x1x8 conv weights
+    assert report.table_bytes < export_c(trained_cnn, tmp_path / "f").table_bytes / 2.5
+    probs, labels = compile_and_run(cc, report, X, tmp_path)
+    c_agreement = (labels == expected).mean()       # 99.9% / 99.55% when written
+    assert c_agreement >= 0.97 and report.agreement >= 0.97
+    assert abs(c_agreement - report.agreement) <= 0.002
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert np.abs(probs - trained_cnn.predict_proba(X)).mean() < 0.01
+
+
+def test_networks_of_dense_layers_keep_their_buffers_on_the_stack(cc, mnist, tmp_path):
+    net = Network([L.Input((784,)), L.Dense(30, activation="relu"), L.Dropout(0.5),
+                   L.Dense(20, activation="sigmoid"), L.Dense(10)], seed=2)
+    report = export_c(net, tmp_path, name="mlp")
+    assert report.static_bytes == 0 and report.stack_bytes == 4 * (2 * 30 + 10)
+    assert "static float" not in report.source.read_text()
+    assert "several threads at once" in report.header.read_text()
+    X = mnist[2][:200]
+    probs, labels = compile_and_run(cc, report, X, tmp_path)
+    np.testing.assert_array_equal(labels, net.predict(X))
+    np.testing.assert_allclose(probs, net.predict_proba(X), rtol=0, atol=1e-5)
+
+
+def test_regression_networks_are_refused(tmp_path):
+    net = Network([4, 3, 2], seed=0, loss="squared_error")
+    with pytest.raises(ValueError, match="classifiers"):
+        export_c(net, tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 # ---- the files ---------------------------------------------------------------------------

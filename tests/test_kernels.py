@@ -307,6 +307,21 @@ def test_gather_rows(dtype):
         kernels.gather_rows(X, [-1])
 
 
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+@pytest.mark.parametrize("n_cols", [1, 15, 17, 785])
+def test_gather_rows_odd_shapes(dtype, n_cols):
+    """Every count of rows around the gather's look-ahead (it asks for rows a few ahead
+    of the copy), rows repeated and out of order, against numpy's fancy indexing."""
+    rng = np.random.default_rng(n_cols)
+    X = rng.integers(0, 256, (41, n_cols)).astype(dtype)
+    scale = np.float32(1 / 255) if dtype == np.uint8 else np.float32(1)
+    for n_index in (1, 2, 3, 4, 5, 6, 9, 40, 64):
+        index = rng.integers(0, 41, n_index)
+        out = kernels.gather_rows(X, index)
+        assert out.shape == (n_index, n_cols)
+        assert np.array_equal(out, X[index].astype(np.float32) * scale)
+
 BAD_ARRAYS = [
     ([[1.0, 2.0]], TypeError, "numpy.ndarray"),
     (np.zeros((2, 2), np.float64), TypeError, "float32"),

@@ -64,7 +64,7 @@ def test_gradient_matches_finite_differences(activation):
     X, y = small_data(n=11, d=5, classes=3, seed=1)
     net = Network(sizes, activation, seed=4, leaky_slope=0.1)
     params = net._params.astype(np.float64)
-    trainer = kernels._Trainer(net._mlp, "sgd", 0.0, 0.0, False, 0.0, 0.9, 0.999, 1e-8,
+    trainer = kernels._Trainer(net._net, "sgd", 0.0, 0.0, False, 0.0, 0.9, 0.999, 1e-8,
                                len(y), 1)
     trainer.train_batches(X, y.astype(np.int32), None, np.arange(len(y), dtype=np.int64), 0, 1)
     grads = np.array(trainer.grads, dtype=np.float64)
@@ -87,7 +87,7 @@ def test_training_reduces_loss_and_history_has_every_field():
                       validation_data=(X[:50], y[:50]))
     assert len(history) == 5 and history is net.history_
     assert set(history.records[0]) == {"epoch", "loss", "accuracy", "val_loss",
-                                       "val_accuracy", "seconds"}
+                                       "val_accuracy", "learning_rate", "seconds"}
     assert history["loss"][-1] < history["loss"][0]
     assert net.evaluate(X, y)[0] < before
 
@@ -227,10 +227,10 @@ def test_foreign_and_future_files_are_rejected(tmp_path):
     with pytest.raises(ModelFileError, match="not a cnn_core model file"):
         Network.load(path)
     body = bytearray(data[:-4])
-    body[8] = 2  # version 2
+    body[8] = 3  # version 3
     import struct, zlib
     path.write_bytes(bytes(body) + struct.pack("<I", zlib.crc32(bytes(body))))
-    with pytest.raises(ModelFileError, match="version 2"):
+    with pytest.raises(ModelFileError, match="version 3"):
         Network.load(path)
     path.write_bytes(data + b"\0")
     with pytest.raises(ModelFileError, match="longer"):

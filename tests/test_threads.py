@@ -99,7 +99,7 @@ def test_predict_reports_the_first_bad_chunk_with_threads(mnist):
     """Chunks run on several threads; a NaN in a late chunk is still a ValueError."""
     _, _, X, _ = mnist
     net = Network([784, 32, 10], seed=0)
-    X = np.ascontiguousarray(X[:1500])
+    X = X[:1500].copy()     # a copy: X is the session-wide fixture
     X[1400, 5] = np.nan
     for n_threads in (1, 2, 4):
         with pytest.raises(ValueError, match="NaN"):

@@ -1,5 +1,5 @@
-/* cnn_model.c -- reading cnn_core model files (see cnn_core/model_file.py) and running
-   inference on the loaded network.  Every byte of a file is checked before a model is
+/* cnn_model.c -- reading cnn_core model files, versions 1 and 2 (see
+   cnn_core/model_file.py), and running inference on the loaded network.  Every byte of a file is checked before a model is
    returned; memory grows only as bytes actually arrive, so a hostile header claiming
    huge layers costs nothing before the file runs out. */
 #include <stdio.h>
@@ -10,7 +10,9 @@
 
 struct cnn_model {
     cnn_net net;        /* params is owned by the model */
-    cnn_activation hidden_activation;   /* of a version-1 file */
+    cnn_activation hidden_activation;   /* of a version-1 file; layer 0's otherwise */
+    int32_t ranks[CNN_MAX_LAYERS + 1];  /* of the input and of each layer's output: */
+    int64_t shapes[CNN_MAX_LAYERS + 1][3];  /* 1 (1, 1, n) or 3 (h, w, c) */
 };
 
 /* Rows per forward pass: the batch Network.predict uses, so results match it. */
@@ -18,10 +20,26 @@ struct cnn_model {
 
 /* ---- format constants (cnn_core/model_file.py) ------------------------------- */
 static const unsigned char MAGIC[8] = { 0x89, 'C', 'N', 'N', 'M', 'L', 'P', '\n' };
-#define FORMAT_VERSION 1u
-#define HEADER_BYTES 24         /* magic, version, n_layers, activation, slope */
-#define MAX_LAYER_SIZE ((uint64_t)1 << 24)
+#define START_BYTES 16          /* magic, version, n_layers: every version */
+#define V1_HEADER_BYTES 8       /* then: hidden activation, slope */
+#define V2_HEADER_BYTES 32      /* then: loss, input rank, input h, w, c */
+#define RECORD_BYTES 64         /* one layer of a version-2 file */
+#define MAX_SIZE ((uint64_t)CNN_MAX_DIMENSION)
 #define N_HIDDEN_ACTIVATIONS 5u /* identity, relu, leaky_relu, sigmoid, tanh */
+#define N_LAYER_KINDS 6u
+
+/* The fields of a version-2 layer record each kind uses; the others must be 0. */
+enum { USES_ACTIVATION = 1, USES_SLOPE = 2, USES_RATE = 4, USES_UNITS = 8,
+       USES_KERNEL = 16, USES_STRIDE = 32, USES_PADDING = 64 };
+static const unsigned FIELDS_USED[N_LAYER_KINDS] = {
+    [CNN_LAYER_DENSE] = USES_ACTIVATION | USES_SLOPE | USES_UNITS,
+    [CNN_LAYER_CONV2D] = USES_ACTIVATION | USES_SLOPE | USES_UNITS | USES_KERNEL
+                         | USES_STRIDE | USES_PADDING,
+    [CNN_LAYER_MAXPOOL2D] = USES_KERNEL | USES_STRIDE,
+    [CNN_LAYER_AVGPOOL2D] = USES_KERNEL | USES_STRIDE,
+    [CNN_LAYER_FLATTEN] = 0,
+    [CNN_LAYER_DROPOUT] = USES_RATE,
+};
 
 /* ---- a byte source: a FILE or a memory block --------------------------------- */
 typedef struct source {
@@ -102,36 +120,47 @@ static float le_float(const unsigned char *p)
     return f;
 }
 
+static double le_double(const unsigned char *p)
+{
+    /* little-endian IEEE-754 float64 at p (8,) */
+    uint64_t u = le64(p);
+    double d;
+    memcpy(&d, &u, sizeof d);
+    return d;
+}
+
+static int is_size(uint64_t v)
+{
+    /* 1 if v is a valid size: 1 .. 2^24 */
+    return v >= 1 && v <= MAX_SIZE;
+}
+
 /* ---- loading --------------------------------------------------------------------- */
 
-static int read_header(cnn_model *m, uint64_t *n_params, source *s)
+static int read_v1(cnn_model *m, uint32_t n_layers, source *s)
 {
-    /* m->net (everything but params: a table of dense layers) and n_params from the
-       header and sizes of a model file */
-    unsigned char h[HEADER_BYTES], b[8];
-    int status = read_exact(s, h, HEADER_BYTES);
+    /* m->net's layers (dense) and input from the rest of a version-1 header */
+    unsigned char h[V1_HEADER_BYTES], b[8];
+    int status = read_exact(s, h, sizeof h);
     if (status != CNN_OK)
         return status;
-    uint32_t version = le32(h + 8), n_layers = le32(h + 12), code = le32(h + 16);
-    float slope = le_float(h + 20);
-    if (memcmp(h, MAGIC, sizeof MAGIC) != 0 || version != FORMAT_VERSION || n_layers < 1
-        || n_layers > CNN_MAX_LAYERS || code >= N_HIDDEN_ACTIVATIONS
-        || !(slope >= 0.0f && slope < 1.0f))
+    const uint32_t code = le32(h);
+    const float slope = le_float(h + 4);
+    if (code >= N_HIDDEN_ACTIVATIONS || !(slope >= 0.0f && slope < 1.0f))
         return CNN_ERR_FORMAT;
-    memset(m, 0, sizeof *m);
     cnn_net *net = &m->net;
-    net->n_layers = (int32_t)n_layers;
-    net->in_h = net->in_w = 1;
     net->loss = CNN_LOSS_SOFTMAX_CROSS_ENTROPY;
+    m->ranks[0] = 1;
     m->hidden_activation = (cnn_activation)code;
     for (uint32_t l = 0; l <= n_layers; ++l) {
         status = read_exact(s, b, 8);
         if (status != CNN_OK)
             return status;
-        uint64_t size = le64(b);
-        if (size < 1 || size > MAX_LAYER_SIZE)
+        const uint64_t size = le64(b);
+        if (!is_size(size))
             return CNN_ERR_FORMAT;
         if (l == 0) {
+            net->in_h = net->in_w = 1;
             net->in_c = (int64_t)size;
             continue;
         }
@@ -141,8 +170,155 @@ static int read_header(cnn_model *m, uint64_t *n_params, source *s)
         layer->activation = l < n_layers ? (int32_t)code : CNN_ACT_IDENTITY;
         layer->alpha = slope;
     }
-    const int64_t n = cnn_net_param_count(net);
-    if (n < 0)
+    return CNN_OK;
+}
+
+static int read_record(cnn_layer *layer, const unsigned char *r)
+{
+    /* *layer from a version-2 layer record r (RECORD_BYTES,) ; CNN_ERR_FORMAT if a
+       field is out of range or one the kind does not use is not 0 */
+    const uint32_t kind = le32(r), activation = le32(r + 4);
+    const uint32_t padding = le32(r + 56), reserved = le32(r + 60);
+    const double slope = le_double(r + 8), rate = le_double(r + 16);
+    const uint64_t units = le64(r + 24), kernel_h = le64(r + 32), kernel_w = le64(r + 40);
+    const uint64_t stride = le64(r + 48);
+    if (kind >= N_LAYER_KINDS || reserved != 0)
+        return CNN_ERR_FORMAT;
+    const unsigned uses = FIELDS_USED[kind];
+    /* unused fields: all bits zero (so -0.0 is refused too) */
+    if ((!(uses & USES_ACTIVATION) && activation != 0) ||
+        (!(uses & USES_SLOPE) && le64(r + 8) != 0) ||
+        (!(uses & USES_RATE) && le64(r + 16) != 0) ||
+        (!(uses & USES_UNITS) && units != 0) ||
+        (!(uses & USES_KERNEL) && (kernel_h != 0 || kernel_w != 0)) ||
+        (!(uses & USES_STRIDE) && stride != 0) ||
+        (!(uses & USES_PADDING) && padding != 0))
+        return CNN_ERR_FORMAT;
+    /* used fields: in range */
+    if (((uses & USES_ACTIVATION) && activation >= N_HIDDEN_ACTIVATIONS) ||
+        ((uses & USES_SLOPE) && !(slope >= 0.0 && slope < 1.0)) ||
+        ((uses & USES_RATE) && !(rate >= 0.0 && rate < 1.0)) ||
+        ((uses & USES_UNITS) && !is_size(units)) ||
+        ((uses & USES_KERNEL) && (!is_size(kernel_h) || !is_size(kernel_w))) ||
+        ((uses & USES_STRIDE) && !is_size(stride)) ||
+        ((uses & USES_PADDING) && padding > 1))
+        return CNN_ERR_FORMAT;
+    if ((kind == CNN_LAYER_MAXPOOL2D || kind == CNN_LAYER_AVGPOOL2D) && kernel_h != kernel_w)
+        return CNN_ERR_FORMAT;      /* square windows */
+    layer->kind = (int32_t)kind;
+    layer->activation = (int32_t)activation;
+    layer->alpha = (float)slope;
+    layer->rate = (float)rate;
+    layer->units = (int64_t)units;
+    layer->kernel_h = (int64_t)kernel_h;
+    layer->kernel_w = (int64_t)kernel_w;
+    layer->stride = (int64_t)stride;
+    layer->same_padding = (int32_t)padding;
+    return CNN_OK;
+}
+
+static int read_v2(cnn_model *m, uint32_t n_layers, source *s)
+{
+    /* m->net's input, loss and layers from the rest of a version-2 header */
+    unsigned char h[V2_HEADER_BYTES], r[RECORD_BYTES];
+    int status = read_exact(s, h, sizeof h);
+    if (status != CNN_OK)
+        return status;
+    const uint32_t loss = le32(h), rank = le32(h + 4);
+    const uint64_t in_h = le64(h + 8), in_w = le64(h + 16), in_c = le64(h + 24);
+    if ((loss != CNN_LOSS_SOFTMAX_CROSS_ENTROPY && loss != CNN_LOSS_SQUARED_ERROR) ||
+        (rank != 1 && rank != 3) || (rank == 1 && (in_h != 1 || in_w != 1)) ||
+        !is_size(in_h) || !is_size(in_w) || !is_size(in_c) ||
+        in_h * in_w > MAX_SIZE || in_h * in_w * in_c > MAX_SIZE)
+        return CNN_ERR_FORMAT;
+    cnn_net *net = &m->net;
+    net->loss = (int32_t)loss;
+    net->in_h = (int64_t)in_h;
+    net->in_w = (int64_t)in_w;
+    net->in_c = (int64_t)in_c;
+    m->ranks[0] = (int32_t)rank;
+    for (uint32_t l = 0; l < n_layers; ++l) {
+        status = read_exact(s, r, sizeof r);
+        if (status == CNN_OK)
+            status = read_record(&net->layers[l], r);
+        if (status != CNN_OK)
+            return status;
+    }
+    m->hidden_activation = FIELDS_USED[net->layers[0].kind] & USES_ACTIVATION
+                               ? (cnn_activation)net->layers[0].activation
+                               : CNN_ACT_IDENTITY;
+    return CNN_OK;
+}
+
+static int layer_shapes(cnn_model *m)
+{
+    /* m->ranks and m->shapes of every layer's output from m->ranks[0] and the input
+       shape; CNN_ERR_FORMAT if a dense layer follows an image (Flatten first) or a
+       convolution or pooling layer a flat sample, as Python's cnn_core.layers rules */
+    const cnn_net *net = &m->net;
+    int64_t *in = m->shapes[0];
+    in[0] = net->in_h, in[1] = net->in_w, in[2] = net->in_c;
+    for (int32_t l = 0; l < net->n_layers; ++l) {
+        const cnn_layer *layer = &net->layers[l];
+        const int64_t *x = m->shapes[l];
+        int64_t *y = m->shapes[l + 1];
+        int32_t rank = m->ranks[l];
+        cnn_conv2d_shape cs;
+        cnn_pool2d_shape ps;
+        switch (layer->kind) {
+        case CNN_LAYER_DENSE:
+            if (rank != 1)
+                return CNN_ERR_FORMAT;
+            y[0] = y[1] = 1, y[2] = layer->units;
+            break;
+        case CNN_LAYER_CONV2D:
+            if (rank != 3 || cnn_conv2d_shape_init(&cs, 1, x[0], x[1], x[2], layer->units,
+                                                   layer->kernel_h, layer->kernel_w,
+                                                   layer->stride, layer->same_padding) != CNN_OK)
+                return CNN_ERR_FORMAT;
+            y[0] = cs.out_h, y[1] = cs.out_w, y[2] = cs.out_c;
+            break;
+        case CNN_LAYER_MAXPOOL2D:
+        case CNN_LAYER_AVGPOOL2D:
+            if (rank != 3 || cnn_pool2d_shape_init(&ps, 1, x[0], x[1], x[2], layer->kernel_h,
+                                                   layer->stride) != CNN_OK)
+                return CNN_ERR_FORMAT;
+            y[0] = ps.out_h, y[1] = ps.out_w, y[2] = x[2];
+            break;
+        case CNN_LAYER_FLATTEN:
+            y[0] = y[1] = 1, y[2] = x[0] * x[1] * x[2];
+            break;
+        default:    /* dropout */
+            y[0] = x[0], y[1] = x[1], y[2] = x[2];
+            break;
+        }
+        if (layer->kind == CNN_LAYER_DENSE || layer->kind == CNN_LAYER_FLATTEN)
+            rank = 1;
+        m->ranks[l + 1] = rank;
+    }
+    return CNN_OK;
+}
+
+static int read_header(cnn_model *m, uint64_t *n_params, source *s)
+{
+    /* m (everything but the parameters) and n_params from the header of a model file,
+       checked as cnn_core/model_file.py does and by cnn_net_check */
+    unsigned char h[START_BYTES];
+    int status = read_exact(s, h, START_BYTES);
+    if (status != CNN_OK)
+        return status;
+    const uint32_t version = le32(h + 8), n_layers = le32(h + 12);
+    if (memcmp(h, MAGIC, sizeof MAGIC) != 0 || (version != 1 && version != 2) ||
+        n_layers < 1 || n_layers > CNN_MAX_LAYERS)
+        return CNN_ERR_FORMAT;
+    memset(m, 0, sizeof *m);
+    m->net.n_layers = (int32_t)n_layers;
+    status = version == 1 ? read_v1(m, n_layers, s) : read_v2(m, n_layers, s);
+    if (status != CNN_OK)
+        return status;
+    /* the engine's checks first: layer_shapes relies on shapes it accepts */
+    const int64_t n = cnn_net_param_count(&m->net);
+    if (n < 0 || layer_shapes(m) != CNN_OK)
         return CNN_ERR_FORMAT;
     *n_params = (uint64_t)n;
     return CNN_OK;
@@ -280,35 +456,46 @@ int32_t cnn_model_n_layers(const cnn_model *m)
     return m->net.n_layers;
 }
 
-int64_t cnn_model_layer_size(const cnn_model *m, int32_t i)
+int32_t cnn_model_layer_shape(const cnn_model *m, int32_t i, int64_t shape[3])
 {
-    /* sizes[i] for 0 <= i <= L, else -1 */
+    /* shape of the input (i = 0) or of layer i's output, and its rank ; -1 out of range */
     if (i < 0 || i > m->net.n_layers)
         return -1;
-    return i ? m->net.layers[i - 1].units : m->net.in_c;
+    const int32_t rank = m->ranks[i];
+    for (int k = 0; k < 3; ++k)
+        shape[k] = rank == 3 ? m->shapes[i][k] : (k == 0 ? m->shapes[i][2] : 1);
+    return rank;
+}
+
+int64_t cnn_model_layer_size(const cnn_model *m, int32_t i)
+{
+    /* values of the input (i = 0) or of layer i's output per sample ; -1 out of range */
+    if (i < 0 || i > m->net.n_layers)
+        return -1;
+    return m->shapes[i][0] * m->shapes[i][1] * m->shapes[i][2];
 }
 
 int64_t cnn_model_n_inputs(const cnn_model *m)
 {
-    /* sizes[0] */
+    /* values per sample */
     return m->net.in_h * m->net.in_w * m->net.in_c;
 }
 
 int64_t cnn_model_n_classes(const cnn_model *m)
 {
-    /* sizes[L] */
+    /* outputs of the last layer */
     return cnn_net_n_outputs(&m->net);
 }
 
 cnn_activation cnn_model_activation(const cnn_model *m)
 {
-    /* hidden activation code */
+    /* hidden activation code (version 1), or layer 0's */
     return m->hidden_activation;
 }
 
 float cnn_model_leaky_slope(const cnn_model *m)
 {
-    /* leaky_relu slope in [0, 1) */
+    /* leaky_relu slope of layer 0 */
     return m->net.layers[0].alpha;
 }
 

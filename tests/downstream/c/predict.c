@@ -12,7 +12,9 @@
  *
  * Usage:
  *     predict info MODEL
- *         print "layers L", "sizes n_0 ... n_L", "activation A", "slope S"
+ *         print "layers L", "sizes n_0 ... n_L", "activation A", "slope S", "loss K",
+ *         then for the input and each layer i = 1 .. L "shape i RANK D0 D1 D2", and for
+ *         each layer "layer i KIND ACTIVATION SLOPE RATE UNITS KH KW STRIDE SAME"
  *     predict info-memory MODEL
  *         the same, reading the file into memory first and loading it from there with
  *         cnn_model_load_memory (as a program with a model compiled into it would)
@@ -111,6 +113,21 @@ static int info(const cnn_model *m)
         printf(" %lld", (long long)cnn_model_layer_size(m, i));
     printf("\nactivation %d\nslope %.9g\n", (int)cnn_model_activation(m),
            (double)cnn_model_leaky_slope(m));
+    const cnn_net *net = cnn_model_net(m);
+    printf("loss %d\n", (int)net->loss);
+    for (int32_t i = 0; i <= L; ++i) {
+        int64_t shape[3];
+        int32_t rank = cnn_model_layer_shape(m, i, shape);
+        printf("shape %d %d %lld %lld %lld\n", (int)i, (int)rank, (long long)shape[0],
+               (long long)shape[1], (long long)shape[2]);
+    }
+    for (int32_t i = 1; i <= L; ++i) {
+        const cnn_layer *l = &net->layers[i - 1];
+        printf("layer %d %d %d %.9g %.9g %lld %lld %lld %lld %d\n", (int)i, (int)l->kind,
+               (int)l->activation, (double)l->alpha, (double)l->rate, (long long)l->units,
+               (long long)l->kernel_h, (long long)l->kernel_w, (long long)l->stride,
+               (int)l->same_padding);
+    }
     return 0;
 }
 

@@ -9,7 +9,10 @@ import numpy as np
 
 from libc.stdint cimport int64_t, uintptr_t
 from cnn_core.kernels cimport (cnn_sgemm, cnn_dense_forward, cnn_dense_backward,
-                               cnn_dense_workspace_floats)
+                               cnn_dense_workspace_floats, cnn_conv2d_shape,
+                               cnn_conv2d_shape_init, cnn_conv2d_workspace_floats,
+                               cnn_conv2d_forward, cnn_pool2d_shape, cnn_pool2d_shape_init,
+                               cnn_maxpool2d_forward)
 
 
 cdef float *aligned(float[::1] buffer) noexcept nogil:
@@ -82,3 +85,41 @@ def dense_backward(const float[:, ::1] X, const float[:, ::1] dY, const float[:,
                                     &W[0, 0], B, n_in, n_out, aligned(w), 1)
     _check(status, "cnn_dense_backward")
     return dW, db, dX
+
+
+def conv2d_forward(const float[:, :, :, ::1] X, const float[:, :, :, ::1] W,
+                   const float[::1] b, int stride, bint same, int activation):
+    """Y = act(conv(X, W) + b) ; X (batch, h, w, in_c), W (kh, kw, in_c, out_c), b
+    (out_c,), all float32, channels last; padding "same" or "valid"."""
+    cdef cnn_conv2d_shape s
+    _check(cnn_conv2d_shape_init(&s, X.shape[0], X.shape[1], X.shape[2], X.shape[3],
+                                 W.shape[3], W.shape[0], W.shape[1], stride, same),
+           "cnn_conv2d_shape_init")
+    if W.shape[2] != X.shape[3] or b.shape[0] != W.shape[3] or X.shape[0] == 0:
+        raise ValueError("need X (batch > 0, h, w, in_c), W (kh, kw, in_c, out_c), b (out_c,)")
+    Y = np.empty((s.batch, s.out_h, s.out_w, s.out_c), dtype=np.float32)
+    work = _workspace(cnn_conv2d_workspace_floats(&s, 1))
+    cdef float[:, :, :, ::1] y = Y
+    cdef float[::1] w = work
+    cdef int status
+    with nogil:
+        status = cnn_conv2d_forward(&y[0, 0, 0, 0], &X[0, 0, 0, 0], &W[0, 0, 0, 0], &b[0],
+                                    &s, activation, 0.01, aligned(w), 1)
+    _check(status, "cnn_conv2d_forward")
+    return Y
+
+
+def maxpool2d_forward(const float[:, :, :, ::1] X, int size, int stride):
+    """The maximum of each size x size window (valid) of X (batch, h, w, channels)."""
+    cdef cnn_pool2d_shape s
+    _check(cnn_pool2d_shape_init(&s, X.shape[0], X.shape[1], X.shape[2], X.shape[3], size,
+                                 stride), "cnn_pool2d_shape_init")
+    if X.shape[0] == 0:
+        raise ValueError("need at least one image")
+    Y = np.empty((s.batch, s.out_h, s.out_w, s.channels), dtype=np.float32)
+    cdef float[:, :, :, ::1] y = Y
+    cdef int status
+    with nogil:
+        status = cnn_maxpool2d_forward(&y[0, 0, 0, 0], &X[0, 0, 0, 0], &s, 1)
+    _check(status, "cnn_maxpool2d_forward")
+    return Y
