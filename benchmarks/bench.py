@@ -90,7 +90,7 @@ TRAIN_CONFIGS = [
 FULL = {"gemm_reps": 7, "gemm_block_s": 0.1, "rate_reps": 5, "train_min_reps": 3,
         "train_max_reps": 5, "train_budget_s": 60.0, "predict_calls": 2000,
         "predict_batch_reps": 20, "configs": TRAIN_CONFIGS,
-        "gemm_cases": [c[0] for c in GEMM_CASES], "lenet_rows": TRAIN_ROWS,
+        "gemm_cases": [c[0] for c in GEMM_CASES], "lenet_rows": 19_200,
         "twoproc_configs": TRAIN_CONFIGS[:2], "twoproc_epochs": 3}
 QUICK = {"gemm_reps": 3, "gemm_block_s": 0.02, "rate_reps": 3, "train_min_reps": 1,
          "train_max_reps": 2, "train_budget_s": 4.0, "predict_calls": 300,

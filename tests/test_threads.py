@@ -74,6 +74,32 @@ def test_dense_training_is_bit_identical_for_any_thread_count(mnist_split):
     assert np.isfinite(weights[0]).all()
 
 
+
+def test_training_under_competing_load_is_bit_identical(mnist_split):
+    """With a busy process on every CPU, workers get descheduled in the middle of their
+    tasks and the caller takes over the tasks they have not claimed: the weights must
+    still be those of one thread."""
+    (X, y), _ = mnist_split
+    X, y = standardised(X[:3000]), y[:3000]
+
+    def train(n_threads):
+        net = Network([784, 96, 10], seed=5)
+        net.fit(X, y, epochs=2, batch_size=50, optimizer="sgd", momentum=0.9,
+                learning_rate=0.01, n_threads=n_threads)
+        return np.concatenate([w.ravel() for w in net.weights + net.biases])
+
+    alone = train(1)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(os.cpu_count() or 1)]
+    try:
+        loaded = [train(n_threads) for n_threads in (2, 3)]
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    for weights in loaded:
+        np.testing.assert_array_equal(weights, alone)
+
 @pytest.mark.parametrize("n", [1, 16383, 16384, 3 * 16384 + 7])
 def test_optimizer_chunks_do_not_change_the_update(n):
     """The update is handed out in chunks; sizes around a chunk boundary."""
