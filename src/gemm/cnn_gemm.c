@@ -658,11 +658,15 @@ static int mostly_zeros(const float *A, int64_t rows, int64_t cols, int64_t lda)
     /* stored A (rows, cols) -> 1 if at least 75% of the sampled entries are zero (images:
        about 80%; ReLU outputs, whose panels rarely have an all-zero step: 50-65%) */
     const int64_t sr = min64(rows, 16), sc = min64(cols, 32);
-    int64_t zeros = 0;
+    int64_t col[32], zeros = 0;
+    /* the columns once: a 64-bit division per sampled entry cost more than a small
+       GEMM's arithmetic */
+    for (int64_t c = 0; c < sc; ++c)
+        col[c] = c * cols / sc;
     for (int64_t r = 0; r < sr; ++r) {
         const float *a = A + r * rows / sr * lda;
         for (int64_t c = 0; c < sc; ++c)
-            zeros += a[c * cols / sc] == 0.0f;
+            zeros += a[col[c]] == 0.0f;
     }
     return 4 * zeros >= 3 * sr * sc;
 }
