@@ -36,11 +36,10 @@ void cnn_sgemm_ref(float *C, const float *A, const float *B,
 /* ---- epilogue ------------------------------------------------------------ */
 
 
-void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, int64_t n)
+CNN_ALWAYS_INLINE void epilogue_row_body(float *c, const cnn_epilogue *ep, int64_t i,
+                                        int64_t j0, int64_t n)
 {
     /* c[0:n] <- act'(grad_of[i, j0:j0+n]) * act(c + bias[j0:j0+n]) ; c is (n,) */
-    if (!ep || n <= 0)
-        return;
     if (ep->bias) {
         const float *b = ep->bias + j0;
         for (int64_t j = 0; j < n; ++j)
@@ -51,6 +50,36 @@ void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, i
     if (ep->grad_of && ep->grad_act != CNN_ACT_IDENTITY)
         cnn_activation_grad(c, c, ep->grad_of + i * ep->ld_grad_of + j0, n, ep->grad_act,
                             ep->alpha);
+}
+
+static void epilogue_row_generic(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0,
+                                 int64_t n)
+{
+    epilogue_row_body(c, ep, i, j0, n);
+}
+
+#ifdef CNN_AVX2_BUILD
+__attribute__((target("avx2")))
+static void epilogue_row_avx2(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0,
+                              int64_t n)
+{
+    epilogue_row_body(c, ep, i, j0, n);
+}
+#endif
+
+void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, int64_t n)
+{
+    /* the AVX2 build of the loops when the CPU runs AVX2 code (the same bits: see
+       cnn_internal.h) */
+    if (!ep || n <= 0)
+        return;
+#ifdef CNN_AVX2_BUILD
+    if (cnn_use_avx2_build()) {
+        epilogue_row_avx2(c, ep, i, j0, n);
+        return;
+    }
+#endif
+    epilogue_row_generic(c, ep, i, j0, n);
 }
 
 /* 1 if `ep` is usable for an (M, N) GEMM result (NULL is). */
