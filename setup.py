@@ -2,19 +2,20 @@
 is linked into the Cython extension cnn_core.kernels and also shipped, with its public
 header, inside the package for projects that embed the kernels.
 
+The kernels' threads are cnn_core's own pool (src/runtime/cnn_threads.c, POSIX threads
+or Win32 threads), so the only thread flag is -pthread; no OpenMP is used (a
+CNN_CORE_OPENMP variable is ignored).
+
 Environment:
-    CNN_CORE_OPENMP=0|1   force OpenMP off or on (default: on when the compiler has it).
-    CC, CFLAGS, LDFLAGS   the usual compiler settings, honoured by every compile and link
-                          (the OpenMP probe included); when they change, everything is
-                          rebuilt (no object of an older build with other flags is reused).
+    CC, CFLAGS, LDFLAGS   the usual compiler settings, honoured by every compile and link;
+                          when they change, everything is rebuilt (no object of an older
+                          build with other flags is reused).
 """
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 import os
 import shlex
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy
@@ -35,47 +36,13 @@ def environment_flags(*names):
     return [flag for name in names for flag in shlex.split(os.environ.get(name, ""))]
 
 
-def compiler_flags(compiler_type, openmp):
+def compiler_flags(compiler_type):
     """(compile flags for our C, flags for the extension, link flags) for a compiler."""
     if compiler_type == "msvc":
-        omp = ["/openmp"] if openmp else []
-        return ["/O2"] + omp, ["/O2"] + omp, []
-    omp = ["-fopenmp"] if openmp else []
+        return ["/O2"], ["/O2"], []
     # an optimisation level in $CFLAGS (e.g. -O1 for a sanitizer build) wins over ours
     opt = [] if any(f.startswith("-O") for f in environment_flags("CFLAGS")) else ["-O3"]
-    return (opt + ["-std=c99", "-Wall", "-Wextra"] + omp, opt + omp, omp)
-
-
-def compiler_has_openmp(compiler):
-    """True if `compiler` compiles and links a tiny OpenMP program (with $CFLAGS and
-    $LDFLAGS, as the real build: -fsanitize=... objects need them at link time too)."""
-    if compiler.compiler_type == "msvc":
-        return True
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp, "omp_check.c")
-        src.write_text("#include <omp.h>\nint main(void) { return omp_get_max_threads() < 1; }\n")
-        try:
-            objects = compiler.compile([str(src)], output_dir=tmp, extra_postargs=["-fopenmp"])
-            compiler.link_executable(objects, "omp_check", output_dir=tmp,
-                                     extra_postargs=["-fopenmp"]
-                                     + environment_flags("CFLAGS", "LDFLAGS"))
-            return True
-        except Exception:
-            return False
-
-
-def use_openmp(compiler):
-    """Whether to build with OpenMP, honouring CNN_CORE_OPENMP."""
-    setting = os.environ.get("CNN_CORE_OPENMP", "").strip()
-    if setting not in ("", "0", "1"):
-        sys.exit(f"CNN_CORE_OPENMP must be 0 or 1, got {setting!r}")
-    if setting == "0":
-        return False
-    found = compiler_has_openmp(compiler)
-    if setting == "1" and not found:
-        sys.exit("CNN_CORE_OPENMP=1 but the C compiler cannot build OpenMP programs")
-    print(f"cnn_core: building {'with' if found else 'without'} OpenMP")
-    return found
+    return opt + ["-std=c99", "-Wall", "-Wextra", "-pthread"], opt + ["-pthread"], ["-pthread"]
 
 
 def rebuild_if_flags_changed(command, kind, flags):
@@ -96,23 +63,22 @@ def rebuild_if_flags_changed(command, kind, flags):
     stamp.write_text(digest + "\n")
 
 
-def build_signature(compiler, openmp):
-    """Everything that changes the objects: compiler commands, environment flags, OpenMP."""
+def build_signature(compiler):
+    """Everything that changes the objects: compiler commands, our flags, environment flags."""
     commands = [getattr(compiler, name, None) or [] for name in
                 ("compiler_so", "linker_so", "linker_exe", "archiver")]
-    return ([compiler.compiler_type, f"openmp={openmp}"] + [" ".join(c) for c in commands]
+    ours = compiler_flags(compiler.compiler_type)
+    return ([compiler.compiler_type] + [" ".join(c) for c in commands + list(ours)]
             + environment_flags("CC", "CFLAGS", "CPPFLAGS", "LDFLAGS"))
 
 
 class BuildKernels(build_clib):
-    """Build libcnn_core from src/**/*.c with strict warnings and optional OpenMP, one
-    compiler process per core (build_clib itself compiles one file at a time)."""
+    """Build libcnn_core from src/**/*.c with strict warnings, one compiler process per
+    core (build_clib itself compiles one file at a time)."""
 
     def build_libraries(self, libraries):
-        openmp = use_openmp(self.compiler)
-        cflags, _, _ = compiler_flags(self.compiler.compiler_type, openmp)
-        self.distribution.cnn_core_openmp = openmp
-        signature = build_signature(self.compiler, openmp)
+        cflags, _, _ = compiler_flags(self.compiler.compiler_type)
+        signature = build_signature(self.compiler)
         rebuild_if_flags_changed(self, "library", signature)
         self.distribution.cnn_core_signature = signature
         for name, info in libraries:
@@ -145,11 +111,10 @@ class BuildExtension(build_ext):
 
     def build_extensions(self):
         clib = self.get_finalized_command("build_clib")
-        openmp = getattr(self.distribution, "cnn_core_openmp", False)
         signature = getattr(self.distribution, "cnn_core_signature", None)
         if signature is not None:
             rebuild_if_flags_changed(self, "extension", signature)
-        _, cflags, ldflags = compiler_flags(self.compiler.compiler_type, openmp)
+        _, cflags, ldflags = compiler_flags(self.compiler.compiler_type)
         for ext in self.extensions:
             ext.extra_compile_args = cflags
             ext.extra_link_args = ldflags
@@ -158,9 +123,9 @@ class BuildExtension(build_ext):
         if getattr(self, "into_source", False):
             packages.append(ROOT / "cnn_core")
         for package in packages:
-            self.ship(package, clib, openmp, ldflags)
+            self.ship(package, clib)
 
-    def ship(self, package, clib, openmp, ldflags):
+    def ship(self, package, clib):
         """Copy the public headers, the static library and its pkg-config file to package."""
         (package / "include").mkdir(parents=True, exist_ok=True)
         (package / "lib").mkdir(parents=True, exist_ok=True)
@@ -168,10 +133,8 @@ class BuildExtension(build_ext):
             shutil.copy2(ROOT / header, package / "include")
         library = self.compiler.library_filename("cnn_core")
         shutil.copy2(Path(clib.build_clib) / library, package / "lib" / library)
-        (package / "lib" / "openmp.txt").write_text("1\n" if openmp else "0\n")
         pkg_config = (ROOT / "src" / "cnn_core.pc.in").read_text()
         pkg_config = pkg_config.replace("@VERSION@", self.distribution.get_version())
-        pkg_config = pkg_config.replace("@OPENMP_LIBS@", " " + " ".join(ldflags) if ldflags else "")
         (package / "lib" / "cnn_core.pc").write_text(pkg_config)
 
 

@@ -34,13 +34,12 @@ def get_library_dir():
 
 
 def info():
-    """Build and runtime facts: version, GEMM kernel in use, OpenMP, default thread count."""
+    """Build and runtime facts: version, GEMM kernel in use, default thread count."""
     return {
         "version": __version__,
         "kernel": kernels.get_kernel(),
         "best_kernel": kernels.best_kernel(),
         "available_kernels": kernels.available_kernels(),
-        "openmp": kernels.openmp_enabled(),
         "threads": kernels.max_threads(),
     }
 

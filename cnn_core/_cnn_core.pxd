@@ -47,7 +47,6 @@ cdef extern from "cnn_core.h" nogil:
     int cnn_set_kernel(cnn_kernel kernel)
     cnn_kernel cnn_get_kernel()
     const char *cnn_kernel_name(cnn_kernel kernel)
-    int cnn_openmp_enabled()
     int cnn_max_threads()
     int cnn_set_max_threads(int n_threads)
 

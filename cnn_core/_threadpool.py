@@ -1,7 +1,7 @@
 """cnn_core's thread pool as a library threadpoolctl controls.
 
-The kernels run on cnn_core's own thread pool (not OpenMP's), so threadpoolctl would not
-see it by itself.  When threadpoolctl is installed, importing cnn_core registers a
+The kernels run on cnn_core's own thread pool, which threadpoolctl would not see by
+itself.  When threadpoolctl is installed, importing cnn_core registers a
 controller for the compiled extension: ``threadpool_info()`` lists it (user_api
 "cnn_core") and ``threadpool_limits(n)`` caps the default thread count, as it does for
 OpenMP and BLAS libraries.

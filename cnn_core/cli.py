@@ -202,7 +202,7 @@ def build_parser():
                               "any code the file holds, so use it only for files you trust")
 
     info = commands.add_parser(
-        "info", help="show the version, GEMM kernel, OpenMP and threads, or a model's layers",
+        "info", help="show the version, GEMM kernel and threads, or a model's layers",
         description="Show cnn_core's version and build and runtime facts; with a model "
                     "file, its layers, output shapes and parameter counts.")
     info.add_argument("model", metavar="MODEL", type=Path, nargs="?", default=None,

@@ -291,11 +291,6 @@ def set_kernel(name):
                          f"available: {available_kernels()}")
 
 
-def openmp_enabled():
-    """True if the extension was compiled with OpenMP."""
-    return bool(c.cnn_openmp_enabled())
-
-
 def max_threads():
     """Threads used when n_threads is None: OMP_NUM_THREADS if set, else the CPUs this
     process may use (affinity mask, cgroup CPU quota), capped by threadpoolctl's limit."""

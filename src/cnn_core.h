@@ -72,10 +72,9 @@ int cnn_set_kernel(cnn_kernel kernel);
 cnn_kernel cnn_get_kernel(void);
 /* "generic", "avx2", "avx512" or "neon". */
 const char *cnn_kernel_name(cnn_kernel kernel);
-/* 1 if compiled with OpenMP, else 0 (the kernels' threads are cnn_core's own pool). */
-int cnn_openmp_enabled(void);
-/* Threads the kernels use by default: OMP_NUM_THREADS if set, else the CPUs this process
-   may run on (affinity mask, cgroup CPU quota); at most the limit set below. */
+/* Threads the kernels use by default, on cnn_core's own pool of POSIX or Win32 threads
+   (link with -pthread): OMP_NUM_THREADS if set, else the CPUs this process may run on
+   (affinity mask, cgroup CPU quota); at most the limit set below. */
 int cnn_max_threads(void);
 /* Limit cnn_max_threads() to n_threads (0 removes the limit; threadpoolctl uses this).
    CNN_ERR_ARG unless 0 <= n_threads <= 1024. */

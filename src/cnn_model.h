@@ -14,8 +14,8 @@
  *
  * A model is immutable once loaded: every function taking a `const cnn_model *` may be
  * called from several threads at once on the same model.  The predict functions
- * allocate their own workspace (CNN_ERR_ALLOC if that fails) and use the number of
- * threads OpenMP would use (OMP_NUM_THREADS); their results are identical to
+ * allocate their own workspace (CNN_ERR_ALLOC if that fails) and use cnn_max_threads()
+ * threads (OMP_NUM_THREADS if set, else the usable CPUs); their results are identical to
  * Network.predict / Network.predict_proba in Python, bit for bit, for any thread count.
  *
  * The file format is described in cnn_core/model_file.py: version 2 holds any layer

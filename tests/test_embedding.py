@@ -40,13 +40,6 @@ def c_compiler(cc):
     return cc
 
 
-def openmp_flags():
-    """-fopenmp when the shipped library was built with OpenMP (lib/openmp.txt holds 1)."""
-    flag = Path(cnn_core.get_library_dir(), "openmp.txt").read_text().strip()
-    assert flag in ("0", "1"), f"openmp.txt must hold 0 or 1, got {flag!r}"
-    return ["-fopenmp"] if flag == "1" else []
-
-
 def run(cmd, **kw):
     """Run a command, returning the CompletedProcess (text output)."""
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
@@ -192,7 +185,7 @@ def predict_exe(tmp_path_factory, c_compiler):
     out = tmp_path_factory.mktemp("c") / "predict"
     build([cc, "-std=c99", "-O2", "-Wall", "-Wextra", "-pedantic", "-Werror",
            str(DOWNSTREAM / "c" / "predict.c"), "-I", cnn_core.get_include(),
-           "-L", cnn_core.get_library_dir(), "-lcnn_core", "-lm", *openmp_flags(),
+           "-L", cnn_core.get_library_dir(), "-lcnn_core", "-lm", "-pthread",
            "-o", str(out)])
     return out
 

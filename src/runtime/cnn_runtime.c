@@ -134,18 +134,6 @@ const char *cnn_kernel_name(cnn_kernel kernel)
     return "unknown";
 }
 
-/* ---- threads ---------------------------------------------------------------- */
-
-int cnn_openmp_enabled(void)
-{
-    /* () -> 1 with OpenMP, else 0 */
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
-
 /* ---- aligned memory ------------------------------------------------------------ */
 
 float *cnn_aligned_alloc_floats(int64_t n)

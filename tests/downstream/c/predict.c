@@ -6,9 +6,7 @@
  *
  *     INC=$(python -c "import cnn_core; print(cnn_core.get_include())")
  *     LIB=$(python -c "import cnn_core; print(cnn_core.get_library_dir())")
- *     cc -std=c99 -O2 predict.c -I"$INC" -L"$LIB" -lcnn_core -lm -o predict
- *
- * adding -fopenmp when "$LIB/openmp.txt" holds 1 (the library was built with OpenMP).
+ *     cc -std=c99 -O2 predict.c -I"$INC" -L"$LIB" -lcnn_core -lm -pthread -o predict
  *
  * Usage:
  *     predict info MODEL
