@@ -591,7 +591,7 @@ def test_c_program_builds_with_pkg_config(tmp_path, trained, mnist, c_compiler):
     flags = build(["pkg-config", "--cflags", "--libs", "cnn_core"], env=env).stdout.split()
     includes = [Path(f[2:]).resolve() for f in flags if f.startswith("-I")]
     assert Path(cnn_core.get_include()).resolve() in includes
-    assert "-lcnn_core" in flags
+    assert "-lcnn_core" in flags and "-pthread" in flags
     exe = tmp_path / "predict"
     build([cc, "-std=c99", "-O2", str(DOWNSTREAM / "c" / "predict.c"), *flags, "-o", str(exe)])
     path = tmp_path / "m.cnn"

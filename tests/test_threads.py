@@ -3,6 +3,8 @@ thread count (affinity, OMP_NUM_THREADS, threadpoolctl), and a pool that survive
 concurrent callers and fork()."""
 import multiprocessing
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -196,6 +198,16 @@ def test_threadpool_info_lists_the_installed_pool():
     assert os.path.samefile(lib["filepath"], kernels.__file__)
     assert lib["num_threads"] == kernels.max_threads()
     assert lib["version"] == cnn_core.__version__
+
+
+@pytest.mark.skipif(sys.platform != "linux" or shutil.which("ldd") is None,
+                    reason="ldd lists a Linux extension's shared libraries")
+def test_extension_loads_no_openmp_runtime():
+    """The pool is the only thread runtime: the extension links no OpenMP library."""
+    libraries = subprocess.run(["ldd", kernels.__file__], capture_output=True, text=True,
+                               check=True).stdout
+    assert "libc" in libraries, libraries  # ldd did list them
+    assert not re.search(r"lib(g|i)?omp", libraries), libraries
 
 
 def _default_threads_in_child(env_update, affinity=None):
