@@ -759,14 +759,18 @@ static void conv_task(void *arg, int64_t part, int thread)
           j->x->images + thread * j->x->g.image);
 }
 
-/* fn over units [0, units) in n_threads equal ranges, each with its thread's slot. */
+/* fn over units [0, units) in equal ranges claimed by n_threads threads, each range
+   with the running thread's slot. */
 static void run_split(const conv_ctx *x, conv_range fn, int64_t units, int n_threads)
 {
     /* -> fn called over a partition of [0, units) */
     const int T = (int)min64(n_threads, units);
     if (T > 1) {
-        conv_job j = { x, fn, units, T };
-        cnn_parallel_for(T, T, conv_task, &j);
+        /* more parts than threads, claimed one at a time: a descheduled thread holds
+           up only the part it claimed */
+        const int64_t parts = min64(units, 4 * (int64_t)T);
+        conv_job j = { x, fn, units, parts };
+        cnn_parallel_for(T, parts, conv_task, &j);
         return;
     }
     fn(x, 0, units, x->images);
