@@ -462,6 +462,39 @@ static void dx_row_avx2(float *t, const float *d, const float *wt, int64_t out_c
         }
     }
 }
+
+/* y (mr, O), rows O apart, = relu or identity of tile (mr, 16) + bias, for O <= 16
+   (one tile holds every channel).  Whole-vector stores in increasing order, each
+   one's spill past its row rewritten by the next row; what would leave the tile's
+   rows goes through a buffer.  _mm256_max_ps(v, 0) is exactly v > 0 ? v : 0. */
+__attribute__((target("avx2")))
+static void tile_epilogue_avx2(float *y, const float *tile, const float *bias, int64_t mr,
+                               int64_t O, int relu)
+{
+    /* -> y */
+    const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
+    const __m256 zero = _mm256_setzero_ps();
+    const int64_t end = mr * O;
+    for (int64_t i = 0; i < mr; ++i) {
+        __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(tile + i * CONV_NR), b0);
+        __m256 v1 = _mm256_add_ps(_mm256_loadu_ps(tile + i * CONV_NR + 8), b1);
+        if (relu) {
+            v0 = _mm256_max_ps(v0, zero);
+            v1 = _mm256_max_ps(v1, zero);
+        }
+        float *row = y + i * O;
+        if (i * O + (O > 8 ? 16 : 8) <= end) {
+            _mm256_storeu_ps(row, v0);
+            if (O > 8)
+                _mm256_storeu_ps(row + 8, v1);
+        } else {
+            float buf[CONV_NR];
+            _mm256_storeu_ps(buf, v0);
+            _mm256_storeu_ps(buf + 8, v1);
+            memcpy(row, buf, (size_t)O * sizeof(float));
+        }
+    }
+}
 #endif
 
 /* Compile-time tile sizes for the bodies above. */
@@ -612,6 +645,12 @@ static void forward_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slo
                    channels (Y's rows then follow each other), else in the tile */
                 const float *bias = x->bias_pad + o0;
                 float *y = x->Y + (n * npix + q0) * O + o0;
+#ifdef CNN_AVX2_BUILD
+                if (no == O && x->avx2 && (x->act == CNN_ACT_RELU || x->act == CNN_ACT_IDENTITY)) {
+                    tile_epilogue_avx2(y, tile, bias, mr, O, x->act == CNN_ACT_RELU);
+                    continue;
+                }
+#endif
                 if (no == O) {
                     for (int64_t i = 0; i < mr; ++i)
                         for (int64_t v = 0; v < O; ++v)
@@ -720,14 +759,18 @@ static void conv_task(void *arg, int64_t part, int thread)
           j->x->images + thread * j->x->g.image);
 }
 
-/* fn over units [0, units) in n_threads equal ranges, each with its thread's slot. */
+/* fn over units [0, units) in equal ranges claimed by n_threads threads, each range
+   with the running thread's slot. */
 static void run_split(const conv_ctx *x, conv_range fn, int64_t units, int n_threads)
 {
     /* -> fn called over a partition of [0, units) */
     const int T = (int)min64(n_threads, units);
     if (T > 1) {
-        conv_job j = { x, fn, units, T };
-        cnn_parallel_for(T, T, conv_task, &j);
+        /* more parts than threads, claimed one at a time: a descheduled thread holds
+           up only the part it claimed */
+        const int64_t parts = min64(units, 4 * (int64_t)T);
+        conv_job j = { x, fn, units, parts };
+        cnn_parallel_for(T, parts, conv_task, &j);
         return;
     }
     fn(x, 0, units, x->images);

@@ -392,7 +392,7 @@ static void pool_row_any(float *y, const float *X, const cnn_pool2d_shape *s, in
 }
 
 /* A threaded pooling pass: `parts` equal ranges of output rows (forward) or images
-   (backward). */
+   (backward), four per thread, claimed one at a time. */
 typedef struct pool_job {
     float *out;
     const float *dY, *X, *act_y;
@@ -430,8 +430,9 @@ static int pool_forward(float *Y, const float *X, const cnn_pool2d_shape *s, int
         return CNN_ERR_ARG;
     const int64_t rows = s->batch * s->out_h, row = s->out_w * s->channels;
     if (n_threads > 1 && rows > 1 && rows * row * s->size * s->size >= POOL_PARALLEL_MIN) {
-        pool_job j = { Y, NULL, X, NULL, s, avg, CNN_ACT_IDENTITY, 0.0f, rows, n_threads };
-        cnn_parallel_for(n_threads, n_threads, forward_task, &j);
+        const int64_t parts = rows < 4 * n_threads ? rows : 4 * n_threads;
+        pool_job j = { Y, NULL, X, NULL, s, avg, CNN_ACT_IDENTITY, 0.0f, rows, parts };
+        cnn_parallel_for(n_threads, parts, forward_task, &j);
         return CNN_OK;
     }
     for (int64_t g = 0; g < rows; ++g)
@@ -449,8 +450,9 @@ int cnn_pool2d_backward_act(float *dX, const float *dY, const float *X, const fl
         return CNN_ERR_ARG;
     const int64_t work = s->batch * s->in_h * s->in_w * s->channels;
     if (n_threads > 1 && s->batch > 1 && work >= POOL_PARALLEL_MIN) {
-        pool_job j = { dX, dY, X, act_y, s, avg, act, alpha, s->batch, n_threads };
-        cnn_parallel_for(n_threads, n_threads, backward_task, &j);
+        const int64_t parts = s->batch < 4 * n_threads ? s->batch : 4 * n_threads;
+        pool_job j = { dX, dY, X, act_y, s, avg, act, alpha, s->batch, parts };
+        cnn_parallel_for(n_threads, parts, backward_task, &j);
         return CNN_OK;
     }
     for (int64_t n = 0; n < s->batch; ++n)
