@@ -1252,13 +1252,15 @@ cdef class _Trainer:
         self.opt.step = value
 
     def train_batches(self, X, y, sample_weight, order, int64_t first_batch,
-                      int64_t n_batches):
+                      int64_t n_batches, double loss_sum=0.0):
         """Train on minibatches [first_batch, first_batch + n_batches) of `order`.
 
         X: uint8/float32 (n, n_features) C-contiguous; y: int32 (n,) valid labels for
         cross-entropy, float32 (n, n_outputs) C-contiguous targets for squared error;
         sample_weight: float32 (n,) or None; order: int64 (m,) indices into X.
-        Returns (summed loss, number correct) over those batches.
+        Returns (loss_sum plus the summed loss of those batches, number correct): each
+        batch's loss is added to the running total in turn, so how an epoch is cut into
+        calls never changes the total.
         """
         cdef const int32_t[::1] labels
         cdef const float[:, ::1] targets
@@ -1282,7 +1284,7 @@ cdef class _Trainer:
         cdef float[::1] wk = self.work
         cdef const void *xp = _data_pointer(X)
         cdef c.cnn_dtype dtype = c.CNN_DTYPE_UINT8 if X.dtype == np.uint8 else c.CNN_DTYPE_FLOAT32
-        cdef double loss = 0.0
+        cdef double loss = loss_sum
         cdef int64_t correct = 0
         cdef int status
         with nogil:

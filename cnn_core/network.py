@@ -575,9 +575,9 @@ class Network:
                 while done < n_batches:
                     chunk = min(chunk, n_batches - done)
                     t0 = time.perf_counter()
-                    loss, right = trainer.train_batches(X, y, w, order, done, chunk)
+                    loss_sum, right = trainer.train_batches(X, y, w, order, done, chunk,
+                                                            loss_sum)
                     elapsed = time.perf_counter() - t0
-                    loss_sum += loss
                     correct += right
                     done += chunk
                     if progress:

@@ -274,3 +274,30 @@ def test_validation_split_holds_out_the_last_rows(rows):
 def test_make_schedule_by_name_has_every_documented_name():
     for name in training.SCHEDULES:
         assert isinstance(training.make_schedule(name, 10), training.Schedule)
+
+
+def test_epoch_loss_does_not_depend_on_how_the_epoch_is_cut(rows, monkeypatch):
+    """fit hands the kernels chunks of minibatches sized by a clock (for progress and
+    Ctrl-C); the recorded loss must be the same however the chunks fall."""
+    import time as real_time
+    import cnn_core.network as network_module
+    X, y, _, _ = rows
+    steady = Network([784, 24, 10], seed=5)
+    steady.fit(X, y, epochs=3, batch_size=20, optimizer="adam")
+
+    class JumpyClock:       # every call a reading scaled at random: chunks of 1..many
+        def __init__(self, seed):
+            self.rng = np.random.default_rng(seed)
+
+        def __getattr__(self, name):
+            return getattr(real_time, name)
+
+        def perf_counter(self):
+            return real_time.perf_counter() * float(self.rng.choice([1e-3, 1.0, 1e3]))
+
+    for seed in range(5):
+        monkeypatch.setattr(network_module, "time", JumpyClock(seed))
+        jumpy = Network([784, 24, 10], seed=5)
+        jumpy.fit(X, y, epochs=3, batch_size=20, optimizer="adam")
+        np.testing.assert_array_equal(jumpy._params, steady._params)
+        assert jumpy.history_["loss"] == steady.history_["loss"]
