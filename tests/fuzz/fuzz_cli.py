@@ -62,7 +62,8 @@ def TestOneInput(data):
         source = scratch.write("source.cnn", model_bytes(body))
         target = scratch.folder / "target.cnn"
         if run(["convert", source, target]) == cli.EXIT_OK:
-            assert target.read_bytes() == source.read_bytes()
+            if source.read_bytes()[8:12] == b"\x02\x00\x00\x00":   # version 1 becomes 2
+                assert target.read_bytes() == source.read_bytes()
             target.unlink()
     else:
         scratch.write(f"data/{TEST_IMAGES}", body)
