@@ -49,6 +49,19 @@ cdef extern from "cnn_core.h" nogil:
     const char *cnn_kernel_name(cnn_kernel kernel)
     int cnn_max_threads()
     int cnn_set_max_threads(int n_threads)
+    enum: CNN_STEP_PERIOD
+    ctypedef struct cnn_step_threads:
+        double mean_ns[2]
+        double trial_ns
+        int64_t trial_n
+        int64_t steps
+        int64_t start_ns
+        int32_t preferred
+        int32_t current
+        int32_t previous
+    int cnn_step_threads_begin(cnn_step_threads *s, int n_threads)
+    void cnn_step_threads_end(cnn_step_threads *s, int full)
+    void cnn_step_threads_record(cnn_step_threads *s, double step_ns, int full)
 
     int cnn_sgemm(float *C, const float *A, const float *B,
                   int64_t M, int64_t N, int64_t K, int64_t ldc, int64_t lda, int64_t ldb,
@@ -200,4 +213,4 @@ cdef extern from "cnn_core.h" nogil:
                               const float *sample_weight, const int64_t *order, int64_t n_order,
                               int64_t batch_size, int64_t first_batch, int64_t n_batches,
                               int64_t *batch_count, double *loss_sum, int64_t *n_correct,
-                              int n_threads)
+                              cnn_step_threads *threads, int n_threads)

@@ -15,6 +15,7 @@ import numpy as np
 
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memset
 from cnn_core cimport _cnn_core as c
 
 
@@ -1189,6 +1190,24 @@ cdef class _Net:
         return labels
 
 
+def _step_threads_choices(step_seconds, int n_threads):
+    """The thread count training would pick for each step when a step with n_threads
+    threads takes step_seconds[i, 0] and one with one thread step_seconds[i, 1]."""
+    cdef c.cnn_step_threads s
+    memset(&s, 0, sizeof(s))
+    t = np.asarray(step_seconds, dtype=np.float64)
+    if t.ndim != 2 or t.shape[1] != 2:
+        raise ValueError(f"step_seconds must have shape (n, 2), got {t.shape}")
+    chosen = np.empty(t.shape[0], dtype=np.int64)
+    cdef Py_ssize_t i
+    cdef int T
+    for i in range(t.shape[0]):
+        T = c.cnn_step_threads_begin(&s, n_threads)
+        chosen[i] = T
+        c.cnn_step_threads_record(&s, t[i, 0 if T == n_threads else 1] * 1e9, 1)
+    return chosen
+
+
 def _trainer_floats(_Net net, str optimizer, int64_t batch_size, int n_threads):
     """Floats a _Trainer allocates: gradients, optimizer state and workspace."""
     cdef int64_t n = net.params.shape[0]
@@ -1201,6 +1220,7 @@ cdef class _Trainer:
     ``batch_count`` counts the minibatches trained (it picks the dropout masks)."""
     cdef _Net net
     cdef c.cnn_optimizer opt
+    cdef c.cnn_step_threads threads
     cdef readonly object grads, state1, state2, work
     cdef readonly int64_t batch_size
     cdef readonly int n_threads
@@ -1251,6 +1271,15 @@ cdef class _Trainer:
             raise ValueError(f"step must be >= 0, got {value}")
         self.opt.step = value
 
+    @property
+    def step_threads(self):
+        """How the steps chose their thread count: steps timed, the preferred count,
+        and the mean step time (seconds) with n_threads and with one thread (0: not
+        measured yet)."""
+        return {"steps": self.threads.steps,
+                "threads": 1 if self.threads.preferred else self.n_threads,
+                "seconds": (self.threads.mean_ns[0] * 1e-9, self.threads.mean_ns[1] * 1e-9)}
+
     def train_batches(self, X, y, sample_weight, order, int64_t first_batch,
                       int64_t n_batches, double loss_sum=0.0):
         """Train on minibatches [first_batch, first_batch + n_batches) of `order`.
@@ -1292,6 +1321,6 @@ cdef class _Trainer:
                                              &wk[0], xp, dtype, lp, tp, wp, &ov[0],
                                              ov.shape[0], self.batch_size, first_batch,
                                              n_batches, &self.batch_count, &loss, &correct,
-                                             self.n_threads)
+                                             &self.threads, self.n_threads)
         _raise_for(status)
         return loss, int(correct)

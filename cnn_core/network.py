@@ -429,7 +429,9 @@ class Network:
             Adam's moments and step), the dropout masks' counter and the history, so two
             fits of 3 epochs give the weights of one fit of 6.
         verbose : 0 silent; 1 a live progress bar on a terminal and one line per epoch.
-        n_threads : threads for the kernels (default: OMP_NUM_THREADS / threadpoolctl).
+        n_threads : most threads for the kernels (default: OMP_NUM_THREADS /
+            threadpoolctl); each step times itself and drops to one thread while more do
+            not pay (a busy machine, a network too small to split).
 
         Ctrl-C ends training keeping the weights of the last complete epoch (and raises
         KeyboardInterrupt).  Returns a :class:`History`, also kept as ``self.history_``.

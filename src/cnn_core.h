@@ -79,6 +79,31 @@ int cnn_max_threads(void);
 /* Limit cnn_max_threads() to n_threads (0 removes the limit; threadpoolctl uses this).
    CNN_ERR_ARG unless 0 <= n_threads <= 1024. */
 int cnn_set_max_threads(int n_threads);
+/* The thread count of each training step, chosen by measurement.  A second thread does
+   not always pay: on a busy machine it waits for a core, and a network whose weights fit
+   in one core's cache loses more to moving them between cores than it gains.  So steps
+   are timed, and each runs with 1 thread or with n_threads, whichever has been faster
+   lately; the other count is tried for a few steps in every CNN_STEP_PERIOD.  Results
+   never depend on the choice.  Zero-initialise one per training run. */
+#define CNN_STEP_PERIOD 64
+typedef struct cnn_step_threads {
+    double mean_ns[2];   /* time of a full step with [0] n_threads, [1] 1 thread; 0 unknown */
+    double trial_ns;     /* summed time of this period's timed trial steps */
+    int64_t trial_n;     /* and their number */
+    int64_t steps;       /* steps finished */
+    int64_t start_ns;    /* when the step in progress began (0: not timed) */
+    int32_t preferred;   /* the faster count lately: 0 n_threads, 1 one thread */
+    int32_t current;     /* the count of the step in progress */
+    int32_t previous;    /* the count of the step before */
+} cnn_step_threads;
+/* Threads for the next step (1 or n_threads); starts its clock.  s may be NULL (then
+   n_threads). */
+int cnn_step_threads_begin(cnn_step_threads *s, int n_threads);
+/* The step begun last has finished; full != 0 when it had the usual size (only those
+   are compared). */
+void cnn_step_threads_end(cnn_step_threads *s, int full);
+/* The same choice from a given step time instead of the clock (for tests). */
+void cnn_step_threads_record(cnn_step_threads *s, double step_ns, int full);
 
 /* ---- GEMM --------------------------------------------------------------- */
 /* C = alpha op(A) op(B) + beta C ; op(A) is (M, K), op(B) is (K, N), C is (M, N).
@@ -372,14 +397,15 @@ int cnn_net_predict(float *out, const cnn_net *net, const void *X, cnn_dtype dty
    states hold cnn_net_param_count floats.  *batch_count counts the minibatches trained
    so far (it picks the dropout masks with net->seed, so they never depend on n_threads)
    and grows by one per minibatch.  Adds the summed (not mean) loss of the batches to
-   *loss_sum and their correct predictions (cross-entropy) to *n_correct. */
+   *loss_sum and their correct predictions (cross-entropy) to *n_correct.  Each step
+   uses 1 or n_threads threads as `threads` chooses (NULL: always n_threads). */
 int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float *state2,
                           float *grads, float *work, const void *X, cnn_dtype dtype,
                           const int32_t *labels, const float *targets,
                           const float *sample_weight, const int64_t *order, int64_t n_order,
                           int64_t batch_size, int64_t first_batch, int64_t n_batches,
                           int64_t *batch_count, double *loss_sum, int64_t *n_correct,
-                          int n_threads);
+                          cnn_step_threads *threads, int n_threads);
 
 #ifdef __cplusplus
 }

@@ -102,6 +102,78 @@ def test_training_under_competing_load_is_bit_identical(mnist_split):
     for weights in loaded:
         np.testing.assert_array_equal(weights, alone)
 
+PERIOD = 64  # CNN_STEP_PERIOD: each period tries the other thread count for 3 steps
+
+
+def step_choices(seconds_n, seconds_1, n_steps, n_threads=2, jitter=0.0, seed=0):
+    """The thread counts training picks when its steps take these times."""
+    rng = np.random.default_rng(seed)
+    times = np.empty((n_steps, 2))
+    times[:, 0], times[:, 1] = seconds_n, seconds_1
+    times *= 1.0 + jitter * rng.standard_normal(times.shape)
+    return kernels._step_threads_choices(times, n_threads)
+
+
+@pytest.mark.parametrize("n_threads", [2, 3])
+def test_steps_keep_the_threads_that_pay(n_threads):
+    chosen = step_choices(1e-4, 2e-4, 20 * PERIOD, n_threads)
+    later = chosen[PERIOD:]
+    assert set(chosen) == {1, n_threads}
+    assert np.mean(later == n_threads) > 0.9
+    # the other count is still tried in every period
+    assert all((chosen[k:k + PERIOD] == 1).any() for k in range(0, len(chosen), PERIOD))
+
+
+def test_steps_drop_a_thread_that_does_not_pay():
+    """A second thread waiting for a busy core: one thread is chosen."""
+    chosen = step_choices(3e-4, 1e-4, 20 * PERIOD)
+    assert np.mean(chosen[PERIOD:] == 1) > 0.9
+
+
+def test_equal_speed_prefers_one_thread():
+    chosen = step_choices(1e-4, 1e-4, 10 * PERIOD)
+    assert np.mean(chosen[2 * PERIOD:] == 1) > 0.9
+
+
+def test_step_threads_follow_a_change_of_load():
+    """A busy neighbour that starts and stops: the choice follows within two periods."""
+    n = 10 * PERIOD
+    seconds_n = np.r_[np.full(n, 1e-4), np.full(n, 4e-4), np.full(n, 1e-4)]
+    chosen = step_choices(seconds_n, 2e-4, 3 * n)
+    for start, best in [(0, 2), (n, 1), (2 * n, 2)]:
+        settled = chosen[start + 2 * PERIOD:start + n]
+        assert np.mean(settled == best) > 0.9, (start, best)
+
+
+def test_step_threads_are_robust_to_noise():
+    chosen = step_choices(1e-4, 1.4e-4, 40 * PERIOD, jitter=0.1, seed=1)
+    assert np.mean(chosen[PERIOD:] == 2) > 0.85
+    chosen = step_choices(1.4e-4, 1e-4, 40 * PERIOD, jitter=0.1, seed=2)
+    assert np.mean(chosen[PERIOD:] == 1) > 0.85
+
+
+def test_one_thread_is_never_more():
+    assert set(step_choices(1e-4, 2e-4, 3 * PERIOD, n_threads=1)) == {1}
+
+
+def test_step_threads_need_two_columns():
+    with pytest.raises(ValueError, match="shape"):
+        kernels._step_threads_choices(np.zeros((5, 3)), 2)
+
+
+def test_training_times_both_thread_counts(mnist_split):
+    """Every minibatch is timed, and after one period both counts have a measured time."""
+    (X, y), _ = mnist_split
+    net = Network([784, 32, 10], seed=0)
+    trainer = kernels._Trainer(net._net, "sgd", 0.01, 0.9, False, 0.0, 0.9, 0.999, 1e-8, 20, 2)
+    order = np.arange(2 * PERIOD * 20, dtype=np.int64)
+    trainer.train_batches(X, y.astype(np.int32), None, order, 0, 2 * PERIOD)
+    report = trainer.step_threads
+    assert report["steps"] == 2 * PERIOD
+    assert report["threads"] in (1, 2)
+    assert all(0.0 < t < 1.0 for t in report["seconds"])
+
+
 @pytest.mark.parametrize("n", [1, 16383, 16384, 3 * 16384 + 7])
 def test_optimizer_chunks_do_not_change_the_update(n):
     """The update is handed out in chunks; sizes around a chunk boundary."""

@@ -593,20 +593,23 @@ int cnn_net_predict(float *out, const cnn_net *net, const void *X, cnn_dtype dty
 /* ---- training ------------------------------------------------------------------ */
 /* Train workspace, every block 64-byte aligned: input (B, n_in) | the output of each
    layer that moves data (B, n_out) | two delta buffers (B, widest) | labels (B) |
-   weights (B) | targets (B, n_outputs) | layer workspace. */
+   weights (B) | targets (B, n_outputs) | layer workspace, for n_threads or one thread
+   (a step runs with either, see cnn_step_threads). */
 int64_t cnn_net_train_workspace_floats(const cnn_net *net, int64_t batch_size, int n_threads)
 {
     net_plan p;
     if (make_plan(&p, net) != CNN_OK || batch_size < 1 || n_threads < 1)
         return -1;
     const int64_t B = batch_size;
+    const int64_t many = layers_workspace(net, &p, B, n_threads);
+    const int64_t one = layers_workspace(net, &p, B, 1);
     int64_t n = cnn_round_up_floats(B * p.g[0].n_in);
     for (int32_t i = 0; i < net->n_layers; ++i)
         if (LAYER_OPS[net->layers[i].kind].forward)
             n += cnn_round_up_floats(B * p.g[i].n_out);
     return n + 2 * cnn_round_up_floats(B * p.widest) + 2 * cnn_round_up_floats(B)
            + cnn_round_up_floats(B * p.g[net->n_layers - 1].n_out)
-           + layers_workspace(net, &p, B, n_threads);
+           + (one > many ? one : many);
 }
 
 static uint64_t layer_seed(uint64_t seed, int32_t layer)
@@ -643,7 +646,7 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
                           const float *sample_weight, const int64_t *order, int64_t n_order,
                           int64_t batch_size, int64_t first_batch, int64_t n_batches,
                           int64_t *batch_count, double *loss_sum, int64_t *n_correct,
-                          int n_threads)
+                          cnn_step_threads *threads, int n_threads)
 {
     /* for each minibatch: gather, forward, loss, backward, update */
     net_plan p;
@@ -673,7 +676,8 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
             return CNN_ERR_ARG;
         const int64_t rows = n_order - r0 < B ? n_order - r0 : B;
         const int64_t *idx = order + r0;
-        int status = cnn_gather_rows_threaded(x, X, dtype, idx, rows, INT64_MAX, n_in, n_threads);
+        const int T = cnn_step_threads_begin(threads, n_threads);
+        int status = cnn_gather_rows_threaded(x, X, dtype, idx, rows, INT64_MAX, n_in, T);
         if (status != CNN_OK)
             return status;
         if (batch + 1 < first_batch + n_batches && r0 + B < n_order)
@@ -694,7 +698,7 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
         }
         /* forward, keeping every layer's output */
         layer_call c = { NULL, NULL, rows, NULL, NULL, CNN_ACT_IDENTITY, 0.0f, 0, 0,
-                         layer_work, n_threads };
+                         layer_work, T };
         for (int32_t i = 0; i < L; ++i) {
             const cnn_layer *l = &net->layers[i];
             if (!LAYER_OPS[l->kind].forward)
@@ -763,10 +767,10 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
             spare = delta;
             delta = dX;
         }
-        status = cnn_optimizer_update(net->params, state1, state2, opt, grads, p.n_params,
-                                      n_threads);
+        status = cnn_optimizer_update(net->params, state1, state2, opt, grads, p.n_params, T);
         if (status != CNN_OK)
             return status;
+        cnn_step_threads_end(threads, rows == B);
     }
     return CNN_OK;
 }

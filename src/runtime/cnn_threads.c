@@ -444,3 +444,56 @@ int cnn_set_max_threads(int n_threads)
     thread_limit = n_threads;
     return CNN_OK;
 }
+
+/* ---- the thread count of training steps ---------------------------------------- */
+
+/* Steps of each period that try the count not preferred (the first of them, like the
+   first step after any change of count, is not timed: it moves data between caches). */
+#define CNN_STEP_TRIAL 3
+/* n_threads must be this much faster than one thread to be preferred: at equal speed one
+   thread leaves a core to the rest of the machine. */
+#define CNN_STEP_GAIN 0.97
+
+int cnn_step_threads_begin(cnn_step_threads *s, int n_threads)
+{
+    /* (state, n_threads) -> 1 or n_threads for the next step */
+    if (!s || n_threads <= 1)
+        return n_threads < 1 ? 1 : n_threads;
+    s->current = s->steps % CNN_STEP_PERIOD < CNN_STEP_TRIAL ? 1 - s->preferred : s->preferred;
+    s->start_ns = now_ns();
+    return s->current ? 1 : n_threads;
+}
+
+void cnn_step_threads_end(cnn_step_threads *s, int full)
+{
+    if (s && s->start_ns)
+        cnn_step_threads_record(s, (double)(now_ns() - s->start_ns), full);
+}
+
+void cnn_step_threads_record(cnn_step_threads *s, double step_ns, int full)
+{
+    /* the step in progress took step_ns -> state for the next one */
+    const int64_t k = s->steps % CNN_STEP_PERIOD;
+    const int a = s->current ? 1 : 0;
+    const int timed = full && a == s->previous && step_ns > 0.0;
+    if (k < CNN_STEP_TRIAL) {
+        if (timed) {
+            s->trial_ns += step_ns;
+            ++s->trial_n;
+        }
+        if (k == CNN_STEP_TRIAL - 1) {
+            if (s->trial_n)
+                s->mean_ns[a] = s->trial_ns / (double)s->trial_n;
+            s->trial_ns = 0.0;
+            s->trial_n = 0;
+            if (s->mean_ns[0] > 0.0 && s->mean_ns[1] > 0.0)
+                s->preferred = s->mean_ns[0] < CNN_STEP_GAIN * s->mean_ns[1] ? 0 : 1;
+        }
+    } else if (timed) {
+        /* a running mean over the last ten or so steps */
+        s->mean_ns[a] += s->mean_ns[a] > 0.0 ? (step_ns - s->mean_ns[a]) / 8.0 : step_ns;
+    }
+    s->previous = a;
+    s->start_ns = 0;
+    ++s->steps;
+}
