@@ -60,6 +60,28 @@ def test_dense_layer_is_bit_identical_for_any_thread_count(kernel, activation):
                                    atol=1e-3)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_image_gemms_are_bit_identical_for_any_thread_count(kernel, mnist):
+    """Real pixels are mostly zeros: the GEMMs skip them (compacted panels, the sparse
+    transposed path) and split the work differently for the thread count; the bits must
+    not change, at the training shapes and at odd ones."""
+    kernels.set_kernel(kernel)
+    _, _, X, _ = mnist
+    rng = np.random.default_rng(7)
+    for B, n_out in [(64, 128), (67, 97), (128, 512), (13, 1031)]:
+        A = np.ascontiguousarray(X[:B])
+        W = rng.standard_normal((784, n_out), dtype=np.float32)
+        dY = rng.standard_normal((B, n_out), dtype=np.float32)
+        forward = [kernels.gemm(A, W, n_threads=n) for n in THREADS]
+        weights = [kernels.gemm(A, dY, trans_a=True, n_threads=n) for n in THREADS]
+        for results in (forward, weights):
+            for other in results[1:]:
+                np.testing.assert_array_equal(other, results[0])
+        np.testing.assert_allclose(forward[0], A.astype(np.float64) @ W, rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(weights[0], A.T.astype(np.float64) @ dY, rtol=1e-4,
+                                   atol=1e-3)
+
+
 def test_dense_training_is_bit_identical_for_any_thread_count(mnist_split):
     """Dense input (no zeros to skip) through gather, every GEMM, the loss and the
     optimizer, at a batch size that is not a multiple of any tile."""

@@ -255,8 +255,13 @@ typedef struct gemm_split {
    on the fly (fused). */
 typedef struct gemm_shape {
     int64_t M, N, K;
-    int a_xmajor, b_xmajor, b_fused;
+    int a_xmajor, b_xmajor, b_fused, a_sparse;
 } gemm_shape;
+
+/* Rough share of the multiply-adds the sparse micro-kernel still does on a compacted
+   op(A) panel of image rows (a step is skipped only when all the panel's rows are zero
+   there).  The first tile of a block does them all: it packs the B panels. */
+#define CNN_GEMM_SPARSE_SHARE 0.5
 
 /* Rough cycles for packing n floats: a transposing pack, a straight copy, or a copy
    folded into the first tile of a panel. */
@@ -272,8 +277,11 @@ static double block_cycles(const cnn_gemm_family *f, const gemm_shape *sh, int64
                            int64_t n)
 {
     /* (f, shape, block) -> cycles */
-    const double K = (double)sh->K;
-    const double rows = (double)round_up(m, f->mr_max), cols = (double)round_up(n, f->nr_step);
+    const double K = (double)sh->K, first = (double)min64(m, f->mr_max);
+    double rows = (double)round_up(m, f->mr_max);
+    const double cols = (double)round_up(n, f->nr_step);
+    if (sh->a_sparse)
+        rows = first + (rows - first) * CNN_GEMM_SPARSE_SHARE;
     return rows * cols * K / (2.0 * f->nr_step) + pack_cycles((double)m * K, sh->a_xmajor, 0) +
            pack_cycles((double)n * K, sh->b_xmajor, sh->b_fused) + 1000.0;
 }
@@ -309,6 +317,44 @@ static gemm_split choose_split(const cnn_gemm_family *f, const gemm_shape *sh, i
         }
     }
     return best;
+}
+
+#if defined(_MSC_VER)
+#define CNN_THREAD_LOCAL __declspec(thread)
+#else
+#define CNN_THREAD_LOCAL __thread
+#endif
+
+/* The splits this thread chose last: a training step asks for the same few shapes over
+   and over, and the search costs microseconds, as much as a small GEMM's packing. */
+typedef struct split_memo {
+    const cnn_gemm_family *f;
+    gemm_shape sh;
+    int n_threads;
+    gemm_split split;
+} split_memo;
+#define CNN_SPLIT_MEMOS 16
+static CNN_THREAD_LOCAL split_memo split_memos[CNN_SPLIT_MEMOS];
+static CNN_THREAD_LOCAL unsigned split_memo_next;
+
+static gemm_split remembered_split(const cnn_gemm_family *f, const gemm_shape *sh,
+                                   int n_threads)
+{
+    /* choose_split(f, sh, n_threads), looked up first */
+    for (int i = 0; i < CNN_SPLIT_MEMOS; ++i) {
+        const split_memo *m = &split_memos[i];
+        if (m->f == f && m->n_threads == n_threads && m->sh.M == sh->M && m->sh.N == sh->N &&
+            m->sh.K == sh->K && m->sh.a_xmajor == sh->a_xmajor &&
+            m->sh.b_xmajor == sh->b_xmajor && m->sh.b_fused == sh->b_fused &&
+            m->sh.a_sparse == sh->a_sparse)
+            return m->split;
+    }
+    split_memo *m = &split_memos[split_memo_next++ % CNN_SPLIT_MEMOS];
+    m->f = f;
+    m->sh = *sh;
+    m->n_threads = n_threads;
+    m->split = choose_split(f, sh, n_threads);
+    return m->split;
 }
 
 /* Threads for the row path: each reads its own columns of op(B), so two threads halve
@@ -418,8 +464,8 @@ int64_t cnn_sgemm_workspace_floats(int64_t M, int64_t N, int64_t K, int n_thread
         const cnn_gemm_family *f = cnn_gemm_family_for(ids[i]);
         if (!f)
             continue;
-        for (int c = 0; c < 8; ++c) {
-            const gemm_shape sh = { M, N, K, c & 1, (c >> 1) & 1, c >> 2 };
+        for (int c = 0; c < 16; ++c) {
+            const gemm_shape sh = { M, N, K, c & 1, (c >> 1) & 1, (c >> 2) & 1, c >> 3 };
             const gemm_split s = choose_split(f, &sh, T);
             const int64_t threads = min64(T, max64(s.n_rows * s.n_cols,
                                                    ceil_div(M, CNN_GEMM_SPARSE_ROWS)));
@@ -762,8 +808,8 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
         cnn_parallel_for(T, ceil_div(M, CNN_GEMM_SPARSE_ROWS), sparse_task, &x);
         return CNN_OK;
     }
-    const gemm_shape sh = { M, N, K, x.a_xmajor, x.b_xmajor, x.b_fused };
-    x.split = choose_split(x.f, &sh, n_threads);
+    const gemm_shape sh = { M, N, K, x.a_xmajor, x.b_xmajor, x.b_fused, x.a_sparse };
+    x.split = remembered_split(x.f, &sh, n_threads);
     x.slot = slot_floats(x.f, &x.split, K);
     x.a_index = a_panels_floats(x.f, x.split.rows, K);
     cnn_parallel_for(n_threads, x.split.n_rows * x.split.n_cols, block_task, &x);
