@@ -463,6 +463,51 @@ static void dx_row_avx2(float *t, const float *d, const float *wt, int64_t out_c
     }
 }
 
+/* As dx_row_avx2 for two pixels whose rows start at t and t + shift (the next pixel
+   of an output row, so the two may overlap) and their dY d and d2, when span <= 32: the
+   weights are loaded once for both, and eight independent sums keep both FMA units
+   busy.  The first pixel's sums are added to t before the second's, the order of
+   calling dx_row_avx2 on each in turn, so the bits are the same. */
+__attribute__((target("avx2,fma")))
+static void dx_rows2_avx2(float *t, int64_t shift, const float *d, const float *d2,
+                          const float *wt, int64_t out_c, int64_t span, int64_t span_pad)
+{
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    const float *w = wt;
+    if (span_pad > 24) {
+        for (int64_t o = 0; o < out_c; ++o, w += span_pad) {
+            const __m256 x = _mm256_broadcast_ss(d + o), y = _mm256_broadcast_ss(d2 + o);
+            const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+            const __m256 w2 = _mm256_loadu_ps(w + 16), w3 = _mm256_loadu_ps(w + 24);
+            a0 = _mm256_fmadd_ps(x, w0, a0); b0 = _mm256_fmadd_ps(y, w0, b0);
+            a1 = _mm256_fmadd_ps(x, w1, a1); b1 = _mm256_fmadd_ps(y, w1, b1);
+            a2 = _mm256_fmadd_ps(x, w2, a2); b2 = _mm256_fmadd_ps(y, w2, b2);
+            a3 = _mm256_fmadd_ps(x, w3, a3); b3 = _mm256_fmadd_ps(y, w3, b3);
+        }
+    } else {
+        for (int64_t o = 0; o < out_c; ++o, w += span_pad) {
+            const __m256 x = _mm256_broadcast_ss(d + o), y = _mm256_broadcast_ss(d2 + o);
+            const __m256 w0 = _mm256_loadu_ps(w);
+            a0 = _mm256_fmadd_ps(x, w0, a0); b0 = _mm256_fmadd_ps(y, w0, b0);
+            if (span_pad > 8) {
+                const __m256 w1 = _mm256_loadu_ps(w + 8);
+                a1 = _mm256_fmadd_ps(x, w1, a1); b1 = _mm256_fmadd_ps(y, w1, b1);
+            }
+            if (span_pad > 16) {
+                const __m256 w2 = _mm256_loadu_ps(w + 16);
+                a2 = _mm256_fmadd_ps(x, w2, a2); b2 = _mm256_fmadd_ps(y, w2, b2);
+            }
+        }
+    }
+    const __m256 a[4] = { a0, a1, a2, a3 }, b[4] = { b0, b1, b2, b3 };
+    for (int v = 0; v < 4 && 8 * v < span; ++v)
+        _mm256_storeu_ps(t + 8 * v, _mm256_add_ps(_mm256_loadu_ps(t + 8 * v), a[v]));
+    float *t2 = t + shift;
+    for (int v = 0; v < 4 && 8 * v < span; ++v)
+        _mm256_storeu_ps(t2 + 8 * v, _mm256_add_ps(_mm256_loadu_ps(t2 + 8 * v), b[v]));
+}
+
 /* y (mr, O), rows O apart, = relu or identity of tile (mr, 16) + bias, for O <= 16
    (one tile holds every channel).  Whole-vector stores in increasing order, each
    one's spill past its row rewritten by the next row; what would leave the tile's
@@ -711,6 +756,18 @@ static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
         for (int64_t oy = 0; oy < s->out_h; ++oy)
             for (int64_t ox = 0; ox < s->out_w; ++ox, dy += s->out_c) {
                 float *corner = t + oy * s->stride * g->ldx + ox * s->stride * C;
+#ifdef CNN_AVX2_BUILD
+                if (x->avx2 && g->span <= 32 && ox + 1 < s->out_w) {
+                    /* this pixel and the next together */
+                    for (int64_t ky = 0; ky < s->kernel_h; ++ky)
+                        dx_rows2_avx2(corner + ky * g->ldx, s->stride * C, dy, dy + s->out_c,
+                                      x->wt + ky * s->out_c * g->span_pad, s->out_c, g->span,
+                                      g->span_pad);
+                    ++ox;
+                    dy += s->out_c;
+                    continue;
+                }
+#endif
                 for (int64_t ky = 0; ky < s->kernel_h; ++ky) {
                     const float *wt = x->wt + ky * s->out_c * g->span_pad;
 #ifdef CNN_AVX2_BUILD
