@@ -55,6 +55,8 @@ cdef extern from "cnn_core.h" nogil:
         double trial_ns
         int64_t trial_n
         int64_t steps
+        int64_t next_trial
+        int64_t period
         int64_t start_ns
         int32_t preferred
         int32_t current

@@ -1077,6 +1077,11 @@ cdef class _Net:
     cdef int64_t _work_batch     # the (batch, threads) last sized for, and that size
     cdef int _work_threads
     cdef int64_t _work_floats
+    # how training steps chose their thread count, kept between fits of the same batch
+    # size and thread count (the step times it measured still hold)
+    cdef c.cnn_step_threads step_threads
+    cdef int64_t _step_batch
+    cdef int _step_n_threads
 
     def __cinit__(self, stack, str loss, params, uint64_t seed=0):
         stack = list(stack)
@@ -1220,7 +1225,6 @@ cdef class _Trainer:
     ``batch_count`` counts the minibatches trained (it picks the dropout masks)."""
     cdef _Net net
     cdef c.cnn_optimizer opt
-    cdef c.cnn_step_threads threads
     cdef readonly object grads, state1, state2, work
     cdef readonly int64_t batch_size
     cdef readonly int n_threads
@@ -1242,6 +1246,10 @@ cdef class _Trainer:
         self.batch_size = batch_size
         self.n_threads = n_threads
         self.batch_count = 0
+        if net._step_batch != batch_size or net._step_n_threads != n_threads:
+            memset(&net.step_threads, 0, sizeof(net.step_threads))
+            net._step_batch = batch_size
+            net._step_n_threads = n_threads
         n = net.params.shape[0]
         self.grads = _workspace(n)
         self.state1 = np.zeros(n, dtype=np.float32)
@@ -1273,12 +1281,12 @@ cdef class _Trainer:
 
     @property
     def step_threads(self):
-        """How the steps chose their thread count: steps timed, the preferred count,
-        and the mean step time (seconds) with n_threads and with one thread (0: not
-        measured yet)."""
-        return {"steps": self.threads.steps,
-                "threads": 1 if self.threads.preferred else self.n_threads,
-                "seconds": (self.threads.mean_ns[0] * 1e-9, self.threads.mean_ns[1] * 1e-9)}
+        """How the network's training steps chose their thread count: steps timed, the
+        preferred count, and the mean step time (seconds) with n_threads and with one
+        thread (0: not measured yet)."""
+        cdef c.cnn_step_threads *s = &self.net.step_threads
+        return {"steps": s.steps, "threads": 1 if s.preferred else self.n_threads,
+                "seconds": (s.mean_ns[0] * 1e-9, s.mean_ns[1] * 1e-9)}
 
     def train_batches(self, X, y, sample_weight, order, int64_t first_batch,
                       int64_t n_batches, double loss_sum=0.0):
@@ -1321,6 +1329,6 @@ cdef class _Trainer:
                                              &wk[0], xp, dtype, lp, tp, wp, &ov[0],
                                              ov.shape[0], self.batch_size, first_batch,
                                              n_batches, &self.batch_count, &loss, &correct,
-                                             &self.threads, self.n_threads)
+                                             &self.net.step_threads, self.n_threads)
         _raise_for(status)
         return loss, int(correct)

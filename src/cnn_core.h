@@ -80,17 +80,21 @@ int cnn_max_threads(void);
    CNN_ERR_ARG unless 0 <= n_threads <= 1024. */
 int cnn_set_max_threads(int n_threads);
 /* The thread count of each training step, chosen by measurement.  A second thread does
-   not always pay: on a busy machine it waits for a core, and a network whose weights fit
-   in one core's cache loses more to moving them between cores than it gains.  So steps
-   are timed, and each runs with 1 thread or with n_threads, whichever has been faster
-   lately; the other count is tried for a few steps in every CNN_STEP_PERIOD.  Results
-   never depend on the choice.  Zero-initialise one per training run. */
-#define CNN_STEP_PERIOD 64
+   not always pay: on a busy machine it waits for a core, and the GEMMs of a small network
+   gain less from splitting than the split costs.  So steps are timed, and each runs with
+   1 thread or with n_threads, whichever has been faster lately: the other count is tried
+   for 3 steps CNN_STEP_PERIOD steps later, then twice as far apart after every trial
+   that keeps the choice (at most 1024 steps or four seconds apart), and the choice
+   switches only on a clear gap.  Results never depend on the choice.  Zero-initialise
+   one per training run. */
+#define CNN_STEP_PERIOD 8
 typedef struct cnn_step_threads {
     double mean_ns[2];   /* time of a full step with [0] n_threads, [1] 1 thread; 0 unknown */
-    double trial_ns;     /* summed time of this period's timed trial steps */
+    double trial_ns;     /* summed time of the current trial's timed steps */
     int64_t trial_n;     /* and their number */
     int64_t steps;       /* steps finished */
+    int64_t next_trial;  /* the step where the next trial begins */
+    int64_t period;      /* steps from the last trial to the next (0: none yet) */
     int64_t start_ns;    /* when the step in progress began (0: not timed) */
     int32_t preferred;   /* the faster count lately: 0 n_threads, 1 one thread */
     int32_t current;     /* the count of the step in progress */

@@ -447,19 +447,25 @@ int cnn_set_max_threads(int n_threads)
 
 /* ---- the thread count of training steps ---------------------------------------- */
 
-/* Steps of each period that try the count not preferred (the first of them, like the
-   first step after any change of count, is not timed: it moves data between caches). */
+/* Steps of each trial of the count not preferred (the first of them, like the first step
+   after any change of count, is not timed: it moves data between caches). */
 #define CNN_STEP_TRIAL 3
-/* n_threads must be this much faster than one thread to be preferred: at equal speed one
-   thread leaves a core to the rest of the machine. */
-#define CNN_STEP_GAIN 0.97
+/* Trials come CNN_STEP_PERIOD steps apart, twice as far apart after each trial that
+   keeps the preference, up to this many steps or four seconds of steps. */
+#define CNN_STEP_PERIOD_MAX 1024
+#define CNN_STEP_PERIOD_NS 4e9
+/* Switch from n_threads to one thread when n_threads takes this much longer, and back
+   when it takes this much less: the gap keeps a noisy step from flipping the choice. */
+#define CNN_STEP_TO_ONE 1.05
+#define CNN_STEP_TO_MANY 0.9
 
 int cnn_step_threads_begin(cnn_step_threads *s, int n_threads)
 {
     /* (state, n_threads) -> 1 or n_threads for the next step */
     if (!s || n_threads <= 1)
         return n_threads < 1 ? 1 : n_threads;
-    s->current = s->steps % CNN_STEP_PERIOD < CNN_STEP_TRIAL ? 1 - s->preferred : s->preferred;
+    const int64_t k = s->steps - s->next_trial;
+    s->current = k >= 0 && k < CNN_STEP_TRIAL ? 1 - s->preferred : s->preferred;
     s->start_ns = now_ns();
     return s->current ? 1 : n_threads;
 }
@@ -470,13 +476,34 @@ void cnn_step_threads_end(cnn_step_threads *s, int full)
         cnn_step_threads_record(s, (double)(now_ns() - s->start_ns), full);
 }
 
+/* A trial has ended: keep or switch the preferred count, and schedule the next trial. */
+static void end_trial(cnn_step_threads *s)
+{
+    const int before = s->preferred;
+    if (s->mean_ns[0] > 0.0 && s->mean_ns[1] > 0.0) {
+        const double ratio = s->mean_ns[0] / s->mean_ns[1];   /* n_threads / one */
+        if (s->preferred == 0 && ratio > CNN_STEP_TO_ONE)
+            s->preferred = 1;
+        else if (s->preferred == 1 && ratio < CNN_STEP_TO_MANY)
+            s->preferred = 0;
+    }
+    int64_t period = CNN_STEP_PERIOD;
+    if (s->preferred == before && s->period > 0) {
+        period = 2 * s->period < CNN_STEP_PERIOD_MAX ? 2 * s->period : CNN_STEP_PERIOD_MAX;
+        if ((double)period * s->mean_ns[s->preferred] > CNN_STEP_PERIOD_NS)
+            period = s->period;
+    }
+    s->period = period;
+    s->next_trial += period;
+}
+
 void cnn_step_threads_record(cnn_step_threads *s, double step_ns, int full)
 {
     /* the step in progress took step_ns -> state for the next one */
-    const int64_t k = s->steps % CNN_STEP_PERIOD;
+    const int64_t k = s->steps - s->next_trial;
     const int a = s->current ? 1 : 0;
     const int timed = full && a == s->previous && step_ns > 0.0;
-    if (k < CNN_STEP_TRIAL) {
+    if (k >= 0 && k < CNN_STEP_TRIAL) {
         if (timed) {
             s->trial_ns += step_ns;
             ++s->trial_n;
@@ -486,8 +513,7 @@ void cnn_step_threads_record(cnn_step_threads *s, double step_ns, int full)
                 s->mean_ns[a] = s->trial_ns / (double)s->trial_n;
             s->trial_ns = 0.0;
             s->trial_n = 0;
-            if (s->mean_ns[0] > 0.0 && s->mean_ns[1] > 0.0)
-                s->preferred = s->mean_ns[0] < CNN_STEP_GAIN * s->mean_ns[1] ? 0 : 1;
+            end_trial(s);
         }
     } else if (timed) {
         /* a running mean over the last ten or so steps */
