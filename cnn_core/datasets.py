@@ -126,7 +126,7 @@ def load_idx(path):
             gzip stream.
         OSError: the file cannot be read.
     """
-    path = Path(path)
+    path = Path(os.fsdecode(path))
 
     def fail(what):
         return IDXFormatError(f"{path}: {what}")
@@ -354,7 +354,7 @@ def download_mnist(folder=None, *, mirrors=None, checksums=None, timeout=None, v
         DownloadError: every mirror failed for some file; the message lists
             each URL with its error and how to place the files by hand.
     """
-    folder = Path(folder) if folder is not None else default_data_dir()
+    folder = Path(os.fsdecode(folder)) if folder is not None else default_data_dir()
     mirrors = list(MIRRORS if mirrors is None else mirrors)
     checksums = SHA256 if checksums is None else checksums
     timeout = TIMEOUT if timeout is None else timeout
@@ -460,7 +460,7 @@ def load_mnist(path=None, *, download=True, verbose=True):
     if path is None and os.environ.get("CNN_CORE_DATA"):
         path = os.environ["CNN_CORE_DATA"]
     if path is not None:
-        files = _find_user_files(Path(path))
+        files = _find_user_files(Path(os.fsdecode(path)))
     else:
         folder = default_data_dir()
         if download:

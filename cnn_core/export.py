@@ -28,6 +28,7 @@ are four times smaller and the results close to the float network's; ``X_check``
 you measure how close.
 """
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -563,7 +564,7 @@ def export_c(network, folder, *, name="cnn_model", quantize=None, per_channel=Tr
         f"int8 weights, one float scale per "
         f"{'output unit or filter' if per_channel else 'weight tensor'}")
     stack_bytes, static_bytes = _memory(stack)
-    folder = Path(folder)
+    folder = Path(os.fsdecode(folder))
     folder.mkdir(parents=True, exist_ok=True)
     header, source = folder / f"{name}.h", folder / f"{name}.c"
     model_file.write_atomic(source, _source_text(name, stack, tables, kind).encode())

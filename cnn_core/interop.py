@@ -32,6 +32,7 @@ The label is ``ArgMax`` of the logits (the first maximum, as :meth:`Network.pred
 mapped through the classes by ``Gather`` when they are not ``0 .. n_classes-1``.
 """
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -384,7 +385,7 @@ def to_onnx(net, path, classes=None):
     """
     data = onnx_model(net, classes).SerializeToString()
     model_file.write_atomic(path, data)
-    return Path(path)
+    return Path(os.fsdecode(path))
 
 
 # ---- ONNX reader ---------------------------------------------------------------------
@@ -689,7 +690,7 @@ def from_onnx(path):
     """
     onnx = _require("onnx", "onnx")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(os.fsdecode(path))
     except OSError:
         raise
     except Exception as exc:   # protobuf's DecodeError and kin

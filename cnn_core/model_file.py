@@ -314,7 +314,7 @@ def _writer_is_gone(name, path):
 
 def remove_orphans(path):
     """Remove the temporary files that killed saves to `path` left in its folder."""
-    path = Path(path)
+    path = Path(os.fsdecode(path))
     for name in _temporary_names(path):
         if _writer_is_gone(name, path):
             try:
@@ -378,7 +378,7 @@ def write_atomic(path, data):
     folder, and OSError naming path if writing fails (a full disk, a file size limit); the
     previous file at path, if any, is then left as it was and nothing else remains.
     """
-    path = Path(path)
+    path = Path(os.fsdecode(path))
     folder = path.parent
     if not folder.is_dir():
         raise FileNotFoundError(errno.ENOENT, f"cannot save to {path}: folder {folder} "
@@ -446,7 +446,7 @@ def save(path, stack, loss, params):
 def load(path):
     """(stack, loss, params) of a model file: the built layers (cnn_core.layers, Input
     first), the loss name and the float32 parameters; ModelFileError if it is invalid."""
-    path = Path(path)
+    path = Path(os.fsdecode(path))
     with open(path, "rb") as f:
         data = f.read()
     return decode(data, name=str(path))

@@ -115,7 +115,7 @@ def test_load_idx_roundtrip(tmp_path, dtype, compress):
     path = tmp_path / "a.idx"
     path.write_bytes(gzip.compress(data) if compress else data)
 
-    out = load_idx(path)
+    out = load_idx(os.fsencode(path) if compress else path)   # a bytes path works too
     assert out.shape == (3, 4, 5)
     assert out.dtype == np.dtype(dtype) and out.dtype.isnative
     assert out.flags.c_contiguous and out.flags.writeable

@@ -42,6 +42,24 @@ def test_network_round_trip_of_every_layer_kind(tmp_path, loss):
     assert [p.name for p in tmp_path.iterdir()] == ["net.cnn"]
 
 
+@pytest.mark.parametrize("kind", [str, bytes])
+def test_paths_may_be_str_or_bytes(tmp_path, kind):
+    net = Network([5, 3, 2], seed=1)
+    path = str(tmp_path / "net.cnn")
+    net.save(kind(path, "utf-8") if kind is bytes else path)
+    loaded = Network.load(kind(path, "utf-8") if kind is bytes else path)
+    for a, b in zip(loaded.weights + loaded.biases, net.weights + net.biases):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_path_of_another_type_is_a_type_error(tmp_path):
+    net = Network([5, 3, 2], seed=1)
+    with pytest.raises(TypeError, match="str, bytes or os.PathLike"):
+        net.save(3)
+    with pytest.raises(TypeError, match="str, bytes or os.PathLike"):
+        Network.load(None)
+
+
 def test_bytes_follow_the_documented_layout(tmp_path):
     stack = every_kind_stack()
     net = Network(stack, seed=1)
