@@ -344,12 +344,12 @@ int64_t cnn_net_n_outputs(const cnn_net *net)
     return make_plan(&p, net) == CNN_OK ? p.g[net->n_layers - 1].n_out : -1;
 }
 
-static int64_t layers_workspace(const cnn_net *net, const net_plan *p, int64_t rows,
-                                int n_threads)
+static int64_t layers_workspace(const cnn_net *net, const net_plan *p, int32_t first,
+                                int32_t end, int64_t rows, int n_threads)
 {
-    /* the largest kernel workspace over all layers */
+    /* the largest kernel workspace over layers [first, end) */
     int64_t m = 0;
-    for (int32_t i = 0; i < net->n_layers; ++i) {
+    for (int32_t i = first; i < end; ++i) {
         const cnn_layer *l = &net->layers[i];
         int64_t w = LAYER_OPS[l->kind].workspace(&p->g[i], l, rows, n_threads);
         m = w > m ? w : m;
@@ -407,7 +407,7 @@ static int64_t predict_slot_floats(const cnn_net *net, const net_plan *p, int64_
 {
     /* floats of one slot */
     return cnn_round_up_floats(B * p->g[0].n_in) + 2 * cnn_round_up_floats(B * p->widest)
-           + layers_workspace(net, p, B, n_threads);
+           + layers_workspace(net, p, 0, net->n_layers, B, n_threads);
 }
 
 int64_t cnn_net_predict_workspace_floats(const cnn_net *net, int64_t batch_size, int n_threads)
@@ -420,10 +420,12 @@ int64_t cnn_net_predict_workspace_floats(const cnn_net *net, int64_t batch_size,
     return one_chunk > parallel_chunks ? one_chunk : parallel_chunks;
 }
 
-/* Images per slice when a convolution's output is pooled right away: the pooling then
-   reads it from cache (a batch of 64 of LeNet-5's first convolution outputs is 1.2 MB,
-   a slice of 8 is 150 kB).  Every image is computed alone, so slicing changes no bits. */
-#define CONV_POOL_SLICE 8
+/* Images per slice of the image layers.  Inference pools a convolution's output slice
+   by slice, and training takes each slice through all the image layers, so the slice's
+   activations are read again from cache (a batch of 64 of LeNet-5's first convolution
+   outputs is 1.2 MB, a slice of 8 is 150 kB).  Every image is computed alone, so
+   slicing changes no output bits. */
+#define IMAGE_SLICE 8
 
 /* 1 if layer i is a convolution whose output layer i + 1 pools. */
 static int pooled_conv(const cnn_net *net, int32_t i)
@@ -435,7 +437,7 @@ static int pooled_conv(const cnn_net *net, int32_t i)
 }
 
 /* Layer i (a convolution) from X into Yc and layer i + 1 (its pooling) from Yc into Yp,
-   CONV_POOL_SLICE images at a time. */
+   IMAGE_SLICE images at a time. */
 static int conv_pool_forward(float *Yc, float *Yp, const float *X, const cnn_net *net,
                              const net_plan *p, int32_t i, const layer_call *base)
 {
@@ -447,8 +449,8 @@ static int conv_pool_forward(float *Yc, float *Yp, const float *X, const cnn_net
     pc.layer = &net->layers[i + 1];
     pc.g = &p->g[i + 1];
     pc.params = NULL;
-    for (int64_t r0 = 0; r0 < base->rows; r0 += CONV_POOL_SLICE) {
-        cc.rows = pc.rows = base->rows - r0 < CONV_POOL_SLICE ? base->rows - r0 : CONV_POOL_SLICE;
+    for (int64_t r0 = 0; r0 < base->rows; r0 += IMAGE_SLICE) {
+        cc.rows = pc.rows = base->rows - r0 < IMAGE_SLICE ? base->rows - r0 : IMAGE_SLICE;
         float *yc = Yc + r0 * cc.g->n_out;
         int status = LAYER_OPS[cc.layer->kind].forward(yc, X + r0 * cc.g->n_in, &cc);
         if (status == CNN_OK)
@@ -595,23 +597,6 @@ int cnn_net_predict(float *out, const cnn_net *net, const void *X, cnn_dtype dty
    layer that moves data (B, n_out) | two delta buffers (B, widest) | labels (B) |
    weights (B) | targets (B, n_outputs) | layer workspace, for n_threads or one thread
    (a step runs with either, see cnn_step_threads). */
-int64_t cnn_net_train_workspace_floats(const cnn_net *net, int64_t batch_size, int n_threads)
-{
-    net_plan p;
-    if (make_plan(&p, net) != CNN_OK || batch_size < 1 || n_threads < 1)
-        return -1;
-    const int64_t B = batch_size;
-    const int64_t many = layers_workspace(net, &p, B, n_threads);
-    const int64_t one = layers_workspace(net, &p, B, 1);
-    int64_t n = cnn_round_up_floats(B * p.g[0].n_in);
-    for (int32_t i = 0; i < net->n_layers; ++i)
-        if (LAYER_OPS[net->layers[i].kind].forward)
-            n += cnn_round_up_floats(B * p.g[i].n_out);
-    return n + 2 * cnn_round_up_floats(B * p.widest) + 2 * cnn_round_up_floats(B)
-           + cnn_round_up_floats(B * p.g[net->n_layers - 1].n_out)
-           + (one > many ? one : many);
-}
-
 static uint64_t layer_seed(uint64_t seed, int32_t layer)
 {
     /* an independent dropout seed per layer (splitmix64's finaliser of seed and layer) */
@@ -619,6 +604,202 @@ static uint64_t layer_seed(uint64_t seed, int32_t layer)
     z = (z ^ (z >> 30)) * UINT64_C(0xBF58476D1CE4E5B9);
     z = (z ^ (z >> 27)) * UINT64_C(0x94D049BB133111EB);
     return z ^ (z >> 31);
+}
+
+/* Training runs the image layers a slice (IMAGE_SLICE images) at a time, each slice
+   through every image layer on one thread, forward and backward: its activations stay
+   in that core's cache, and the image layers cost two parallel loops per step instead
+   of one or more per layer.  The slices do not depend on the thread count, and each
+   slice's weight gradients are kept apart and summed in slice order afterwards, so
+   results are the same for any number of threads. */
+
+/* The leading layers that work image by image: convolutions and pooling, and the
+   dropout and flatten layers among them, up to the last convolution or pooling (0 if
+   the network starts otherwise). */
+static int32_t image_layers(const cnn_net *net)
+{
+    /* -> count */
+    int32_t n = 0;
+    for (int32_t i = 0; i < net->n_layers; ++i) {
+        const int32_t kind = net->layers[i].kind;
+        if (kind == CNN_LAYER_CONV2D || kind == CNN_LAYER_MAXPOOL2D ||
+            kind == CNN_LAYER_AVGPOOL2D)
+            n = i + 1;
+        else if (kind != CNN_LAYER_DROPOUT && kind != CNN_LAYER_FLATTEN)
+            break;
+    }
+    return n;
+}
+
+/* Image-layer workspace, every block 64-byte aligned: n_threads slots of (the kernels'
+   workspace for one slice on one thread | two delta buffers of one slice) | each
+   slice's weight gradients (the image layers' parameters come first in the network). */
+typedef struct image_plan {
+    int32_t n_layers;          /* image_layers(net) */
+    int64_t kernels, buffer;   /* floats of a slot's two parts (each buffer) */
+    int64_t slot, n_params;    /* floats of a slot; parameters of the image layers */
+} image_plan;
+
+static image_plan plan_images(const cnn_net *net, const net_plan *p)
+{
+    /* -> the image layers' plan (n_layers 0: none) */
+    image_plan ip = { image_layers(net), 0, 0, 0, 0 };
+    if (!ip.n_layers)
+        return ip;
+    int64_t widest = 1;
+    for (int32_t i = 0; i < ip.n_layers; ++i)
+        widest = p->g[i].n_in > widest ? p->g[i].n_in : widest;
+    ip.kernels = layers_workspace(net, p, 0, ip.n_layers, IMAGE_SLICE, 1);
+    ip.buffer = cnn_round_up_floats(IMAGE_SLICE * widest);
+    ip.slot = ip.kernels + 2 * ip.buffer;
+    ip.n_params = p->g[ip.n_layers - 1].offset + p->g[ip.n_layers - 1].n_params;
+    return ip;
+}
+
+static int64_t image_workspace(const image_plan *ip, int64_t batch_size, int n_threads)
+{
+    /* floats */
+    if (!ip->n_layers)
+        return 0;
+    const int64_t slices = (batch_size + IMAGE_SLICE - 1) / IMAGE_SLICE;
+    return n_threads * ip->slot + cnn_round_up_floats(slices * ip->n_params);
+}
+
+/* One minibatch's pass over the image layers. */
+typedef struct image_job {
+    const cnn_net *net;
+    const net_plan *p;
+    const image_plan *ip;
+    int64_t rows, batch_size;
+    uint64_t step;               /* the minibatch's count (dropout masks) */
+    const float *x;              /* the minibatch (rows, n_in) */
+    float *const *outputs;       /* each layer's output (rows, n_out) */
+    const float *delta;          /* backward: gradient of the last image layer's output */
+    float *work;                 /* image_workspace */
+    int slots;                   /* the thread slots it was sized for */
+    int status[CNN_MAX_THREADS];
+} image_job;
+
+static layer_call image_call(const image_job *j, int32_t i, int64_t r0, int64_t rows,
+                             int thread)
+{
+    /* layer i's call for the slice of `rows` images from r0, on `thread`'s slot */
+    const layer_geom *g = &j->p->g[i];
+    layer_call c = { &j->net->layers[i], g, rows, j->net->params + g->offset, NULL,
+                     CNN_ACT_IDENTITY, 0.0f, layer_seed(j->net->seed, i),
+                     j->step * (uint64_t)(j->batch_size * g->n_out) + (uint64_t)(r0 * g->n_out),
+                     j->work + thread * j->ip->slot, 1 };
+    return c;
+}
+
+static void image_forward_task(void *arg, int64_t slice, int thread)
+{
+    /* the image layers' outputs for images [8 slice, 8 slice + 8) */
+    image_job *j = (image_job *)arg;
+    const int64_t r0 = slice * IMAGE_SLICE;
+    const int64_t rows = j->rows - r0 < IMAGE_SLICE ? j->rows - r0 : IMAGE_SLICE;
+    for (int32_t i = 0; i < j->ip->n_layers; ++i) {
+        const layer_ops *ops = &LAYER_OPS[j->net->layers[i].kind];
+        if (!ops->forward)
+            continue;
+        const layer_call c = image_call(j, i, r0, rows, thread);
+        const float *in = i ? j->outputs[i - 1] : j->x;
+        const int status = ops->forward(j->outputs[i] + r0 * c.g->n_out, in + r0 * c.g->n_in,
+                                        &c);
+        if (status != CNN_OK) {
+            j->status[thread] = status;
+            return;
+        }
+    }
+}
+
+static void image_backward_task(void *arg, int64_t slice, int thread)
+{
+    /* the image layers' gradients for images [8 slice, 8 slice + 8), into the slice's
+       own gradient block */
+    image_job *j = (image_job *)arg;
+    const image_plan *ip = j->ip;
+    const int64_t r0 = slice * IMAGE_SLICE;
+    const int64_t rows = j->rows - r0 < IMAGE_SLICE ? j->rows - r0 : IMAGE_SLICE;
+    float *buf[2] = { j->work + thread * ip->slot + ip->kernels, NULL };
+    buf[1] = buf[0] + ip->buffer;
+    float *grads = j->work + (int64_t)j->slots * ip->slot + slice * ip->n_params;
+    float *delta = (float *)j->delta + r0 * j->p->g[ip->n_layers - 1].n_out;
+    int next = 0;
+    for (int32_t i = ip->n_layers - 1; i >= 0; --i) {
+        const cnn_layer *l = &j->net->layers[i];
+        const layer_ops *ops = &LAYER_OPS[l->kind];
+        layer_call c = image_call(j, i, r0, rows, thread);
+        const float *in = (i ? j->outputs[i - 1] : j->x) + r0 * c.g->n_in;
+        const cnn_layer *below = i ? &j->net->layers[i - 1] : NULL;
+        c.grads = grads + c.g->offset;
+        c.input_act = below ? layer_activation(below) : CNN_ACT_IDENTITY;
+        c.input_alpha = below ? below->alpha : 0.0f;
+        if (!ops->backward) {
+            /* dX is dY (never the shared gradient: the last image layer has a backward) */
+            input_grad(delta, in, rows * c.g->n_in, c.input_act, c.input_alpha);
+            continue;
+        }
+        if (i == 0 && c.g->n_params == 0)
+            break;
+        float *dX = i ? buf[next] : NULL;
+        const int status = ops->backward(dX, delta, in, j->outputs[i] + r0 * c.g->n_out, &c);
+        if (status != CNN_OK) {
+            j->status[thread] = status;
+            return;
+        }
+        if (!dX)
+            break;
+        if (!ops->fuses_input_grad)
+            input_grad(dX, in, rows * c.g->n_in, c.input_act, c.input_alpha);
+        delta = dX;
+        next ^= 1;
+    }
+}
+
+/* Run the image layers' forward (backward: 1) pass over the minibatch on n_threads
+   threads; the backward pass leaves the image layers' gradients in grads. */
+static int image_pass(image_job *j, int backward, float *grads, int n_threads)
+{
+    /* -> status */
+    const int64_t slices = (j->rows + IMAGE_SLICE - 1) / IMAGE_SLICE;
+    for (int t = 0; t < n_threads; ++t)
+        j->status[t] = CNN_OK;
+    cnn_parallel_for(n_threads, slices, backward ? image_backward_task : image_forward_task,
+                     j);
+    for (int t = 0; t < n_threads; ++t)
+        if (j->status[t] != CNN_OK)
+            return j->status[t];
+    if (backward) {
+        /* the slices' gradients summed in slice order */
+        const int64_t P = j->ip->n_params;
+        const float *partial = j->work + (int64_t)j->slots * j->ip->slot;
+        memcpy(grads, partial, (size_t)P * sizeof(float));
+        for (int64_t s = 1; s < slices; ++s)
+            for (int64_t k = 0; k < P; ++k)
+                grads[k] += partial[s * P + k];
+    }
+    return CNN_OK;
+}
+
+int64_t cnn_net_train_workspace_floats(const cnn_net *net, int64_t batch_size, int n_threads)
+{
+    net_plan p;
+    if (make_plan(&p, net) != CNN_OK || batch_size < 1 || n_threads < 1)
+        return -1;
+    const int64_t B = batch_size;
+    const image_plan ip = plan_images(net, &p);
+    int64_t many = layers_workspace(net, &p, ip.n_layers, net->n_layers, B, n_threads);
+    const int64_t one = layers_workspace(net, &p, ip.n_layers, net->n_layers, B, 1);
+    const int64_t images = image_workspace(&ip, B, n_threads);
+    many = many > images ? many : images;
+    int64_t n = cnn_round_up_floats(B * p.g[0].n_in);
+    for (int32_t i = 0; i < net->n_layers; ++i)
+        if (LAYER_OPS[net->layers[i].kind].forward)
+            n += cnn_round_up_floats(B * p.g[i].n_out);
+    return n + 2 * cnn_round_up_floats(B * p.widest) + 2 * cnn_round_up_floats(B)
+           + cnn_round_up_floats(B * p.g[net->n_layers - 1].n_out)
+           + (one > many ? one : many);
 }
 
 /* Ask the cache for the rows X[idx[0..rows)] (n_in entries of `bytes` each), which the
@@ -668,6 +849,16 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
     float *wb = (float *)yb + cnn_round_up_floats(B);
     float *tb = wb + cnn_round_up_floats(B);
     float *layer_work = tb + cnn_round_up_floats(B * C);
+    const image_plan ip = plan_images(net, &p);
+    image_job images;
+    images.net = net;
+    images.p = &p;
+    images.ip = &ip;
+    images.batch_size = B;
+    images.x = x;
+    images.outputs = outputs;
+    images.work = layer_work;
+    images.slots = n_threads;
 
     for (int64_t batch = first_batch; batch < first_batch + n_batches;
          ++batch, ++*batch_count) {
@@ -697,9 +888,13 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
             }
         }
         /* forward, keeping every layer's output */
+        images.rows = rows;
+        images.step = (uint64_t)*batch_count;
+        if (ip.n_layers && (status = image_pass(&images, 0, NULL, T)) != CNN_OK)
+            return status;
         layer_call c = { NULL, NULL, rows, NULL, NULL, CNN_ACT_IDENTITY, 0.0f, 0, 0,
                          layer_work, T };
-        for (int32_t i = 0; i < L; ++i) {
+        for (int32_t i = ip.n_layers; i < L; ++i) {
             const cnn_layer *l = &net->layers[i];
             if (!LAYER_OPS[l->kind].forward)
                 continue;
@@ -708,13 +903,7 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
             c.params = net->params + p.g[i].offset;
             c.seed = layer_seed(net->seed, i);
             c.offset = (uint64_t)*batch_count * (uint64_t)(B * p.g[i].n_out);
-            if (pooled_conv(net, i)) {
-                status = conv_pool_forward(outputs[i], outputs[i + 1], i ? outputs[i - 1] : x,
-                                           net, &p, i, &c);
-                ++i;
-            } else {
-                status = LAYER_OPS[l->kind].forward(outputs[i], i ? outputs[i - 1] : x, &c);
-            }
+            status = LAYER_OPS[l->kind].forward(outputs[i], i ? outputs[i - 1] : x, &c);
             if (status != CNN_OK)
                 return status;
         }
@@ -736,7 +925,7 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
         input_grad(delta_a, Z, rows * C, layer_activation(last), last->alpha);
         /* backward: delta is the gradient of layer i's pre-activation output */
         float *delta = delta_a, *spare = delta_b;
-        for (int32_t i = L - 1; i >= 0; --i) {
+        for (int32_t i = L - 1; i >= ip.n_layers; --i) {
             const cnn_layer *l = &net->layers[i];
             const layer_ops *ops = &LAYER_OPS[l->kind];
             const float *in = i ? outputs[i - 1] : x;
@@ -766,6 +955,11 @@ int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float
                 input_grad(dX, in, rows * p.g[i].n_in, c.input_act, c.input_alpha);
             spare = delta;
             delta = dX;
+        }
+        if (ip.n_params) {
+            images.delta = delta;
+            if ((status = image_pass(&images, 1, grads, T)) != CNN_OK)
+                return status;
         }
         status = cnn_optimizer_update(net->params, state1, state2, opt, grads, p.n_params, T);
         if (status != CNN_OK)
