@@ -196,7 +196,8 @@ int cnn_conv2d_backward_ref(float *dX, float *dW, float *db, const float *dY, co
 
 /* Output channels per register tile: two 8-lane vectors (one when out_c <= 8), with
    MR2 or MR1 pixels (or weight rows, for dW) beside them: 12 or 8 accumulators. */
-enum { CONV_MR2 = 6, CONV_MR1 = 8, CONV_MR_MAX = 8, CONV_NR = 16, CONV_DX_VECS = 4 };
+enum { CONV_MR2 = 6, CONV_MR1 = 8, CONV_MR_MAX = 8, CONV_NR = 16, CONV_DX_VECS = 4,
+       CONV_ROW_KW_MAX = 5 };
 
 /* Where a pass finds its operands. */
 typedef struct conv_geom {
@@ -542,6 +543,62 @@ static void tile_epilogue_avx2(float *y, const float *tile, const float *bias, i
 }
 #endif
 
+#ifdef CNN_AVX2_BUILD
+/* As fwd_tile_avx2 with NV = 1 for MR consecutive pixels of one output row when
+   in_c = 1 and stride = 1 (a first layer on grey images), kernel width KW: pixel i's
+   window row is x[i .. i + KW), so each input value is broadcast once per kernel row
+   and multiplies the weights of every pixel whose window holds it.  The generic tile
+   broadcasts once per pixel and tap, and those loads, not the multiply-adds, bound it
+   when one vector holds every channel.  Each output gets the same terms in the same
+   order (kernel row, then tap), so the bits are the same. */
+CONV_AVX2 void fwd_row_tile_avx2(const int MR, const int KW, float *out, const float *a,
+                                 int64_t kh, int64_t ldx, const float *w, int64_t ldw)
+{
+    /* -> out (MR, 16) */
+    __m256 acc[CONV_MR1];
+    CNN_UNROLL
+    for (int i = 0; i < MR; ++i)
+        acc[i] = _mm256_setzero_ps();
+    for (int64_t ky = 0; ky < kh; ++ky, a += ldx, w += KW * ldw) {
+        __m256 wv[CONV_ROW_KW_MAX];
+        CNN_UNROLL
+        for (int j = 0; j < KW; ++j)
+            wv[j] = _mm256_loadu_ps(w + j * ldw);
+        CNN_UNROLL
+        for (int m = 0; m < MR + KW - 1; ++m) {
+            const __m256 x = _mm256_broadcast_ss(a + m);
+            CNN_UNROLL
+            for (int j = 0; j < KW; ++j)
+                if (m - j >= 0 && m - j < MR)
+                    acc[m - j] = _mm256_fmadd_ps(x, wv[j], acc[m - j]);
+        }
+    }
+    CNN_UNROLL
+    for (int i = 0; i < MR; ++i)
+        _mm256_storeu_ps(out + i * CONV_NR, acc[i]);
+}
+
+#define CONV_ROW_CASE(R, KW) \
+    case R: fwd_row_tile_avx2(R, KW, out, a, kh, ldx, w, ldw); break;
+#define CONV_ROW_SWITCH(KW) \
+    switch (mr) { CONV_ROW_CASE(1, KW) CONV_ROW_CASE(2, KW) CONV_ROW_CASE(3, KW) \
+                  CONV_ROW_CASE(4, KW) CONV_ROW_CASE(5, KW) CONV_ROW_CASE(6, KW) \
+                  CONV_ROW_CASE(7, KW) default: CONV_ROW_CASE(8, KW) }
+
+/* fwd_row_tile_avx2 for mr (1..8) pixels and kernel width kw (3 or 5). */
+__attribute__((target("avx2,fma")))
+static void fwd_row_tile(float *out, const float *a, int64_t kh, int64_t kw, int64_t ldx,
+                         const float *w, int64_t ldw, int64_t mr)
+{
+    /* -> out (mr, 16) */
+    if (kw == 3) {
+        CONV_ROW_SWITCH(3)
+    } else {
+        CONV_ROW_SWITCH(5)
+    }
+}
+#endif
+
 /* Compile-time tile sizes for the bodies above. */
 #define CONV_DW_CASE(F, R, NV) \
     case R: F(R, NV, dw, ldw, img, koff, s, g, dy, nvalid); break;
@@ -653,7 +710,43 @@ typedef struct conv_ctx {
     float alpha;
     float *images;        /* n_threads padded images */
     int avx2;
+    int row_tiles;        /* forward tiles along output rows (fwd_row_tile) */
 } conv_ctx;
+
+/* Bias and activation of a forward tile (mr pixels from pixel q of image n, channels
+   o0 ..) into Y. */
+static void store_tile(const conv_ctx *x, float *tile, int64_t n, int64_t q, int64_t mr,
+                       int64_t o0)
+{
+    /* tile (mr, 16) -> Y */
+    const cnn_conv2d_shape *s = x->s;
+    const int64_t O = s->out_c, no = min64(8 * x->g.nv, O - o0);
+    /* bias, then the activation, over the tile's pixels at once (what the GEMM epilogue
+       does per row): in Y itself when one tile holds all channels (Y's rows then follow
+       each other), else in the tile */
+    const float *bias = x->bias_pad + o0;
+    float *y = x->Y + (n * s->out_h * s->out_w + q) * O + o0;
+#ifdef CNN_AVX2_BUILD
+    if (no == O && x->avx2 && (x->act == CNN_ACT_RELU || x->act == CNN_ACT_IDENTITY)) {
+        tile_epilogue_avx2(y, tile, bias, mr, O, x->act == CNN_ACT_RELU);
+        return;
+    }
+#endif
+    if (no == O) {
+        for (int64_t i = 0; i < mr; ++i)
+            for (int64_t v = 0; v < O; ++v)
+                y[i * O + v] = tile[i * CONV_NR + v] + bias[v];
+        cnn_activate_in_place(y, mr * O, x->act, x->alpha);
+        return;
+    }
+    for (int64_t i = 0; i < mr; ++i)
+        for (int v = 0; v < CONV_NR; ++v)
+            tile[i * CONV_NR + v] += bias[v];
+    cnn_activate_in_place(tile, mr * CONV_NR, x->act, x->alpha);
+    for (int64_t i = 0; i < mr; ++i, y += O)
+        for (int64_t v = 0; v < no; ++v)
+            y[v] = tile[i * CONV_NR + v];
+}
 
 /* Forward pass over images n0 .. n1-1 (slot: this thread's padded image). */
 static void forward_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
@@ -665,6 +758,19 @@ static void forward_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slo
     float tile[CONV_MR_MAX * CONV_NR];
     for (int64_t n = n0; n < n1; ++n) {
         const float *img = image_of(x->X, s, g, n, slot);
+#ifdef CNN_AVX2_BUILD
+        if (x->row_tiles) {
+            /* tiles along each output row */
+            for (int64_t oy = 0; oy < s->out_h; ++oy)
+                for (int64_t ox0 = 0; ox0 < s->out_w; ox0 += CONV_MR1) {
+                    const int64_t mr = min64(CONV_MR1, s->out_w - ox0);
+                    fwd_row_tile(tile, img + oy * g->ldx + ox0, s->kernel_h, s->kernel_w,
+                                 g->ldx, x->wpk, g->o_pad, mr);
+                    store_tile(x, tile, n, oy * s->out_w + ox0, mr, 0);
+                }
+            continue;
+        }
+#endif
         int64_t oy0 = 0, ox0 = 0;   /* the position of pixel q0 */
         for (int64_t q0 = 0; q0 < npix; q0 += g->mr) {
             const int64_t mr = min64(g->mr, npix - q0);
@@ -682,34 +788,9 @@ static void forward_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slo
                 ++oy0;
             }
             for (int64_t o0 = 0; o0 < O; o0 += 8 * g->nv) {
-                const int64_t no = min64(8 * g->nv, O - o0);
                 fwd_tile(tile, a, s->kernel_h, g->span, g->ldx, x->wpk + o0, g->o_pad, g->nv,
                          x->avx2);
-                /* bias, then the activation, over the tile's pixels at once (what the
-                   GEMM epilogue does per row): in Y itself when one tile holds all
-                   channels (Y's rows then follow each other), else in the tile */
-                const float *bias = x->bias_pad + o0;
-                float *y = x->Y + (n * npix + q0) * O + o0;
-#ifdef CNN_AVX2_BUILD
-                if (no == O && x->avx2 && (x->act == CNN_ACT_RELU || x->act == CNN_ACT_IDENTITY)) {
-                    tile_epilogue_avx2(y, tile, bias, mr, O, x->act == CNN_ACT_RELU);
-                    continue;
-                }
-#endif
-                if (no == O) {
-                    for (int64_t i = 0; i < mr; ++i)
-                        for (int64_t v = 0; v < O; ++v)
-                            y[i * O + v] = tile[i * CONV_NR + v] + bias[v];
-                    cnn_activate_in_place(y, mr * O, x->act, x->alpha);
-                    continue;
-                }
-                for (int64_t i = 0; i < mr; ++i)
-                    for (int v = 0; v < CONV_NR; ++v)
-                        tile[i * CONV_NR + v] += bias[v];
-                cnn_activate_in_place(tile, mr * CONV_NR, x->act, x->alpha);
-                for (int64_t i = 0; i < mr; ++i, y += O)
-                    for (int64_t v = 0; v < no; ++v)
-                        y[v] = tile[i * CONV_NR + v];
+                store_tile(x, tile, n, q0, mr, o0);
             }
         }
     }
@@ -853,6 +934,8 @@ static conv_ctx make_ctx(const cnn_conv2d_shape *s, float *work)
     x.images = work + shared_floats(s, &x.g);
 #ifdef CNN_AVX2_BUILD
     x.avx2 = cnn_use_avx2_build();
+    x.row_tiles = x.avx2 && s->in_c == 1 && s->stride == 1 && x.g.nv == 1 &&
+                  (s->kernel_w == 3 || s->kernel_w == 5);
 #endif
     return x;
 }
