@@ -136,26 +136,38 @@ def test_inference_matches_float64():
     assert np.array_equal(net.predict_labels(X, 2), z.argmax(axis=1))
 
 
+# Pooling windows that tile relu and leaky_relu outputs: the vector max-pool backward,
+# with relu' applied to the maxima it routes to.
+TILED = [L.Input((8, 6, 3)),
+         L.Conv2D(4, 3, padding="same", activation="relu"),                 # 8x6x4
+         L.MaxPool2D(2),                                                    # 4x3x4
+         L.Conv2D(5, 3, padding="same", activation="leaky_relu", leaky_slope=0.1),
+         L.MaxPool2D(2),                                                    # 2x1x5
+         L.Flatten(),
+         L.Dense(3)]
+
+
+@pytest.mark.parametrize("stack", [CNN, TILED], ids=["every_kind", "tiled_pools"])
 @pytest.mark.parametrize("step", [0, 7])
-def test_cnn_gradient_matches_finite_differences(step):
-    params = random_params(CNN, 3)
-    net = kernels._Net(CNN, "cross_entropy", params, 11)
-    X, y = data(13, CNN, 4)   # convolutions in slices of 8 images: one whole, one not
+def test_cnn_gradient_matches_finite_differences(step, stack):
+    params = random_params(stack, 3)
+    net = kernels._Net(stack, "cross_entropy", params, 11)
+    X, y = data(13, stack, 4)   # convolutions in slices of 8 images: one whole, one not
     grads, loss = one_step_gradient(net, X, y, step)
-    shapes = L.output_shapes(CNN)
-    dropout_at = [i for i, layer in enumerate(CNN[1:]) if layer.kind == "dropout"]
-    masks = {i: dropout_mask((len(X),) + shapes[i + 1], CNN[i + 1].rate, 11, i, step, len(X))
+    shapes = L.output_shapes(stack)
+    dropout_at = [i for i, layer in enumerate(stack[1:]) if layer.kind == "dropout"]
+    masks = {i: dropout_mask((len(X),) + shapes[i + 1], stack[i + 1].rate, 11, i, step, len(X))
              for i in dropout_at}
     p64 = params.astype(np.float64)
-    assert loss == pytest.approx(cross_entropy64(forward64(CNN, p64, X, masks), y), rel=1e-4)
+    assert loss == pytest.approx(cross_entropy64(forward64(stack, p64, X, masks), y), rel=1e-4)
     h = 1e-6
     numeric = np.empty_like(p64)
     for i in range(len(p64)):
         up, down = p64.copy(), p64.copy()
         up[i] += h
         down[i] -= h
-        numeric[i] = (cross_entropy64(forward64(CNN, up, X, masks), y)
-                      - cross_entropy64(forward64(CNN, down, X, masks), y)) / (2 * h)
+        numeric[i] = (cross_entropy64(forward64(stack, up, X, masks), y)
+                      - cross_entropy64(forward64(stack, down, X, masks), y)) / (2 * h)
     assert np.count_nonzero(numeric) > len(numeric) // 2
     np.testing.assert_allclose(grads, numeric, rtol=2e-3, atol=2e-5)
 

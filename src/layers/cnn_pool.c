@@ -277,7 +277,7 @@ enum { POOL_WINDOWS = 32, POOL_AVX2_MAX_C = 64 };
    dx need not be cleared), input row by input row. */
 __attribute__((target("avx2")))
 static void max_backward_image_avx2(float *dx, const float *dy, const float *x,
-                                    const cnn_pool2d_shape *s)
+                                    const cnn_pool2d_shape *s, int relu)
 {
     /* dx (in_h, in_w, channels) = dy routed to the first maxima */
     const int64_t C = s->channels, size = s->size, nb = (C + 7) / 8, row = s->in_w * C;
@@ -308,6 +308,9 @@ static void max_backward_image_avx2(float *dx, const float *dy, const float *x,
                         }
                     at[w * nb + b] = a;
                     d[w * nb + b] = _mm256_add_ps(zero, load_before(dw + 8 * b, dy_end, m));
+                    if (relu)   /* relu' of the maximum, the one input that gets dy */
+                        d[w * nb + b] = _mm256_and_ps(d[w * nb + b],
+                                                      _mm256_cmp_ps(best, zero, _CMP_GT_OQ));
                 }
             }
             for (int64_t i = 0; i < size; ++i) {
@@ -331,20 +334,24 @@ static void max_backward_image_avx2(float *dx, const float *dy, const float *x,
 }
 #endif
 
-/* Max-pool backward of one image with the selected family: dx zeroed where needed. */
-static void max_backward_any(float *dx, const float *dy, const float *x,
-                             const cnn_pool2d_shape *s)
+/* Max-pool backward of one image with the selected family: dx zeroed where needed.
+   relu: x is a relu's output, and dx may be multiplied by relu'(x) here (returns 1 if
+   it was: only the maxima get a nonzero gradient, so relu'(maximum) is all it takes). */
+static int max_backward_any(float *dx, const float *dy, const float *x,
+                            const cnn_pool2d_shape *s, int relu)
 {
-    /* dx (in_h, in_w, channels) = dy routed to the first maxima */
+    /* dx (in_h, in_w, channels) = dy routed to the first maxima -> relu' applied */
     const int64_t image = s->in_h * s->in_w * s->channels;
 #ifdef CNN_AVX2_BUILD
     if (cnn_use_avx2_build() && windows_tile(s) && s->channels <= POOL_AVX2_MAX_C) {
-        max_backward_image_avx2(dx, dy, x, s);
-        return;
+        max_backward_image_avx2(dx, dy, x, s, relu);
+        return relu;
     }
 #endif
+    (void)relu;
     memset(dx, 0, (size_t)image * sizeof(float));
     max_backward_image(dx, dy, x, s);
+    return 0;
 }
 
 /* dX of image n from its dY, times act'(act_y) (act_y: the activation output that was
@@ -359,7 +366,9 @@ static void pool_backward_image(float *dX, const float *dY, const float *X,
     float *dx = dX + n * image;
     const float *dy = dY + n * s->out_h * s->out_w * C;
     if (!avg) {
-        max_backward_any(dx, dy, X + n * image, s);
+        /* the pooled values are the activation's outputs when act_y is X */
+        if (max_backward_any(dx, dy, X + n * image, s, act == CNN_ACT_RELU && act_y == X))
+            return;
     } else {
         memset(dx, 0, (size_t)image * sizeof(float));
         for (int64_t oy = 0; oy < s->out_h; ++oy)
