@@ -334,6 +334,62 @@ static void max_backward_image_avx2(float *dx, const float *dy, const float *x,
 }
 #endif
 
+/* dx store of pixel row vector g at p (channel block b of a pixel px of its row): a
+   whole vector unless it would leave the row (its spill is rewritten by the next
+   pixel's store, the next row's first pixel is not). */
+POOL_AVX2 void store_in_row(float *p, __m256 g, int64_t px, int64_t b, int64_t row,
+                            int64_t C)
+{
+    if (px * C + 8 * b + 8 <= row)
+        _mm256_storeu_ps(p, g);
+    else
+        _mm256_maskstore_ps(p, pool_lanes(C - 8 * b), g);
+}
+
+/* As max_backward_image_avx2 for 2 x 2 windows with stride 2, one window at a time:
+   the four inputs' first maximum found with three compares, each input then written
+   with dy or 0 (times relu'(maximum) when relu).  Channels <= 8 or a multiple of 8, so
+   a store spills only into a pixel stored later (or not at all). */
+__attribute__((target("avx2")))
+static void max_backward_2x2_avx2(float *dx, const float *dy, const float *x,
+                                  const cnn_pool2d_shape *s, int relu)
+{
+    /* dx (in_h, in_w, channels) = dy routed to the first maxima */
+    const int64_t C = s->channels, nb = (C + 7) / 8, row = s->in_w * C;
+    const float *end = x + s->in_h * row, *dy_end = dy + s->out_h * s->out_w * C;
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t oy = 0; oy < s->out_h; ++oy)
+        for (int64_t ox = 0; ox < s->out_w; ++ox, dy += C) {
+            const int64_t top = 2 * oy * row + 2 * ox * C;
+            for (int64_t b = 0; b < nb; ++b) {
+                const __m256i m = pool_lanes(C - 8 * b);
+                const float *p = x + top + 8 * b;
+                const __m256 v0 = load_before(p, end, m), v1 = load_before(p + C, end, m);
+                const __m256 v2 = load_before(p + row, end, m);
+                const __m256 v3 = load_before(p + row + C, end, m);
+                /* the sequential rule: a later input wins only if strictly greater */
+                const __m256 g1 = _mm256_cmp_ps(v1, v0, _CMP_GT_OQ);
+                __m256 best = _mm256_blendv_ps(v0, v1, g1);
+                const __m256 g2 = _mm256_cmp_ps(v2, best, _CMP_GT_OQ);
+                best = _mm256_blendv_ps(best, v2, g2);
+                const __m256 g3 = _mm256_cmp_ps(v3, best, _CMP_GT_OQ);
+                best = _mm256_blendv_ps(best, v3, g3);
+                __m256 d = _mm256_add_ps(zero, load_before(dy + 8 * b, dy_end, m));
+                if (relu)
+                    d = _mm256_and_ps(d, _mm256_cmp_ps(best, zero, _CMP_GT_OQ));
+                /* d goes to input 3 if g3, else 2 if g2, else 1 if g1, else 0 */
+                const __m256 d3 = _mm256_and_ps(g3, d), r3 = _mm256_andnot_ps(g3, d);
+                const __m256 d2 = _mm256_and_ps(g2, r3), r2 = _mm256_andnot_ps(g2, r3);
+                const __m256 d1 = _mm256_and_ps(g1, r2), d0 = _mm256_andnot_ps(g1, r2);
+                float *q = dx + top + 8 * b;
+                store_in_row(q, d0, 2 * ox, b, row, C);
+                store_in_row(q + C, d1, 2 * ox + 1, b, row, C);
+                store_in_row(q + row, d2, 2 * ox, b, row, C);
+                store_in_row(q + row + C, d3, 2 * ox + 1, b, row, C);
+            }
+        }
+}
+
 /* Max-pool backward of one image with the selected family: dx zeroed where needed.
    relu: x is a relu's output, and dx may be multiplied by relu'(x) here (returns 1 if
    it was: only the maxima get a nonzero gradient, so relu'(maximum) is all it takes). */
@@ -343,6 +399,11 @@ static int max_backward_any(float *dx, const float *dy, const float *x,
     /* dx (in_h, in_w, channels) = dy routed to the first maxima -> relu' applied */
     const int64_t image = s->in_h * s->in_w * s->channels;
 #ifdef CNN_AVX2_BUILD
+    if (cnn_use_avx2_build() && windows_tile(s) && s->size == 2 &&
+        (s->channels <= 8 || s->channels % 8 == 0)) {
+        max_backward_2x2_avx2(dx, dy, x, s, relu);
+        return relu;
+    }
     if (cnn_use_avx2_build() && windows_tile(s) && s->channels <= POOL_AVX2_MAX_C) {
         max_backward_image_avx2(dx, dy, x, s, relu);
         return relu;
