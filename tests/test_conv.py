@@ -153,7 +153,8 @@ def test_conv_against_float64(kernel, case):
 
 
 # First layers on grey images (one input channel, stride 1, up to 8 filters) have their
-# own forward tiles along output rows: every tile width 1-8 and kernel width they take.
+# own forward tiles along output rows and their own dW (pixels in the vector lanes):
+# every tile width 1-8, rows of whole and partial vectors, each kernel width they take.
 FIRST_LAYER_CASES = [(w, k, c_out, padding) for w in (1, 2, 7, 8, 9, 16, 28, 31)
                      for k, c_out, padding in ((3, 6, "same"), (5, 8, "same"),
                                                (5, 1, "valid"), (3, 3, "valid"), (1, 6, "same"))
@@ -162,12 +163,19 @@ FIRST_LAYER_CASES = [(w, k, c_out, padding) for w in (1, 2, 7, 8, 9, 16, 28, 31)
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("case", FIRST_LAYER_CASES, ids=lambda c: "w%d-k%d-o%d-%s" % c)
-def test_first_layer_forward_against_float64(kernel, case):
+def test_first_layer_against_float64(kernel, case):
     kernels.set_kernel(kernel)
     w, k, c_out, padding = case
-    X, W, b, _ = operands(np.random.default_rng(w * k), 3, 5, w, 1, c_out, (k, k), 1, padding)
+    X, W, b, dY = operands(np.random.default_rng(w * k), 3, 5, w, 1, c_out, (k, k), 1,
+                           padding)
     Y64, Ys = conv_forward64(X, W, b, 1, padding)
     assert_close(kernels.conv2d_forward(X, W, b, 1, padding), Y64, Ys, "Y")
+    grads64, scales = conv_backward64(X, W, dY, 1, padding)
+    for threads in (1, 2):
+        _, dW, db = kernels.conv2d_backward(X, W, dY, 1, padding, compute_dX=False,
+                                            n_threads=threads)
+        assert_close(dW, grads64[1], scales[1], "dW")
+        assert_close(db, grads64[2], scales[2], "db")
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid", "tanh"])
