@@ -147,7 +147,13 @@ TILED = [L.Input((8, 6, 3)),
          L.Dense(3)]
 
 
-@pytest.mark.parametrize("stack", [CNN, TILED], ids=["every_kind", "tiled_pools"])
+# Image layers without parameters: the sliced forward pass alone.
+POOL_FIRST = [L.Input((6, 5, 2)), L.AvgPool2D(2), L.Dropout(0.25), L.Flatten(),
+              L.Dense(4, activation="tanh"), L.Dense(3)]
+
+
+@pytest.mark.parametrize("stack", [CNN, TILED, POOL_FIRST],
+                         ids=["every_kind", "tiled_pools", "pool_first"])
 @pytest.mark.parametrize("step", [0, 7])
 def test_cnn_gradient_matches_finite_differences(step, stack):
     params = random_params(stack, 3)

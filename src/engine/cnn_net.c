@@ -593,10 +593,6 @@ int cnn_net_predict(float *out, const cnn_net *net, const void *X, cnn_dtype dty
 }
 
 /* ---- training ------------------------------------------------------------------ */
-/* Train workspace, every block 64-byte aligned: input (B, n_in) | the output of each
-   layer that moves data (B, n_out) | two delta buffers (B, widest) | labels (B) |
-   weights (B) | targets (B, n_outputs) | layer workspace, for n_threads or one thread
-   (a step runs with either, see cnn_step_threads). */
 static uint64_t layer_seed(uint64_t seed, int32_t layer)
 {
     /* an independent dropout seed per layer (splitmix64's finaliser of seed and layer) */
@@ -782,6 +778,12 @@ static int image_pass(image_job *j, int backward, float *grads, int n_threads)
     return CNN_OK;
 }
 
+/* Train workspace, every block 64-byte aligned: input (B, n_in) | the output of each
+   layer that moves data (B, n_out) | two delta buffers (B, widest) | labels (B) |
+   weights (B) | targets (B, n_outputs) | layer workspace: the other layers' kernels for
+   n_threads or one thread (a step runs with either, see cnn_step_threads), or the
+   image layers' slots and slice gradients, whichever is larger (they never overlap in
+   time). */
 int64_t cnn_net_train_workspace_floats(const cnn_net *net, int64_t batch_size, int n_threads)
 {
     net_plan p;
