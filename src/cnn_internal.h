@@ -45,8 +45,10 @@ void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, i
 /* Elementwise loops with an AVX2 build beside the baseline one (the optimizer, the
    gather): the body is a CNN_ALWAYS_INLINE function compiled twice, and
    cnn_use_avx2_build() says which to run.  Only the vector width differs (ISO C builds
-   fuse no multiply-add), so both give the same bits. */
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+   fuse no multiply-add), so both give the same bits.  CNN_PORTABLE_ONLY leaves out
+   every x86-64 SIMD path (what other architectures compile; the tests check it). */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64)) && \
+    !defined(CNN_PORTABLE_ONLY)
 #define CNN_AVX2_BUILD 1
 #endif
 #if defined(__GNUC__)

@@ -8,6 +8,8 @@
   cnn_model_load and must predict exactly what Network.predict does on real MNIST rows,
   for MLPs and CNNs; every damaged model file of one shared table (versions 1 and 2)
   must be refused by both the C loader (CNN_ERR_FORMAT) and Network.load.
+- Every library source compiles warning-free with the x86-64 SIMD paths left out, as on
+  other architectures.
 """
 import importlib
 import os
@@ -599,3 +601,18 @@ def test_c_program_builds_with_pkg_config(tmp_path, trained, mnist, c_compiler):
     X = mnist[2][:64]
     _, labels = c_predict(exe, path, X, tmp_path)
     np.testing.assert_array_equal(labels, trained.predict(X))
+
+
+# ---- other architectures ------------------------------------------------------------------
+
+SOURCES = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.mark.parametrize("source", sorted(p.relative_to(SOURCES).as_posix()
+                                          for p in SOURCES.glob("*/*.c")))
+def test_library_compiles_without_the_x86_kernels(source, cc):
+    """Every library source compiles warning-free with the x86-64 SIMD paths left out
+    (CNN_PORTABLE_ONLY), as on aarch64 and other architectures, so code meant for one
+    family cannot leak outside its #ifdef unnoticed on an x86 machine."""
+    build([cc, "-std=c99", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+           "-DCNN_PORTABLE_ONLY", f"-I{SOURCES}", str(SOURCES / source)])

@@ -44,8 +44,10 @@
 #define CNN_UNROLL
 #endif
 
-/* x86-64 SIMD families are compiled with function-level target attributes. */
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64))
+/* x86-64 SIMD families are compiled with function-level target attributes (none with
+   CNN_PORTABLE_ONLY, see cnn_internal.h). */
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64)) && \
+    !defined(CNN_PORTABLE_ONLY)
 #define CNN_GEMM_X86 1
 #endif
 /* aarch64 always has Advanced SIMD. */

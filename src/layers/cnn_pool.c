@@ -332,7 +332,6 @@ static void max_backward_image_avx2(float *dx, const float *dy, const float *x,
             }
         }
 }
-#endif
 
 /* dx store of pixel row vector g at p (channel block b of a pixel px of its row): a
    whole vector unless it would leave the row (its spill is rewritten by the next
@@ -389,6 +388,7 @@ static void max_backward_2x2_avx2(float *dx, const float *dy, const float *x,
             }
         }
 }
+#endif
 
 /* Max-pool backward of one image with the selected family: dx zeroed where needed.
    relu: x is a relu's output, and dx may be multiplied by relu'(x) here (returns 1 if
