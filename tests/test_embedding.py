@@ -610,9 +610,11 @@ SOURCES = Path(__file__).resolve().parents[1] / "src"
 
 @pytest.mark.parametrize("source", sorted(p.relative_to(SOURCES).as_posix()
                                           for p in SOURCES.glob("*/*.c")))
-def test_library_compiles_without_the_x86_kernels(source, cc):
+def test_library_compiles_without_the_x86_kernels(source, cc, tmp_path):
     """Every library source compiles warning-free with the x86-64 SIMD paths left out
     (CNN_PORTABLE_ONLY), as on aarch64 and other architectures, so code meant for one
     family cannot leak outside its #ifdef unnoticed on an x86 machine."""
-    build([cc, "-std=c99", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
-           "-DCNN_PORTABLE_ONLY", f"-I{SOURCES}", str(SOURCES / source)])
+    result = build([cc, "-std=c99", "-c", "-o", str(tmp_path / "source.o"), "-Wall",
+                    "-Wextra", "-DCNN_PORTABLE_ONLY", f"-I{SOURCES}", str(SOURCES / source)])
+    # no diagnostic about the sources (a wrapper's own flags may draw other warnings)
+    assert str(SOURCES) not in result.stderr, result.stderr

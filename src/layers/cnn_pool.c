@@ -177,14 +177,6 @@ static void pool_row(float *y, const float *X, const cnn_pool2d_shape *s, int64_
     }
 }
 
-/* 1 if the windows tile the image exactly: every input in exactly one window. */
-static int windows_tile(const cnn_pool2d_shape *s)
-{
-    /* s -> flag */
-    return s->stride == s->size && s->out_h * s->size == s->in_h &&
-           s->out_w * s->size == s->in_w;
-}
-
 /* Max-pool backward of one image, portable: x, dx (in_h, in_w, channels), dy (out_h,
    out_w, channels).  dx must be zero unless the windows tile the image. */
 static void max_backward_image(float *dx, const float *dy, const float *x,
@@ -221,6 +213,15 @@ static void max_backward_image(float *dx, const float *dy, const float *x,
 
 #ifdef CNN_AVX2_BUILD
 #include <immintrin.h>
+
+/* 1 if the windows tile the image exactly: every input in exactly one window. */
+static int windows_tile(const cnn_pool2d_shape *s)
+{
+    /* s -> flag */
+    return s->stride == s->size && s->out_h * s->size == s->in_h &&
+           s->out_w * s->size == s->in_w;
+}
+
 #define POOL_AVX2 static inline __attribute__((always_inline, target("avx2")))
 
 /* Mask of the low n lanes of 8 (n clamped to [0, 8]). */
