@@ -244,6 +244,17 @@ POOL_AVX2 __m256 load_before(const float *p, const float *end, __m256i m)
    store whole vectors in increasing address order along a row, each store's spill past
    its pixel rewritten by later stores, and mask only stores that would leave the row. */
 
+/* Store g, channels 8 b .. of pixel px of a row of `row` floats (C channels a pixel),
+   at p: a whole vector unless it would leave the row. */
+POOL_AVX2 void store_in_row(float *p, __m256 g, int64_t px, int64_t b, int64_t row,
+                            int64_t C)
+{
+    if (px * C + 8 * b + 8 <= row)
+        _mm256_storeu_ps(p, g);
+    else
+        _mm256_maskstore_ps(p, pool_lanes(C - 8 * b), g);
+}
+
 /* As pool_row for max pooling, eight channels at a time.  _mm256_max_ps(v, y) is
    exactly v > y ? v : y (NaN and signed zeros included), the portable rule. */
 __attribute__((target("avx2")))
@@ -261,10 +272,7 @@ static void max_row_avx2(float *y, const float *X, const cnn_pool2d_shape *s, in
                 for (int64_t j = 0; j < s->size; ++j)
                     best = _mm256_max_ps(load_before(x + (i * s->in_w + j) * C + c0, end, m),
                                          best);
-            if ((ox * C + c0 + 8 <= s->out_w * C))
-                _mm256_storeu_ps(y + c0, best);
-            else
-                _mm256_maskstore_ps(y + c0, m, best);
+            store_in_row(y + c0, best, ox, c0 / 8, s->out_w * C, C);
         }
     }
 }
@@ -319,31 +327,15 @@ static void max_backward_image_avx2(float *dx, const float *dy, const float *x,
                 for (int64_t w = 0; w < nw; ++w)
                     for (int64_t j = 0; j < size; ++j, out += C) {
                         const __m256i k = _mm256_set1_epi32((int)(i * size + j));
-                        const int64_t room = row - ((ox0 + w) * size + j) * C;
                         for (int64_t b = 0; b < nb; ++b) {
                             const __m256 g = _mm256_and_ps(
                                 _mm256_castsi256_ps(_mm256_cmpeq_epi32(at[w * nb + b], k)),
                                 d[w * nb + b]);
-                            if (8 * b + 8 <= room)
-                                _mm256_storeu_ps(out + 8 * b, g);
-                            else
-                                _mm256_maskstore_ps(out + 8 * b, pool_lanes(C - 8 * b), g);
+                            store_in_row(out + 8 * b, g, (ox0 + w) * size + j, b, row, C);
                         }
                     }
             }
         }
-}
-
-/* dx store of pixel row vector g at p (channel block b of a pixel px of its row): a
-   whole vector unless it would leave the row (its spill is rewritten by the next
-   pixel's store, the next row's first pixel is not). */
-POOL_AVX2 void store_in_row(float *p, __m256 g, int64_t px, int64_t b, int64_t row,
-                            int64_t C)
-{
-    if (px * C + 8 * b + 8 <= row)
-        _mm256_storeu_ps(p, g);
-    else
-        _mm256_maskstore_ps(p, pool_lanes(C - 8 * b), g);
 }
 
 /* As max_backward_image_avx2 for 2 x 2 windows with stride 2, one window at a time:
