@@ -353,6 +353,10 @@ static void dx_row_generic(float *t, const float *d, const float *wt, int64_t ou
 #include <immintrin.h>
 #define CONV_AVX2 static inline __attribute__((always_inline, target("avx2,fma")))
 
+/* Keeps v in a register: without it the compiler folds the load of a vector used by
+   two multiply-adds into both, which loads it twice, and the loads then bound the loop. */
+#define CONV_IN_REGISTER(v) __asm__("" : "+x"(v))
+
 /* Mask of the low n lanes of 8 (n clamped to [0, 8]). */
 CONV_AVX2 __m256i lanes8(int64_t n)
 {
@@ -464,11 +468,11 @@ static void dx_row_avx2(float *t, const float *d, const float *wt, int64_t out_c
     }
 }
 
-/* As dx_row_avx2 for two pixels whose rows start at t and t + shift (the next pixel
-   of an output row, so the two may overlap) and their dY d and d2, when span <= 32: the
-   weights are loaded once for both, and eight independent sums keep both FMA units
-   busy.  The first pixel's sums are added to t before the second's, the order of
-   calling dx_row_avx2 on each in turn, so the bits are the same. */
+/* As dx_row_avx2 for two pixels whose rows start at t and t + shift (the rows may
+   overlap) and their dY d and d2, when span <= 32: the weights are loaded once for
+   both, and eight independent sums keep both FMA units busy.  The first pixel's sums
+   are added to t before the second's, the order of calling dx_row_avx2 on each in
+   turn, so the bits are the same. */
 __attribute__((target("avx2,fma")))
 static void dx_rows2_avx2(float *t, int64_t shift, const float *d, const float *d2,
                           const float *wt, int64_t out_c, int64_t span, int64_t span_pad)
@@ -479,8 +483,12 @@ static void dx_rows2_avx2(float *t, int64_t shift, const float *d, const float *
     if (span_pad > 24) {
         for (int64_t o = 0; o < out_c; ++o, w += span_pad) {
             const __m256 x = _mm256_broadcast_ss(d + o), y = _mm256_broadcast_ss(d2 + o);
-            const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
-            const __m256 w2 = _mm256_loadu_ps(w + 16), w3 = _mm256_loadu_ps(w + 24);
+            __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+            __m256 w2 = _mm256_loadu_ps(w + 16), w3 = _mm256_loadu_ps(w + 24);
+            CONV_IN_REGISTER(w0);
+            CONV_IN_REGISTER(w1);
+            CONV_IN_REGISTER(w2);
+            CONV_IN_REGISTER(w3);
             a0 = _mm256_fmadd_ps(x, w0, a0); b0 = _mm256_fmadd_ps(y, w0, b0);
             a1 = _mm256_fmadd_ps(x, w1, a1); b1 = _mm256_fmadd_ps(y, w1, b1);
             a2 = _mm256_fmadd_ps(x, w2, a2); b2 = _mm256_fmadd_ps(y, w2, b2);
@@ -489,14 +497,17 @@ static void dx_rows2_avx2(float *t, int64_t shift, const float *d, const float *
     } else {
         for (int64_t o = 0; o < out_c; ++o, w += span_pad) {
             const __m256 x = _mm256_broadcast_ss(d + o), y = _mm256_broadcast_ss(d2 + o);
-            const __m256 w0 = _mm256_loadu_ps(w);
+            __m256 w0 = _mm256_loadu_ps(w);
+            CONV_IN_REGISTER(w0);
             a0 = _mm256_fmadd_ps(x, w0, a0); b0 = _mm256_fmadd_ps(y, w0, b0);
             if (span_pad > 8) {
-                const __m256 w1 = _mm256_loadu_ps(w + 8);
+                __m256 w1 = _mm256_loadu_ps(w + 8);
+                CONV_IN_REGISTER(w1);
                 a1 = _mm256_fmadd_ps(x, w1, a1); b1 = _mm256_fmadd_ps(y, w1, b1);
             }
             if (span_pad > 16) {
-                const __m256 w2 = _mm256_loadu_ps(w + 16);
+                __m256 w2 = _mm256_loadu_ps(w + 16);
+                CONV_IN_REGISTER(w2);
                 a2 = _mm256_fmadd_ps(x, w2, a2); b2 = _mm256_fmadd_ps(y, w2, b2);
             }
         }
@@ -834,21 +845,28 @@ static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
         float *t = slot;
         memset(t, 0, (size_t)g->image * sizeof(float));
         const float *dy = x->dY + n * s->out_h * s->out_w * s->out_c;
-        for (int64_t oy = 0; oy < s->out_h; ++oy)
-            for (int64_t ox = 0; ox < s->out_w; ++ox, dy += s->out_c) {
-                float *corner = t + oy * s->stride * g->ldx + ox * s->stride * C;
+        const int64_t row = s->out_w * s->out_c;   /* dY floats per output row */
+        for (int64_t oy = 0; oy < s->out_h; ++oy) {
 #ifdef CNN_AVX2_BUILD
-                if (x->avx2 && g->span <= 32 && ox + 1 < s->out_w) {
-                    /* this pixel and the next together */
+            if (x->avx2 && g->span <= 32 && oy + 1 < s->out_h) {
+                /* this output row and the next together, pixel by pixel: the two
+                   pixels' window rows lie an image row apart, so (unless an image row
+                   is shorter than 32 floats) the second pixel's additions do not read
+                   what the first's just stored, which would wait for those stores */
+                for (int64_t ox = 0; ox < s->out_w; ++ox, dy += s->out_c) {
+                    float *corner = t + oy * s->stride * g->ldx + ox * s->stride * C;
                     for (int64_t ky = 0; ky < s->kernel_h; ++ky)
-                        dx_rows2_avx2(corner + ky * g->ldx, s->stride * C, dy, dy + s->out_c,
+                        dx_rows2_avx2(corner + ky * g->ldx, s->stride * g->ldx, dy, dy + row,
                                       x->wt + ky * s->out_c * g->span_pad, s->out_c, g->span,
                                       g->span_pad);
-                    ++ox;
-                    dy += s->out_c;
-                    continue;
                 }
+                dy += row;
+                ++oy;
+                continue;
+            }
 #endif
+            for (int64_t ox = 0; ox < s->out_w; ++ox, dy += s->out_c) {
+                float *corner = t + oy * s->stride * g->ldx + ox * s->stride * C;
                 for (int64_t ky = 0; ky < s->kernel_h; ++ky) {
                     const float *wt = x->wt + ky * s->out_c * g->span_pad;
 #ifdef CNN_AVX2_BUILD
@@ -860,6 +878,7 @@ static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
                     dx_row_generic(corner + ky * g->ldx, dy, wt, s->out_c, g->span, g->span_pad);
                 }
             }
+        }
         if (g->in_place) {
             /* slot rows are image rows: the windows' rows, then zeros */
             memcpy(x->dX + n * image, t, (size_t)(g->Hp * g->ldx) * sizeof(float));
