@@ -845,7 +845,6 @@ static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
         float *t = slot;
         memset(t, 0, (size_t)g->image * sizeof(float));
         const float *dy = x->dY + n * s->out_h * s->out_w * s->out_c;
-        const int64_t row = s->out_w * s->out_c;   /* dY floats per output row */
         for (int64_t oy = 0; oy < s->out_h; ++oy) {
 #ifdef CNN_AVX2_BUILD
             if (x->avx2 && g->span <= 32 && oy + 1 < s->out_h) {
@@ -853,6 +852,7 @@ static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
                    pixels' window rows lie an image row apart, so (unless an image row
                    is shorter than 32 floats) the second pixel's additions do not read
                    what the first's just stored, which would wait for those stores */
+                const int64_t row = s->out_w * s->out_c;   /* dY floats per output row */
                 for (int64_t ox = 0; ox < s->out_w; ++ox, dy += s->out_c) {
                     float *corner = t + oy * s->stride * g->ldx + ox * s->stride * C;
                     for (int64_t ky = 0; ky < s->kernel_h; ++ky)
