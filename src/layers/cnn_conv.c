@@ -610,6 +610,99 @@ static void fwd_row_tile(float *out, const float *a, int64_t kh, int64_t kw, int
 }
 #endif
 
+#ifdef CNN_AVX2_BUILD
+/* The dW rows of NK kernel rows (KW taps each) += one image's terms, for the layers
+   fwd_row_tile serves: along each output row, each input value is broadcast once per
+   kernel row and multiplies the dY of the KW pixels whose windows hold it, kept in
+   registers as they slide along the row (dw_tile_avx2 broadcasts once per pixel and
+   tap, and those loads bound it).  Each dW entry sums its terms in pixel order, as
+   dw_tile_avx2 does, plus zeros: at the ends of a row an input value also meets the
+   zero dY of the pixels before the first and after the last (products with zero, which
+   change a sum only if the input is not finite).
+   img: the image's window corner at the first kernel row; dy: the image's dY, rows
+   out_c apart, at most 8 of whose floats from dy_end on are read. */
+CONV_AVX2 void dw_row_tile_avx2(const int KW, const int NK, float *dw, int64_t ldw,
+                                const float *img, int64_t ldx, const cnn_conv2d_shape *s,
+                                const float *dy, const float *dy_end)
+{
+    /* dw rows r KW + kx (r < NK, kx < KW), ldw apart -> += the image's terms */
+    __m256 acc[2][CONV_ROW_KW_MAX];
+    CNN_UNROLL
+    for (int r = 0; r < NK; ++r)
+        CNN_UNROLL
+        for (int kx = 0; kx < KW; ++kx)
+            acc[r][kx] = _mm256_loadu_ps(dw + (r * KW + kx) * ldw);
+    const __m256i lanes = lanes8(s->out_c);
+    const __m256 zero = _mm256_setzero_ps();
+    const int64_t W = s->out_w, M = W + KW - 1;   /* pixels, window positions of a row */
+    for (int64_t oy = 0; oy < s->out_h; ++oy) {
+        const float *x0 = img + oy * ldx, *x1 = x0 + ldx, *d = dy + oy * W * s->out_c;
+        /* pixels of the row whose dY loads of 8 floats end by dy_end */
+        const int64_t whole = dy_end - d >= 8 ? min64(W, (dy_end - d - 8) / s->out_c + 1) : 0;
+        __m256 dv[CONV_ROW_KW_MAX];   /* dY of pixel m - kx at slot (m - kx) mod KW */
+        CNN_UNROLL
+        for (int u = 0; u < KW; ++u)
+            dv[u] = zero;
+#define CONV_DW_ROW_STEP(LOAD)                                                              \
+        {                                                                                   \
+            dv[u] = LOAD;                                                                   \
+            const __m256 a = _mm256_broadcast_ss(x0 + m);                                   \
+            CNN_UNROLL                                                                      \
+            for (int kx = 0; kx < KW; ++kx)                                                 \
+                acc[0][kx] = _mm256_fmadd_ps(a, dv[(u - kx + KW) % KW], acc[0][kx]);       \
+            if (NK == 2) {                                                                  \
+                const __m256 b = _mm256_broadcast_ss(x1 + m);                               \
+                CNN_UNROLL                                                                  \
+                for (int kx = 0; kx < KW; ++kx)                                             \
+                    acc[1][kx] = _mm256_fmadd_ps(b, dv[(u - kx + KW) % KW], acc[1][kx]);   \
+            }                                                                               \
+        }
+        int64_t m0 = 0;
+        for (; m0 + KW <= whole; m0 += KW)
+            CNN_UNROLL
+            for (int u = 0; u < KW; ++u) {
+                const int64_t m = m0 + u;
+                CONV_DW_ROW_STEP(_mm256_loadu_ps(d + m * s->out_c))
+            }
+        /* the row's last pixels (masked loads near dy_end) and the window positions
+           past its last pixel */
+        for (; m0 < M; m0 += KW)
+            CNN_UNROLL
+            for (int u = 0; u < KW; ++u) {
+                const int64_t m = m0 + u;
+                if (m >= M)
+                    break;
+                CONV_DW_ROW_STEP(m >= W ? zero : m < whole ? _mm256_loadu_ps(d + m * s->out_c)
+                                 : _mm256_maskload_ps(d + m * s->out_c, lanes))
+            }
+#undef CONV_DW_ROW_STEP
+    }
+    CNN_UNROLL
+    for (int r = 0; r < NK; ++r)
+        CNN_UNROLL
+        for (int kx = 0; kx < KW; ++kx)
+            _mm256_storeu_ps(dw + (r * KW + kx) * ldw, acc[r][kx]);
+}
+
+/* dw_row_tile_avx2 for nk (1 or 2) kernel rows of width kw (3 or 5), built with
+   AVX-512VL for its 32 vector registers (ten sums, five dY, the broadcasts). */
+__attribute__((target("avx2,fma,avx512f,avx512vl")))
+static void dw_row_tile(float *dw, int64_t ldw, const float *img, int64_t ldx,
+                        const cnn_conv2d_shape *s, const float *dy, const float *dy_end,
+                        int64_t kw, int64_t nk)
+{
+    /* -> dw rows += the image's terms */
+    if (kw == 3 && nk == 2)
+        dw_row_tile_avx2(3, 2, dw, ldw, img, ldx, s, dy, dy_end);
+    else if (kw == 3)
+        dw_row_tile_avx2(3, 1, dw, ldw, img, ldx, s, dy, dy_end);
+    else if (nk == 2)
+        dw_row_tile_avx2(5, 2, dw, ldw, img, ldx, s, dy, dy_end);
+    else
+        dw_row_tile_avx2(5, 1, dw, ldw, img, ldx, s, dy, dy_end);
+}
+#endif
+
 /* Compile-time tile sizes for the bodies above. */
 #define CONV_DW_CASE(F, R, NV) \
     case R: F(R, NV, dw, ldw, img, koff, s, g, dy, nvalid); break;
@@ -722,6 +815,7 @@ typedef struct conv_ctx {
     float *images;        /* n_threads padded images */
     int avx2;
     int row_tiles;        /* forward tiles along output rows (fwd_row_tile) */
+    int dw_rows;          /* dW tiles along output rows (dw_row_tile) */
 } conv_ctx;
 
 /* Bias and activation of a forward tile (mr pixels from pixel q of image n, channels
@@ -813,6 +907,23 @@ static void weight_tiles(const conv_ctx *x, int64_t t0, int64_t t1, float *slot)
     /* dwp rows of tiles [t0, t1) */
     const cnn_conv2d_shape *s = x->s;
     const conv_geom *g = &x->g;
+#ifdef CNN_AVX2_BUILD
+    if (x->dw_rows) {
+        /* tile t: kernel rows 2t and 2t + 1 */
+        const int64_t kw = s->kernel_w, npix = s->out_h * s->out_w;
+        for (int64_t k = 2 * t0 * kw; k < min64(2 * t1, s->kernel_h) * kw; ++k)
+            memset(x->dwp + k * g->o_pad, 0, 8 * sizeof(float));
+        for (int64_t n = 0; n < s->batch; ++n) {
+            const float *img = image_of(x->X, s, g, n, slot);
+            const float *dy = x->dY + n * npix * s->out_c;
+            for (int64_t t = t0; t < t1; ++t)
+                dw_row_tile(x->dwp + 2 * t * kw * g->o_pad, g->o_pad, img + 2 * t * g->ldx,
+                            g->ldx, s, dy, dy + (npix - 1) * s->out_c, kw,
+                            min64(2, s->kernel_h - 2 * t));
+        }
+        return;
+    }
+#endif
     const int64_t nj = (g->span + g->mr - 1) / g->mr, no = (s->out_c + 8 * g->nv - 1) / (8 * g->nv);
     for (int64_t t = t0; t < t1; ++t) {
         const int64_t ky = t / (nj * no), j0 = (t / no) % nj * g->mr, o0 = t % no * 8 * g->nv;
@@ -955,6 +1066,7 @@ static conv_ctx make_ctx(const cnn_conv2d_shape *s, float *work)
     x.avx2 = cnn_use_avx2_build();
     x.row_tiles = x.avx2 && s->in_c == 1 && s->stride == 1 && x.g.nv == 1 &&
                   (s->kernel_w == 3 || s->kernel_w == 5);
+    x.dw_rows = x.row_tiles && cnn_get_kernel() == CNN_KERNEL_AVX512;
 #endif
     return x;
 }
@@ -1015,7 +1127,8 @@ int cnn_conv2d_backward(float *dX, float *dW, float *db, const float *dY, const 
 
     /* dW: tiles of (kernel row, dW rows, channels) per thread, every image in order */
     const conv_geom *g = &x.g;
-    const int64_t n_tiles = s->kernel_h * ((g->span + g->mr - 1) / g->mr) *
+    const int64_t n_tiles = x.dw_rows ? (s->kernel_h + 1) / 2 :
+                            s->kernel_h * ((g->span + g->mr - 1) / g->mr) *
                             ((O + 8 * g->nv - 1) / (8 * g->nv));
     run_split(&x, weight_tiles, n_tiles, pass_threads(n_threads, macs));
     for (int64_t k = 0; k < K; ++k)
