@@ -255,26 +255,49 @@ POOL_AVX2 void store_in_row(float *p, __m256 g, int64_t px, int64_t b, int64_t r
         _mm256_maskstore_ps(p, pool_lanes(C - 8 * b), g);
 }
 
-/* As pool_row for max pooling, eight channels at a time.  _mm256_max_ps(v, y) is
-   exactly v > y ? v : y (NaN and signed zeros included), the portable rule. */
-__attribute__((target("avx2")))
-static void max_row_avx2(float *y, const float *X, const cnn_pool2d_shape *s, int64_t g)
+/* As pool_row for max pooling, eight channels at a time, for windows of SIZE (0: of
+   s->size).  _mm256_max_ps(v, y) is exactly v > y ? v : y (NaN and signed zeros
+   included), the portable rule. */
+POOL_AVX2 void max_row_body(const int SIZE, float *y, const float *X,
+                            const cnn_pool2d_shape *s, int64_t g)
 {
     /* g = n * out_h + oy -> y (out_w, channels) */
     const int64_t C = s->channels, n = g / s->out_h, oy = g % s->out_h;
+    const int64_t size = SIZE ? SIZE : s->size;
     const float *end = X + (n + 1) * s->in_h * s->in_w * C;
     for (int64_t ox = 0; ox < s->out_w; ++ox, y += C) {
         const float *x = X + window_at(s, n, oy, ox);
         for (int64_t c0 = 0; c0 < C; c0 += 8) {
             const __m256i m = pool_lanes(C - c0);
-            __m256 best = load_before(x + c0, end, m);
-            for (int64_t i = 0; i < s->size; ++i)
-                for (int64_t j = 0; j < s->size; ++j)
-                    best = _mm256_max_ps(load_before(x + (i * s->in_w + j) * C + c0, end, m),
-                                         best);
+            const float *xc = x + c0;
+            __m256 best;
+            if (end - (xc + ((size - 1) * s->in_w + size - 1) * C) >= 8) {
+                /* every load of the window whole */
+                best = _mm256_loadu_ps(xc);
+                for (int64_t i = 0; i < size; ++i)
+                    for (int64_t j = 0; j < size; ++j)
+                        best = _mm256_max_ps(_mm256_loadu_ps(xc + (i * s->in_w + j) * C), best);
+            } else {
+                best = load_before(xc, end, m);
+                for (int64_t i = 0; i < size; ++i)
+                    for (int64_t j = 0; j < size; ++j)
+                        best = _mm256_max_ps(load_before(xc + (i * s->in_w + j) * C, end, m),
+                                             best);
+            }
             store_in_row(y + c0, best, ox, c0 / 8, s->out_w * C, C);
         }
     }
+}
+
+/* max_row_body with 2x2 windows at compile time, or any. */
+__attribute__((target("avx2")))
+static void max_row_avx2(float *y, const float *X, const cnn_pool2d_shape *s, int64_t g)
+{
+    /* g = n * out_h + oy -> y (out_w, channels) */
+    if (s->size == 2)
+        max_row_body(2, y, X, s, g);
+    else
+        max_row_body(0, y, X, s, g);
 }
 
 /* Windows handled together by max_backward_image_avx2, and its most channels. */
