@@ -379,9 +379,18 @@ static void max_backward_2x2_avx2(float *dx, const float *dy, const float *x,
             for (int64_t b = 0; b < nb; ++b) {
                 const __m256i m = pool_lanes(C - 8 * b);
                 const float *p = x + top + 8 * b;
-                const __m256 v0 = load_before(p, end, m), v1 = load_before(p + C, end, m);
-                const __m256 v2 = load_before(p + row, end, m);
-                const __m256 v3 = load_before(p + row + C, end, m);
+                __m256 v0, v1, v2, v3;
+                if (end - (p + row + C) >= 8) {   /* the window's loads all whole */
+                    v0 = _mm256_loadu_ps(p);
+                    v1 = _mm256_loadu_ps(p + C);
+                    v2 = _mm256_loadu_ps(p + row);
+                    v3 = _mm256_loadu_ps(p + row + C);
+                } else {
+                    v0 = load_before(p, end, m);
+                    v1 = load_before(p + C, end, m);
+                    v2 = load_before(p + row, end, m);
+                    v3 = load_before(p + row + C, end, m);
+                }
                 /* the sequential rule: a later input wins only if strictly greater */
                 const __m256 g1 = _mm256_cmp_ps(v1, v0, _CMP_GT_OQ);
                 __m256 best = _mm256_blendv_ps(v0, v1, g1);
