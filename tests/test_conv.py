@@ -153,8 +153,9 @@ def test_conv_against_float64(kernel, case):
 
 
 # First layers on grey images (one input channel, stride 1, up to 8 filters) have their
-# own forward tiles along output rows and their own dW (pixels in the vector lanes):
-# every tile width 1-8, rows of whole and partial vectors, each kernel width they take.
+# own forward and dW tiles along output rows (the dW ones over pairs of kernel rows, with
+# the AVX-512 family): every tile width 1-8, rows of whole and partial vectors, each
+# kernel width they take, odd and even kernel heights.
 FIRST_LAYER_CASES = [(w, k, c_out, padding) for w in (1, 2, 7, 8, 9, 16, 28, 31)
                      for k, c_out, padding in ((3, 6, "same"), (5, 8, "same"),
                                                (5, 1, "valid"), (3, 3, "valid"), (1, 6, "same"))

@@ -197,6 +197,7 @@ int cnn_conv2d_backward_ref(float *dX, float *dW, float *db, const float *dY, co
 /* Output channels per register tile: two 8-lane vectors (one when out_c <= 8), with
    MR2 or MR1 pixels (or weight rows, for dW) beside them: 12 or 8 accumulators. */
 enum { CONV_MR2 = 6, CONV_MR1 = 8, CONV_MR_MAX = 8, CONV_NR = 16, CONV_DX_VECS = 4,
+       CONV_DX_PIXELS = 4,
        CONV_ROW_KW_MAX = 5 };
 
 /* Where a pass finds its operands. */
@@ -468,56 +469,71 @@ static void dx_row_avx2(float *t, const float *d, const float *wt, int64_t out_c
     }
 }
 
-/* As dx_row_avx2 for two pixels whose rows start at t and t + shift (the rows may
-   overlap) and their dY d and d2, when span <= 32: the weights are loaded once for
-   both, and eight independent sums keep both FMA units busy.  The first pixel's sums
-   are added to t before the second's, the order of calling dx_row_avx2 on each in
-   turn, so the bits are the same. */
-__attribute__((target("avx2,fma")))
-static void dx_rows2_avx2(float *t, int64_t shift, const float *d, const float *d2,
-                          const float *wt, int64_t out_c, int64_t span, int64_t span_pad)
+/* As dx_row_avx2 for NP pixels whose rows start shift apart (t, t + shift, ...; they
+   may overlap) and whose dY start dstride apart (d, d + dstride, ...), when span_pad =
+   8 NV <= 32: the weights are loaded once for all, and NP NV independent sums keep both
+   FMA units busy.  Each pixel's sums are added to t before the next pixel's, the order
+   of calling dx_row_avx2 on each in turn, so the bits are the same. */
+CONV_AVX2 void dx_rows_body(const int NP, const int NV, float *t, int64_t shift,
+                            const float *d, int64_t dstride, const float *wt,
+                            int64_t out_c, int64_t span)
 {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    /* t rows += their pixels' dY times the kernel row's weights wt (out_c, 8 NV) */
+    __m256 acc[CONV_DX_PIXELS][CONV_DX_VECS];
+    CNN_UNROLL
+    for (int p = 0; p < NP; ++p)
+        CNN_UNROLL
+        for (int v = 0; v < NV; ++v)
+            acc[p][v] = _mm256_setzero_ps();
     const float *w = wt;
-    if (span_pad > 24) {
-        for (int64_t o = 0; o < out_c; ++o, w += span_pad) {
-            const __m256 x = _mm256_broadcast_ss(d + o), y = _mm256_broadcast_ss(d2 + o);
-            __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
-            __m256 w2 = _mm256_loadu_ps(w + 16), w3 = _mm256_loadu_ps(w + 24);
-            CONV_IN_REGISTER(w0);
-            CONV_IN_REGISTER(w1);
-            CONV_IN_REGISTER(w2);
-            CONV_IN_REGISTER(w3);
-            a0 = _mm256_fmadd_ps(x, w0, a0); b0 = _mm256_fmadd_ps(y, w0, b0);
-            a1 = _mm256_fmadd_ps(x, w1, a1); b1 = _mm256_fmadd_ps(y, w1, b1);
-            a2 = _mm256_fmadd_ps(x, w2, a2); b2 = _mm256_fmadd_ps(y, w2, b2);
-            a3 = _mm256_fmadd_ps(x, w3, a3); b3 = _mm256_fmadd_ps(y, w3, b3);
+    for (int64_t o = 0; o < out_c; ++o, w += 8 * NV) {
+        __m256 wv[CONV_DX_VECS];
+        CNN_UNROLL
+        for (int v = 0; v < NV; ++v) {
+            wv[v] = _mm256_loadu_ps(w + 8 * v);
+            CONV_IN_REGISTER(wv[v]);
         }
-    } else {
-        for (int64_t o = 0; o < out_c; ++o, w += span_pad) {
-            const __m256 x = _mm256_broadcast_ss(d + o), y = _mm256_broadcast_ss(d2 + o);
-            __m256 w0 = _mm256_loadu_ps(w);
-            CONV_IN_REGISTER(w0);
-            a0 = _mm256_fmadd_ps(x, w0, a0); b0 = _mm256_fmadd_ps(y, w0, b0);
-            if (span_pad > 8) {
-                __m256 w1 = _mm256_loadu_ps(w + 8);
-                CONV_IN_REGISTER(w1);
-                a1 = _mm256_fmadd_ps(x, w1, a1); b1 = _mm256_fmadd_ps(y, w1, b1);
-            }
-            if (span_pad > 16) {
-                __m256 w2 = _mm256_loadu_ps(w + 16);
-                CONV_IN_REGISTER(w2);
-                a2 = _mm256_fmadd_ps(x, w2, a2); b2 = _mm256_fmadd_ps(y, w2, b2);
-            }
+        CNN_UNROLL
+        for (int p = 0; p < NP; ++p) {
+            const __m256 x = _mm256_broadcast_ss(d + p * dstride + o);
+            CNN_UNROLL
+            for (int v = 0; v < NV; ++v)
+                acc[p][v] = _mm256_fmadd_ps(x, wv[v], acc[p][v]);
         }
     }
-    const __m256 a[4] = { a0, a1, a2, a3 }, b[4] = { b0, b1, b2, b3 };
-    for (int v = 0; v < 4 && 8 * v < span; ++v)
-        _mm256_storeu_ps(t + 8 * v, _mm256_add_ps(_mm256_loadu_ps(t + 8 * v), a[v]));
-    float *t2 = t + shift;
-    for (int v = 0; v < 4 && 8 * v < span; ++v)
-        _mm256_storeu_ps(t2 + 8 * v, _mm256_add_ps(_mm256_loadu_ps(t2 + 8 * v), b[v]));
+    CNN_UNROLL
+    for (int p = 0; p < NP; ++p) {
+        float *tp = t + p * shift;
+        CNN_UNROLL
+        for (int v = 0; v < NV; ++v)
+            if (8 * v < span)
+                _mm256_storeu_ps(tp + 8 * v, _mm256_add_ps(_mm256_loadu_ps(tp + 8 * v),
+                                                           acc[p][v]));
+    }
+}
+
+#define CONV_DX_CASE(NP, NV) \
+    case NV: dx_rows_body(NP, NV, t, shift, d, dstride, wt, out_c, span); break;
+#define CONV_DX_SWITCH(NP) \
+    switch (span_pad / 8) { CONV_DX_CASE(NP, 1) CONV_DX_CASE(NP, 2) CONV_DX_CASE(NP, 3) \
+                            default: CONV_DX_CASE(NP, 4) }
+
+/* dx_rows_body for two pixels. */
+__attribute__((target("avx2,fma")))
+static void dx_rows2_avx2(float *t, int64_t shift, const float *d, int64_t dstride,
+                          const float *wt, int64_t out_c, int64_t span, int64_t span_pad)
+{
+    /* -> t rows += */
+    CONV_DX_SWITCH(2)
+}
+
+/* dx_rows_body for four pixels, built with AVX-512VL for its 32 vector registers. */
+__attribute__((target("avx2,fma,avx512f,avx512vl")))
+static void dx_rows4_avx512vl(float *t, int64_t shift, const float *d, int64_t dstride,
+                              const float *wt, int64_t out_c, int64_t span, int64_t span_pad)
+{
+    /* -> t rows += */
+    CONV_DX_SWITCH(CONV_DX_PIXELS)
 }
 
 /* y (mr, O), rows O apart, = relu or identity of tile (mr, 16) + bias, for O <= 16
@@ -816,6 +832,7 @@ typedef struct conv_ctx {
     int avx2;
     int row_tiles;        /* forward tiles along output rows (fwd_row_tile) */
     int dw_rows;          /* dW tiles along output rows (dw_row_tile) */
+    int avx512;           /* the AVX-512 family runs: AVX-512VL builds may too */
 } conv_ctx;
 
 /* Bias and activation of a forward tile (mr pixels from pixel q of image n, channels
@@ -958,21 +975,28 @@ static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
         const float *dy = x->dY + n * s->out_h * s->out_w * s->out_c;
         for (int64_t oy = 0; oy < s->out_h; ++oy) {
 #ifdef CNN_AVX2_BUILD
-            if (x->avx2 && g->span <= 32 && oy + 1 < s->out_h) {
-                /* this output row and the next together, pixel by pixel: the two
-                   pixels' window rows lie an image row apart, so (unless an image row
-                   is shorter than 32 floats) the second pixel's additions do not read
-                   what the first's just stored, which would wait for those stores */
+            /* rows of output pixels together (four with AVX-512VL's registers), pixel by
+               pixel: their window rows lie image rows apart, so (unless an image row is
+               shorter than 32 floats) a pixel's additions do not read what the one
+               before just stored, which would wait for those stores */
+            const int64_t np = !x->avx2 || g->span > 32 ? 1 : x->avx512 && oy + 3 < s->out_h ? 4
+                             : oy + 1 < s->out_h ? 2 : 1;
+            if (np > 1) {
                 const int64_t row = s->out_w * s->out_c;   /* dY floats per output row */
                 for (int64_t ox = 0; ox < s->out_w; ++ox, dy += s->out_c) {
                     float *corner = t + oy * s->stride * g->ldx + ox * s->stride * C;
-                    for (int64_t ky = 0; ky < s->kernel_h; ++ky)
-                        dx_rows2_avx2(corner + ky * g->ldx, s->stride * g->ldx, dy, dy + row,
-                                      x->wt + ky * s->out_c * g->span_pad, s->out_c, g->span,
-                                      g->span_pad);
+                    for (int64_t ky = 0; ky < s->kernel_h; ++ky) {
+                        const float *wt = x->wt + ky * s->out_c * g->span_pad;
+                        if (np == 4)
+                            dx_rows4_avx512vl(corner + ky * g->ldx, s->stride * g->ldx, dy,
+                                              row, wt, s->out_c, g->span, g->span_pad);
+                        else
+                            dx_rows2_avx2(corner + ky * g->ldx, s->stride * g->ldx, dy, row,
+                                          wt, s->out_c, g->span, g->span_pad);
+                    }
                 }
-                dy += row;
-                ++oy;
+                dy += (np - 1) * row;
+                oy += np - 1;
                 continue;
             }
 #endif
@@ -1066,7 +1090,8 @@ static conv_ctx make_ctx(const cnn_conv2d_shape *s, float *work)
     x.avx2 = cnn_use_avx2_build();
     x.row_tiles = x.avx2 && s->in_c == 1 && s->stride == 1 && x.g.nv == 1 &&
                   (s->kernel_w == 3 || s->kernel_w == 5);
-    x.dw_rows = x.row_tiles && cnn_get_kernel() == CNN_KERNEL_AVX512;
+    x.avx512 = cnn_get_kernel() == CNN_KERNEL_AVX512;
+    x.dw_rows = x.row_tiles && x.avx512;
 #endif
     return x;
 }
