@@ -832,7 +832,8 @@ typedef struct conv_ctx {
     int avx2;
     int row_tiles;        /* forward tiles along output rows (fwd_row_tile) */
     int dw_rows;          /* dW tiles along output rows (dw_row_tile) */
-    int avx512;           /* the AVX-512 family runs: AVX-512VL builds may too */
+    int avx512;           /* the AVX-512 family runs on a CPU with AVX-512VL, so the
+                             kernels built for its 32 registers may run too */
 } conv_ctx;
 
 /* Bias and activation of a forward tile (mr pixels from pixel q of image n, channels
@@ -1090,7 +1091,8 @@ static conv_ctx make_ctx(const cnn_conv2d_shape *s, float *work)
     x.avx2 = cnn_use_avx2_build();
     x.row_tiles = x.avx2 && s->in_c == 1 && s->stride == 1 && x.g.nv == 1 &&
                   (s->kernel_w == 3 || s->kernel_w == 5);
-    x.avx512 = cnn_get_kernel() == CNN_KERNEL_AVX512;
+    __builtin_cpu_init();
+    x.avx512 = cnn_get_kernel() == CNN_KERNEL_AVX512 && __builtin_cpu_supports("avx512vl");
     x.dw_rows = x.row_tiles && x.avx512;
 #endif
     return x;
