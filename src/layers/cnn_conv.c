@@ -788,6 +788,39 @@ static void dw_tile(float *dw, int64_t ldw, const float *img, int64_t koff,
 /* Most floats of the period of conv_bias_grad's vector sums. */
 enum { CONV_DB_PERIOD_MAX = 64 };
 
+#ifdef CNN_AVX2_BUILD
+/* acc (8 NV) += the sum of `blocks` blocks of 8 NV floats from dY, the blocks in order,
+   in registers (a plain loop kept the sums in memory). */
+CONV_AVX2 void block_sums_body(const int NV, float *acc, const float *dY, int64_t blocks)
+{
+    /* -> acc */
+    __m256 a[CONV_DB_PERIOD_MAX / 8];
+    CNN_UNROLL
+    for (int v = 0; v < NV; ++v)
+        a[v] = _mm256_loadu_ps(acc + 8 * v);
+    for (int64_t b = 0; b < blocks; ++b, dY += 8 * NV)
+        CNN_UNROLL
+        for (int v = 0; v < NV; ++v)
+            a[v] = _mm256_add_ps(a[v], _mm256_loadu_ps(dY + 8 * v));
+    CNN_UNROLL
+    for (int v = 0; v < NV; ++v)
+        _mm256_storeu_ps(acc + 8 * v, a[v]);
+}
+
+#define CONV_DB_CASE(NV) case NV: block_sums_body(NV, acc, dY, blocks); break;
+
+/* block_sums_body for nv (1..8) vectors a block. */
+__attribute__((target("avx2,fma")))
+static void block_sums_avx2(float *acc, const float *dY, int64_t blocks, int64_t nv)
+{
+    /* -> acc */
+    switch (nv) {
+    CONV_DB_CASE(1) CONV_DB_CASE(2) CONV_DB_CASE(3) CONV_DB_CASE(4)
+    CONV_DB_CASE(5) CONV_DB_CASE(6) CONV_DB_CASE(7) default: CONV_DB_CASE(8)
+    }
+}
+#endif
+
 /* db (O,) = column sums of dY (M, O), read as a flat array in blocks of L = lcm(O, 8)
    floats (whole vectors, O's columns at fixed lanes) when L <= 64: lane l of the block
    sums collect column l mod O, added up in lane order at the end.  One fixed order,
@@ -804,10 +837,15 @@ static void conv_bias_grad(float *db, const float *dY, int64_t M, int64_t O)
     }
     float acc[CONV_DB_PERIOD_MAX] = {0.0f};
     const int64_t n = M * O, blocks = n / L;
-    for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t l0 = 0; l0 < L; l0 += 8)
-            for (int v = 0; v < 8; ++v)
-                acc[l0 + v] += dY[b * L + l0 + v];
+#ifdef CNN_AVX2_BUILD
+    if (cnn_use_avx2_build())
+        block_sums_avx2(acc, dY, blocks, L / 8);
+    else
+#endif
+        for (int64_t b = 0; b < blocks; ++b)
+            for (int64_t l0 = 0; l0 < L; l0 += 8)
+                for (int v = 0; v < 8; ++v)
+                    acc[l0 + v] += dY[b * L + l0 + v];
     for (int64_t l = 0; l < n - blocks * L; ++l)
         acc[l] += dY[blocks * L + l];
     for (int64_t o = 0; o < O; ++o)
