@@ -261,17 +261,11 @@ static void pad_image(float *dst, const float *X, const cnn_conv2d_shape *s,
     const int64_t C = s->in_c;
     const int64_t left = min64(s->pad_left, g->Wp) * C;
     const int64_t mid = max64(0, min64(s->in_w, g->Wp - s->pad_left)) * C;
-    for (int64_t y = 0; y < g->Hp; ++y) {
-        float *d = dst + y * g->ldx;
-        const int64_t iy = y - s->pad_top;
-        if (iy < 0 || iy >= s->in_h) {
-            memset(d, 0, (size_t)g->ldx * sizeof(float));
-            continue;
-        }
-        memset(d, 0, (size_t)left * sizeof(float));
-        memcpy(d + left, X + ((n * s->in_h + iy) * s->in_w) * C, (size_t)mid * sizeof(float));
-        memset(d + left + mid, 0, (size_t)(g->ldx - left - mid) * sizeof(float));
-    }
+    /* zeros, then the image rows */
+    memset(dst, 0, (size_t)(g->Hp * g->ldx) * sizeof(float));
+    for (int64_t y = s->pad_top; y < min64(g->Hp, s->pad_top + s->in_h); ++y)
+        memcpy(dst + y * g->ldx + left, X + ((n * s->in_h + y - s->pad_top) * s->in_w) * C,
+               (size_t)mid * sizeof(float));
 }
 
 /* Image n of X as the passes read it: X itself, or padded into `slot`. */
