@@ -532,16 +532,17 @@ static void dx_rows4_avx512vl(float *t, int64_t shift, const float *d, int64_t d
 
 /* y (mr, O), rows O apart, = relu or identity of tile (mr, 16) + bias, for O <= 16
    (one tile holds every channel).  Whole-vector stores in increasing order, each
-   one's spill past its row rewritten by the next row; what would leave the tile's
-   rows goes through a buffer.  _mm256_max_ps(v, 0) is exactly v > 0 ? v : 0. */
+   one's spill past its row rewritten by the next row, or by a later tile: the caller
+   writes y in increasing order up to y + room.  What would pass y + room goes through
+   a buffer.  _mm256_max_ps(v, 0) is exactly v > 0 ? v : 0. */
 __attribute__((target("avx2")))
 static void tile_epilogue_avx2(float *y, const float *tile, const float *bias, int64_t mr,
-                               int64_t O, int relu)
+                               int64_t O, int64_t room, int relu)
 {
     /* -> y */
     const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
     const __m256 zero = _mm256_setzero_ps();
-    const int64_t end = mr * O;
+    const int64_t end = room;
     for (int64_t i = 0; i < mr; ++i) {
         __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(tile + i * CONV_NR), b0);
         __m256 v1 = _mm256_add_ps(_mm256_loadu_ps(tile + i * CONV_NR + 8), b1);
@@ -883,7 +884,9 @@ static void store_tile(const conv_ctx *x, float *tile, int64_t n, int64_t q, int
     float *y = x->Y + (n * s->out_h * s->out_w + q) * O + o0;
 #ifdef CNN_AVX2_BUILD
     if (no == O && x->avx2 && (x->act == CNN_ACT_RELU || x->act == CNN_ACT_IDENTITY)) {
-        tile_epilogue_avx2(y, tile, bias, mr, O, x->act == CNN_ACT_RELU);
+        /* the image's later pixels are written after this tile, by this thread */
+        tile_epilogue_avx2(y, tile, bias, mr, O, (s->out_h * s->out_w - q) * O,
+                           x->act == CNN_ACT_RELU);
         return;
     }
 #endif
