@@ -542,7 +542,6 @@ static void tile_epilogue_avx2(float *y, const float *tile, const float *bias, i
     /* -> y */
     const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
     const __m256 zero = _mm256_setzero_ps();
-    const int64_t end = room;
     for (int64_t i = 0; i < mr; ++i) {
         __m256 v0 = _mm256_add_ps(_mm256_loadu_ps(tile + i * CONV_NR), b0);
         __m256 v1 = _mm256_add_ps(_mm256_loadu_ps(tile + i * CONV_NR + 8), b1);
@@ -551,7 +550,7 @@ static void tile_epilogue_avx2(float *y, const float *tile, const float *bias, i
             v1 = _mm256_max_ps(v1, zero);
         }
         float *row = y + i * O;
-        if (i * O + (O > 8 ? 16 : 8) <= end) {
+        if (i * O + (O > 8 ? 16 : 8) <= room) {
             _mm256_storeu_ps(row, v0);
             if (O > 8)
                 _mm256_storeu_ps(row + 8, v1);

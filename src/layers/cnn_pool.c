@@ -240,6 +240,14 @@ POOL_AVX2 __m256 load_before(const float *p, const float *end, __m256i m)
     return end - p >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m);
 }
 
+/* A load of a window whose loads are all whole (checked once for the window, its last
+   load 8 floats before end), or else load_before. */
+POOL_AVX2 __m256 load_window(const float *p, const float *end, __m256i m, int whole)
+{
+    /* -> (8,) */
+    return whole ? _mm256_loadu_ps(p) : load_before(p, end, m);
+}
+
 /* Masked stores are slow on some CPUs (microcoded on AMD), so the vector loops below
    store whole vectors in increasing address order along a row, each store's spill past
    its pixel rewritten by later stores, and mask only stores that would leave the row. */
@@ -270,20 +278,12 @@ POOL_AVX2 void max_row_body(const int SIZE, float *y, const float *X,
         for (int64_t c0 = 0; c0 < C; c0 += 8) {
             const __m256i m = pool_lanes(C - c0);
             const float *xc = x + c0;
-            __m256 best;
-            if (end - (xc + ((size - 1) * s->in_w + size - 1) * C) >= 8) {
-                /* every load of the window whole */
-                best = _mm256_loadu_ps(xc);
-                for (int64_t i = 0; i < size; ++i)
-                    for (int64_t j = 0; j < size; ++j)
-                        best = _mm256_max_ps(_mm256_loadu_ps(xc + (i * s->in_w + j) * C), best);
-            } else {
-                best = load_before(xc, end, m);
-                for (int64_t i = 0; i < size; ++i)
-                    for (int64_t j = 0; j < size; ++j)
-                        best = _mm256_max_ps(load_before(xc + (i * s->in_w + j) * C, end, m),
-                                             best);
-            }
+            const int whole = end - (xc + ((size - 1) * s->in_w + size - 1) * C) >= 8;
+            __m256 best = load_window(xc, end, m, whole);
+            for (int64_t i = 0; i < size; ++i)
+                for (int64_t j = 0; j < size; ++j)
+                    best = _mm256_max_ps(load_window(xc + (i * s->in_w + j) * C, end, m, whole),
+                                         best);
             store_in_row(y + c0, best, ox, c0 / 8, s->out_w * C, C);
         }
     }
@@ -379,18 +379,11 @@ static void max_backward_2x2_avx2(float *dx, const float *dy, const float *x,
             for (int64_t b = 0; b < nb; ++b) {
                 const __m256i m = pool_lanes(C - 8 * b);
                 const float *p = x + top + 8 * b;
-                __m256 v0, v1, v2, v3;
-                if (end - (p + row + C) >= 8) {   /* the window's loads all whole */
-                    v0 = _mm256_loadu_ps(p);
-                    v1 = _mm256_loadu_ps(p + C);
-                    v2 = _mm256_loadu_ps(p + row);
-                    v3 = _mm256_loadu_ps(p + row + C);
-                } else {
-                    v0 = load_before(p, end, m);
-                    v1 = load_before(p + C, end, m);
-                    v2 = load_before(p + row, end, m);
-                    v3 = load_before(p + row + C, end, m);
-                }
+                const int whole = end - (p + row + C) >= 8;
+                const __m256 v0 = load_window(p, end, m, whole);
+                const __m256 v1 = load_window(p + C, end, m, whole);
+                const __m256 v2 = load_window(p + row, end, m, whole);
+                const __m256 v3 = load_window(p + row + C, end, m, whole);
                 /* the sequential rule: a later input wins only if strictly greater */
                 const __m256 g1 = _mm256_cmp_ps(v1, v0, _CMP_GT_OQ);
                 __m256 best = _mm256_blendv_ps(v0, v1, g1);
