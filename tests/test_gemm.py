@@ -153,9 +153,10 @@ def test_single_rows_match_tiled_rows_bitwise(kernel, trans_a, N, K):
                                  (300, 513), (1024, 784)])
 def test_sparse_single_rows_equal_tiled_rows(kernel, trans_a, N, K):
     """The row path skips zero entries of op(A) (mostly-zero images, ReLU outputs): the
-    values must still equal the tiled path's (a zero may only differ in sign) and the
-    float64 product, for rows that are mostly zeros, all zeros and signed zeros, with
-    any thread count (wide rows are split over threads by columns)."""
+    values must still equal those of the same rows in a taller product (a zero may only
+    differ in sign) and the float64 product, for rows that are mostly zeros, all zeros
+    and signed zeros, with any thread count (wide rows are split over threads by
+    columns)."""
     kernels.set_kernel(kernel)
     rng = np.random.default_rng(N + K)
     A, B = operands(rng, 5, N, K, trans_a, False)
@@ -172,6 +173,36 @@ def test_sparse_single_rows_equal_tiled_rows(kernel, trans_a, N, K):
             small = kernels.gemm(part, B, C0[rows].copy(), trans_a=trans_a, alpha=0.75,
                                  beta=0.5, n_threads=n_threads)
             np.testing.assert_array_equal(small, tall[rows])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("M,N,K", [(16, 128, 784), (5, 97, 513), (33, 7, 1100), (17, 300, 64),
+                                   (1, 1, 1), (40, 1, 31)])
+def test_sparse_rows_equal_dense_tiles(kernel, trans_a, M, N, K):
+    """Mostly-zero rows of op(A) take the sparse row path (only their nonzero terms);
+    stacked under dense rows, the same rows take the tiled path with every term.  Both
+    must give the same values (a zero may only differ in sign): odd N and K over several
+    blocks, whole zero rows, signed zeros."""
+    kernels.set_kernel(kernel)
+    rng = np.random.default_rng(M + N + K + trans_a)
+    sparse = rng.standard_normal((M, K)).astype(np.float32)
+    sparse[rng.random((M, K)) < 0.85] = 0.0
+    sparse[M // 2] = 0.0
+    sparse[0, rng.random(K) < 0.05] = -0.0
+    dense = rng.standard_normal((4 * M + 3, K)).astype(np.float32)
+    B = rng.standard_normal((K, N)).astype(np.float32)
+    C0 = rng.standard_normal((M, N)).astype(np.float32)
+
+    def product(a, c):
+        A = np.ascontiguousarray(a.T) if trans_a else a
+        return kernels.gemm(A, B, c, trans_a=trans_a, alpha=1.25, beta=0.5)
+
+    alone = product(sparse, C0.copy())
+    stacked = product(np.vstack([dense, sparse]),
+                      np.vstack([np.zeros((len(dense), N), np.float32), C0]))
+    np.testing.assert_array_equal(alone, stacked[len(dense):])
+    assert_gemm_close(alone, sparse, B, False, False, 1.25, 0.5, C0)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

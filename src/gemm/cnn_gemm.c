@@ -176,15 +176,22 @@ void cnn_gemm_pack_generic(float *dst, const float *src, int64_t ld, int xmajor,
     }
 }
 
-/* One row of C: alpha * a . B (+ beta C), 64 columns at a time (see cnn_gemm_row_fn). */
-static void row_generic(float *c, const float *a, int64_t a_step, const float *b,
-                        int64_t ldb, int64_t N, int64_t K, float alpha, float beta)
+int64_t cnn_gemm_terms_generic(const float *a, int64_t n, int32_t first, float *vals,
+                               int32_t *ks)
 {
-    /* a (K,) stride a_step, B (K, N) rows ldb apart -> c (N,) */
+    /* a (n,) -> vals, ks (count,) */
+    const int64_t count = cnn_row_terms(a, 1, n, vals, ks);
+    for (int64_t t = 0; t < count; ++t)
+        ks[t] += first;
+    return count;
+}
+
+/* One row of C from the terms of a, 64 columns at a time (see cnn_gemm_row_terms_fn). */
+static void row_terms_generic(float *c, const float *vals, const int32_t *ks, int64_t terms,
+                              const float *b, int64_t ldb, int64_t N, float alpha, float beta)
+{
+    /* terms of a, B (K, N) rows ldb apart -> c (N,) */
     enum { W = 64 };
-    float vals[CNN_GEMM_ROW_MAX_K];
-    int32_t ks[CNN_GEMM_ROW_MAX_K];
-    const int64_t terms = cnn_row_terms(a, a_step, K, vals, ks);
     for (int64_t j0 = 0; j0 < N; j0 += W) {
         const int64_t n = N - j0 < W ? N - j0 : W;
         float acc[W];
@@ -201,10 +208,22 @@ static void row_generic(float *c, const float *a, int64_t a_step, const float *b
     }
 }
 
+/* One row of C: alpha * a . B (+ beta C) (see cnn_gemm_row_fn). */
+static void row_generic(float *c, const float *a, int64_t a_step, const float *b,
+                        int64_t ldb, int64_t N, int64_t K, float alpha, float beta)
+{
+    /* a (K,) stride a_step, B (K, N) rows ldb apart -> c (N,) */
+    float vals[CNN_GEMM_ROW_MAX_K];
+    int32_t ks[CNN_GEMM_ROW_MAX_K];
+    row_terms_generic(c, vals, ks, cnn_row_terms(a, a_step, K, vals, ks), b, ldb, N, alpha,
+                      beta);
+}
+
 static const cnn_gemm_family family_generic = {
     CNN_KERNEL_GENERIC, GEN_MR, GEN_NR, GEN_NR,
     256, 128, 2048,
-    kernel_generic, cnn_gemm_pack_generic, 0, row_generic, 0, 0, 0, 0
+    kernel_generic, cnn_gemm_pack_generic, 0, row_generic, 0, 0, cnn_gemm_terms_generic,
+    row_terms_generic
 };
 
 const cnn_gemm_family *cnn_gemm_family_generic(void) { return &family_generic; }
@@ -428,10 +447,10 @@ static int64_t split_slot_floats(const cnn_gemm_family *f, const gemm_split *s, 
     return a_block_floats(f, s->rows, K) + b_block_floats(f, s->cols, K);
 }
 
-/* Rows of op(A) handled together on the sparse transposed path. */
+/* Rows of op(A) handled together on the sparse row path. */
 #define CNN_GEMM_SPARSE_ROWS 16
 
-/* Floats of one thread's buffer on the sparse transposed path: CNN_GEMM_SPARSE_ROWS
+/* Floats of one thread's buffer on the sparse row path: CNN_GEMM_SPARSE_ROWS
    rows of op(A) over one K block packed in 32 wide panels, then their terms (values and
    indices, CNN_GEMM_ROW_MAX_K + 16 of each per row). */
 static int64_t sparse_rows_floats(int64_t K)
@@ -605,13 +624,14 @@ static void run_row_cols(const gemm_ctx *x, int64_t j0, int64_t j1)
     }
 }
 
-/* Rows [i0, i1) of C when op(A) = A^T is mostly zeros (a weight gradient X^T dY of an
-   image batch): op(A) rows, which are strided columns of A, are transposed 16 at a
-   time into buf by the family's pack, their nonzero entries gathered, and each row
-   of C computed from them by the row kernel -- over the same K blocks as the tiled
-   path, so the values are the same.  The 16 rows take one 128 column block of op(B)
-   at a time, which then stays in the L1 cache. */
-static void run_sparse_transposed(const gemm_ctx *x, int64_t i0, int64_t i1, float *buf)
+/* Rows [i0, i1) of C when op(A) is mostly zeros (an image batch X W, or a weight
+   gradient X^T dY): each row of C is computed by the row kernel from only the nonzero
+   entries of its row of op(A), gathered 16 rows at a time -- straight from A when those
+   rows are contiguous, else (A^T: strided columns of A) after the family's pack has
+   transposed them into buf -- over the same K blocks as the tiled path, so the values
+   are the same.  The 16 rows take one 128 column block of op(B) at a time, which then
+   stays in the L1 or L2 cache. */
+static void run_sparse_rows(const gemm_ctx *x, int64_t i0, int64_t i1, float *buf)
 {
     /* C[i0:i1, :] */
     const cnn_gemm_family *f = x->f;
@@ -624,14 +644,21 @@ static void run_sparse_transposed(const gemm_ctx *x, int64_t i0, int64_t i1, flo
         for (int64_t b = 0; b < nk; ++b) {
             int64_t k0, kc;
             k_block(K, nk, b, &k0, &kc);
-            /* buf: panels of 32 steps, each (P, width) with op(A) row p at p * width */
-            f->pack(buf, x->A, x->lda, 1, ib, P, k0, kc, 32, f->nr_step);
-            for (int64_t p = 0; p < P; ++p) {
-                terms[p] = 0;
-                for (int64_t q = 0; q * 32 < kc; ++q) {
-                    const int64_t width = min64(32, round_up(kc - q * 32, f->nr_step));
-                    terms[p] += f->terms(buf + q * 32 * P + p * width, width, (int32_t)(q * 32),
-                                         vals + p * stride + terms[p], ks + p * stride + terms[p]);
+            if (x->a_xmajor) {
+                for (int64_t p = 0; p < P; ++p)
+                    terms[p] = f->terms(x->A + (ib + p) * x->lda + k0, kc, 0,
+                                        vals + p * stride, ks + p * stride);
+            } else {
+                /* buf: panels of 32 steps, each (P, width) with op(A) row p at p * width */
+                f->pack(buf, x->A, x->lda, 1, ib, P, k0, kc, 32, f->nr_step);
+                for (int64_t p = 0; p < P; ++p) {
+                    terms[p] = 0;
+                    for (int64_t q = 0; q * 32 < kc; ++q) {
+                        const int64_t width = min64(32, round_up(kc - q * 32, f->nr_step));
+                        terms[p] += f->terms(buf + q * 32 * P + p * width, width,
+                                             (int32_t)(q * 32), vals + p * stride + terms[p],
+                                             ks + p * stride + terms[p]);
+                    }
                 }
             }
             for (int64_t j = 0; j < N; j += 128)
@@ -700,13 +727,13 @@ static void row_task(void *arg, int64_t task, int thread)
     run_row_cols(x, min64(x->N, task * x->units), min64(x->N, (task + 1) * x->units));
 }
 
-/* Task: rows [16 task, 16 task + 16) of the sparse transposed path. */
+/* Task: rows [16 task, 16 task + 16) of the sparse row path. */
 static void sparse_task(void *arg, int64_t task, int thread)
 {
     /* C[rows, :] */
     const gemm_ctx *x = (const gemm_ctx *)arg;
     const int64_t i0 = task * CNN_GEMM_SPARSE_ROWS;
-    run_sparse_transposed(x, i0, min64(x->M, i0 + CNN_GEMM_SPARSE_ROWS),
+    run_sparse_rows(x, i0, min64(x->M, i0 + CNN_GEMM_SPARSE_ROWS),
                           x->work + thread * x->slot);
 }
 
@@ -798,10 +825,11 @@ int cnn_sgemm_ex(float *C, const float *A, const float *B,
        a page apart; farther apart, every row is a new page for the kernel and the
        separate pack, which streams along each row, is faster. */
     x.b_fused = x.f->kernel_packb != NULL && !x.b_xmajor && ldb < CNN_GEMM_FUSE_MAX_LDB;
-    x.a_sparse = x.f->compact && x.f->kernel_sparse &&
+    const int rows_path = !x.b_xmajor && x.f->terms && x.f->row_terms &&
+                          x.f->kc <= CNN_GEMM_ROW_MAX_K;
+    x.a_sparse = (rows_path || (x.f->compact && x.f->kernel_sparse)) &&
                  mostly_zeros(A, x.a_xmajor ? M : K, x.a_xmajor ? K : M, lda);
-    if (x.a_sparse && !x.a_xmajor && !x.b_xmajor && x.f->terms && x.f->row_terms &&
-        x.f->kc <= CNN_GEMM_ROW_MAX_K) {
+    if (x.a_sparse && rows_path) {
         /* Tasks take groups of rows of C. */
         x.slot = cnn_round_up_floats(sparse_rows_floats(K));
         const int T = (double)M * (double)N * (double)K < CNN_GEMM_PARALLEL_MIN_FMAS ? 1 : n_threads;

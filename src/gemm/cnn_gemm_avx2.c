@@ -267,53 +267,82 @@ static AVX2_FN void pack_avx2(float *dst, const float *src, int64_t ld, int xmaj
     }
 }
 
-/* One row of C: alpha * a . B (+ beta C), 8 accumulators of 8 columns at a time. */
+/* Columns [0, n) of one row of C from the terms of a, n <= 8 NV (MASKED: the last
+   vector holds n - 8 (NV - 1) columns). */
+AVX2_INLINE void row_block(float *c, const float *vals, const int32_t *ks, int64_t terms,
+                           const float *b, int64_t ldb, int64_t n, float alpha, float beta,
+                           const int NV, const int MASKED)
+{
+    /* terms of a, B (K, n) rows ldb apart -> c (n,) */
+    const __m256i last = lanes8(MASKED ? n - 8 * (NV - 1) : 8);
+    __m256 acc[8];
+    CNN_UNROLL
+    for (int v = 0; v < NV; ++v)
+        acc[v] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < terms; ++t) {
+        const __m256 ak = _mm256_set1_ps(vals[t]);
+        const float *bk = b + ks[t] * ldb;
+        CNN_UNROLL
+        for (int v = 0; v < NV; ++v) {
+            const __m256 bv = MASKED && v == NV - 1 ? _mm256_maskload_ps(bk + 8 * v, last)
+                                                    : _mm256_loadu_ps(bk + 8 * v);
+            acc[v] = _mm256_fmadd_ps(ak, bv, acc[v]);
+        }
+    }
+    const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+    CNN_UNROLL
+    for (int v = 0; v < NV; ++v) {
+        const int part = MASKED && v == NV - 1;
+        __m256 r = _mm256_mul_ps(va, acc[v]);
+        if (beta != 0.0f)
+            r = _mm256_fmadd_ps(vb, part ? _mm256_maskload_ps(c + 8 * v, last)
+                                         : _mm256_loadu_ps(c + 8 * v), r);
+        if (part)
+            _mm256_maskstore_ps(c + 8 * v, last, r);
+        else
+            _mm256_storeu_ps(c + 8 * v, r);
+    }
+}
+
+/* One row of C from the terms of a (see cnn_gemm_row_terms_fn), 64 columns at a time. */
+static AVX2_FN void row_terms_avx2(float *c, const float *vals, const int32_t *ks,
+                                   int64_t terms, const float *b, int64_t ldb, int64_t N,
+                                   float alpha, float beta)
+{
+    /* terms of a, B (K, N) rows ldb apart -> c (N,) */
+    for (int64_t j0 = 0; j0 < N; j0 += 64) {
+        const int64_t n = N - j0 < 64 ? N - j0 : 64;
+        float *cj = c + j0;
+        const float *bj = b + j0;
+        switch (n == 64 ? 0 : (n + 7) / 8) {
+        case 0: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 8, 0); break;
+        case 1: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 1, 1); break;
+        case 2: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 2, 1); break;
+        case 3: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 3, 1); break;
+        case 4: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 4, 1); break;
+        case 5: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 5, 1); break;
+        case 6: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 6, 1); break;
+        case 7: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 7, 1); break;
+        default: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 8, 1); break;
+        }
+    }
+}
+
+/* One row of C: alpha * a . B (+ beta C) (see cnn_gemm_row_fn). */
 static AVX2_FN void row_avx2(float *c, const float *a, int64_t a_step, const float *b,
                              int64_t ldb, int64_t N, int64_t K, float alpha, float beta)
 {
     /* a (K,) stride a_step, B (K, N) rows ldb apart -> c (N,) */
-    enum { NV = 8 };
     float vals[CNN_GEMM_ROW_MAX_K];
     int32_t ks[CNN_GEMM_ROW_MAX_K];
-    const int64_t terms = cnn_row_terms(a, a_step, K, vals, ks);
-    const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
-    int64_t j0 = 0;
-    for (; j0 + 8 * NV <= N; j0 += 8 * NV) {
-        __m256 acc[NV];
-        CNN_UNROLL
-        for (int v = 0; v < NV; ++v)
-            acc[v] = _mm256_setzero_ps();
-        for (int64_t t = 0; t < terms; ++t) {
-            const __m256 ak = _mm256_set1_ps(vals[t]);
-            const float *bk = b + ks[t] * ldb + j0;
-            CNN_UNROLL
-            for (int v = 0; v < NV; ++v)
-                acc[v] = _mm256_fmadd_ps(ak, _mm256_loadu_ps(bk + 8 * v), acc[v]);
-        }
-        CNN_UNROLL
-        for (int v = 0; v < NV; ++v) {
-            __m256 r = _mm256_mul_ps(va, acc[v]);
-            if (beta != 0.0f)
-                r = _mm256_fmadd_ps(vb, _mm256_loadu_ps(c + j0 + 8 * v), r);
-            _mm256_storeu_ps(c + j0 + 8 * v, r);
-        }
-    }
-    for (; j0 < N; ++j0) {  /* the last columns, one at a time, with the same arithmetic */
-        float acc = 0.0f;
-        for (int64_t t = 0; t < terms; ++t)
-            acc = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(vals[t]),
-                                             _mm_set_ss(b[ks[t] * ldb + j0]), _mm_set_ss(acc)));
-        float r = alpha * acc;
-        if (beta != 0.0f)
-            r = _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(beta), _mm_set_ss(c[j0]), _mm_set_ss(r)));
-        c[j0] = r;
-    }
+    row_terms_avx2(c, vals, ks, cnn_row_terms(a, a_step, K, vals, ks), b, ldb, N, alpha, beta);
 }
 
 static const cnn_gemm_family family_avx2 = {
     CNN_KERNEL_AVX2, MR, NR, 8,
     256, 144, 4096,
-    kernel_avx2, pack_avx2, kernel_packb_avx2, row_avx2, 0, 0, 0, 0
+    kernel_avx2, pack_avx2, kernel_packb_avx2, row_avx2, 0, 0, cnn_gemm_terms_generic,
+    row_terms_avx2
 };
 
 const cnn_gemm_family *cnn_gemm_family_avx2(void) { return &family_avx2; }

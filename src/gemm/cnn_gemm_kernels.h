@@ -136,6 +136,10 @@ CNN_INLINE int64_t cnn_row_terms(const float *a, int64_t a_step, int64_t K, floa
     return n;
 }
 
+/* cnn_gemm_terms_fn in plain C, for families without a vector form. */
+int64_t cnn_gemm_terms_generic(const float *a, int64_t n, int32_t first, float *vals,
+                               int32_t *ks);
+
 typedef struct cnn_gemm_family {
     cnn_kernel id;
     int mr_max;        /* tallest tile (rows of C) */
