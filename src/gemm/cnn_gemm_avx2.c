@@ -314,17 +314,10 @@ static AVX2_FN void row_terms_avx2(float *c, const float *vals, const int32_t *k
         const int64_t n = N - j0 < 64 ? N - j0 : 64;
         float *cj = c + j0;
         const float *bj = b + j0;
-        switch (n == 64 ? 0 : (n + 7) / 8) {
-        case 0: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 8, 0); break;
-        case 1: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 1, 1); break;
-        case 2: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 2, 1); break;
-        case 3: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 3, 1); break;
-        case 4: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 4, 1); break;
-        case 5: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 5, 1); break;
-        case 6: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 6, 1); break;
-        case 7: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 7, 1); break;
-        default: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 8, 1); break;
-        }
+#define ROW_BLOCK(NV, MASKED) \
+    row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, NV, MASKED)
+        CNN_GEMM_ROW_BLOCK(n, 8, ROW_BLOCK)
+#undef ROW_BLOCK
     }
 }
 

@@ -407,17 +407,10 @@ static AVX512_FN void row_terms_avx512(float *c, const float *vals, const int32_
         const int64_t n = N - j0 < 128 ? N - j0 : 128;
         float *cj = c + j0;
         const float *bj = b + j0;
-        switch (n == 128 ? 0 : (n + 15) / 16) {
-        case 0: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 8, 0); break;
-        case 1: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 1, 1); break;
-        case 2: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 2, 1); break;
-        case 3: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 3, 1); break;
-        case 4: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 4, 1); break;
-        case 5: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 5, 1); break;
-        case 6: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 6, 1); break;
-        case 7: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 7, 1); break;
-        default: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 8, 1); break;
-        }
+#define ROW_BLOCK(NV, MASKED) \
+    row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, NV, MASKED)
+        CNN_GEMM_ROW_BLOCK(n, 16, ROW_BLOCK)
+#undef ROW_BLOCK
     }
 }
 

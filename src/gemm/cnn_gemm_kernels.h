@@ -136,6 +136,21 @@ CNN_INLINE int64_t cnn_row_terms(const float *a, int64_t a_step, int64_t K, floa
     return n;
 }
 
+/* A row_terms block of n <= 8 W columns (W per vector) as CALL(NV, MASKED) with the
+   vector count NV fixed at compile time: 8 whole vectors, or NV with the last masked. */
+#define CNN_GEMM_ROW_BLOCK(n, W, CALL)                                           \
+    switch ((n) == 8 * (W) ? 0 : ((n) + (W) - 1) / (W)) {                        \
+    case 0: CALL(8, 0); break;                                                  \
+    case 1: CALL(1, 1); break;                                                  \
+    case 2: CALL(2, 1); break;                                                  \
+    case 3: CALL(3, 1); break;                                                  \
+    case 4: CALL(4, 1); break;                                                  \
+    case 5: CALL(5, 1); break;                                                  \
+    case 6: CALL(6, 1); break;                                                  \
+    case 7: CALL(7, 1); break;                                                  \
+    default: CALL(8, 1); break;                                                 \
+    }
+
 /* cnn_gemm_terms_fn in plain C, for families without a vector form. */
 int64_t cnn_gemm_terms_generic(const float *a, int64_t n, int32_t first, float *vals,
                                int32_t *ks);
