@@ -179,6 +179,50 @@ def test_first_layer_against_float64(kernel, case):
         assert_close(db, grads64[2], scales[2], "db")
 
 
+def sparse_images(rng, h, w):
+    """Grey images whose nonzero values sit in different boxes: a block inside, one
+    pixel in each corner, the first or last row or column only, a scattered few, all
+    zeros, none zero, and signed zeros around a block."""
+    X = np.zeros((10, h, w, 1), np.float32)
+    X[0, h // 4:h // 4 + max(1, h // 3), w // 3:w // 3 + max(1, w // 4)] = 1.0
+    X[1, 0, 0] = X[2, -1, -1] = X[3, 0, -1] = 1.0
+    X[4, -1, :] = 1.0
+    X[5, :, 0] = 1.0
+    X[6][rng.random((h, w, 1)) < 0.05] = 1.0
+    X[8] = 1.0
+    X[9] = -0.0
+    X[9, h // 2, w // 2] = 1.0
+    return X * rng.standard_normal(X.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("h,w,k,padding", [(28, 28, 5, "same"), (13, 11, 3, "same"),
+                                           (9, 30, 5, "valid"), (6, 7, 3, "valid"),
+                                           (2, 9, 5, "same")])
+def test_first_layer_on_mostly_zero_images(kernel, h, w, k, padding):
+    """A first layer skips the kernel rows and tiles whose windows see only an image's
+    zeros (its nonzero box): every output and gradient must keep its float64 value,
+    wherever the nonzeros are (edges, corners, nowhere)."""
+    kernels.set_kernel(kernel)
+    rng = np.random.default_rng(h * w + k)
+    X = sparse_images(rng, h, w)
+    _, W, b, dY = operands(rng, len(X), h, w, 1, 6, (k, k), 1, padding)
+    Y64, Ys = conv_forward64(X, W, b, 1, padding)
+    assert_close(kernels.conv2d_forward(X, W, b, 1, padding), Y64, Ys, "Y")
+    grads64, scales = conv_backward64(X, W, dY, 1, padding)
+    for threads in (1, 2):
+        _, dW, db = kernels.conv2d_backward(X, W, dY, 1, padding, compute_dX=False,
+                                            n_threads=threads)
+        assert_close(dW, grads64[1], scales[1], "dW")
+        assert_close(db, grads64[2], scales[2], "db")
+    # image by image: each one's dW comes from its own box alone
+    for i in (1, 2, 4, 7):
+        _, dW, _ = kernels.conv2d_backward(X[i:i + 1], W, dY[i:i + 1], 1, padding,
+                                           compute_dX=False)
+        g64, sc = conv_backward64(X[i:i + 1], W, dY[i:i + 1], 1, padding)
+        assert_close(dW, g64[1], sc[1], f"dW of image {i}")
+
+
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid", "tanh"])
 def test_conv_activation_epilogue(activation):
     rng = np.random.default_rng(1)

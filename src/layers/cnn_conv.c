@@ -565,6 +565,45 @@ static void tile_epilogue_avx2(float *y, const float *tile, const float *bias, i
 #endif
 
 #ifdef CNN_AVX2_BUILD
+/* The rows [box[0], box[1]) and columns [box[2], box[3]) that hold every nonzero value
+   of an image of h rows of w floats, ldx apart (one channel); an empty box (box[0] ==
+   box[1]) for an all-zero image.  NaN counts as nonzero.  The first layer's row tiles
+   skip the kernel rows and tiles whose windows see only zeros outside it (a
+   handwritten digit fills about 20 of 28 rows): the terms they skip are products with
+   zero, so every output keeps its value (a zero may only change sign, and a zero no
+   longer meets a non-finite weight or dY). */
+__attribute__((target("avx2,fma")))
+static void nonzero_box(const float *img, int64_t h, int64_t w, int64_t ldx, int64_t box[4])
+{
+    /* image -> box */
+    const __m256 zero = _mm256_setzero_ps();
+    box[0] = h; box[1] = 0; box[2] = w; box[3] = 0;
+    for (int64_t r = 0; r < h; ++r) {
+        const float *p = img + r * ldx;
+        int64_t lo = -1, hi = 0;
+        for (int64_t c0 = 0; c0 < w; c0 += 64) {
+            uint64_t nz = 0;   /* bit i: column c0 + i is nonzero */
+            for (int64_t c = c0; c < min64(w, c0 + 64); c += 8) {
+                const __m256 v = _mm256_maskload_ps(p + c, lanes8(w - c));
+                const int m = _mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ));
+                nz |= (uint64_t)(uint32_t)m << (c - c0);
+            }
+            if (nz) {
+                lo = lo < 0 ? c0 + __builtin_ctzll(nz) : lo;
+                hi = c0 + 64 - __builtin_clzll(nz);
+            }
+        }
+        if (lo < 0)
+            continue;
+        box[0] = min64(box[0], r);
+        box[1] = r + 1;
+        box[2] = min64(box[2], lo);
+        box[3] = max64(box[3], hi);
+    }
+    if (box[1] == 0)
+        box[0] = 0;
+}
+
 /* As fwd_tile_avx2 with NV = 1 for MR consecutive pixels of one output row when
    in_c = 1 and stride = 1 (a first layer on grey images), kernel width KW: pixel i's
    window row is x[i .. i + KW), so each input value is broadcast once per kernel row
@@ -629,11 +668,13 @@ static void fwd_row_tile(float *out, const float *a, int64_t kh, int64_t kw, int
    dw_tile_avx2 does, plus zeros: at the ends of a row an input value also meets the
    zero dY of the pixels before the first and after the last (products with zero, which
    change a sum only if the input is not finite).
-   img: the image's window corner at the first kernel row; dy: the image's dY, rows
-   out_c apart, at most 8 of whose floats from dy_end on are read. */
+   Only the terms that meet the image's nonzero box are added (the others are products
+   with zero).  img: the image's window corner at the first kernel row, box its nonzero
+   box (see nonzero_box) in img's coordinates; dy: the image's dY, rows out_c apart, at
+   most 8 of whose floats from dy_end on are read. */
 CONV_AVX2 void dw_row_tile_avx2(const int KW, const int NK, float *dw, int64_t ldw,
                                 const float *img, int64_t ldx, const cnn_conv2d_shape *s,
-                                const float *dy, const float *dy_end)
+                                const float *dy, const float *dy_end, const int64_t *box)
 {
     /* dw rows r KW + kx (r < NK, kx < KW), ldw apart -> += the image's terms */
     __m256 acc[2][CONV_ROW_KW_MAX];
@@ -644,15 +685,23 @@ CONV_AVX2 void dw_row_tile_avx2(const int KW, const int NK, float *dw, int64_t l
             acc[r][kx] = _mm256_loadu_ps(dw + (r * KW + kx) * ldw);
     const __m256i lanes = lanes8(s->out_c);
     const __m256 zero = _mm256_setzero_ps();
-    const int64_t W = s->out_w, M = W + KW - 1;   /* pixels, window positions of a row */
-    for (int64_t oy = 0; oy < s->out_h; ++oy) {
+    const int64_t W = s->out_w;
+    /* the output rows whose kernel rows meet the nonzero box, and its window positions
+       (input columns): the first a multiple of KW, the dY slots' phase */
+    const int64_t oy0 = max64(0, box[0] - NK + 1), oy1 = min64(s->out_h, box[1]);
+    const int64_t m_first = box[2] / KW * KW, M = box[3];
+    for (int64_t oy = oy0; oy < oy1; ++oy) {
         const float *x0 = img + oy * ldx, *x1 = x0 + ldx, *d = dy + oy * W * s->out_c;
         /* pixels of the row whose dY loads of 8 floats end by dy_end */
         const int64_t whole = dy_end - d >= 8 ? min64(W, (dy_end - d - 8) / s->out_c + 1) : 0;
         __m256 dv[CONV_ROW_KW_MAX];   /* dY of pixel m - kx at slot (m - kx) mod KW */
         CNN_UNROLL
-        for (int u = 0; u < KW; ++u)
-            dv[u] = zero;
+        for (int u = 1; u < KW; ++u) {   /* pixels m_first - u, before the first position */
+            const int64_t q = m_first - u;
+            dv[KW - u] = q < 0 || q >= W ? zero : q < whole ? _mm256_loadu_ps(d + q * s->out_c)
+                         : _mm256_maskload_ps(d + q * s->out_c, lanes);
+        }
+        dv[0] = zero;
 #define CONV_DW_ROW_STEP(LOAD)                                                              \
         {                                                                                   \
             dv[u] = LOAD;                                                                   \
@@ -667,8 +716,8 @@ CONV_AVX2 void dw_row_tile_avx2(const int KW, const int NK, float *dw, int64_t l
                     acc[1][kx] = _mm256_fmadd_ps(b, dv[(u - kx + KW) % KW], acc[1][kx]);   \
             }                                                                               \
         }
-        int64_t m0 = 0;
-        for (; m0 + KW <= whole; m0 += KW)
+        int64_t m0 = m_first;
+        for (; m0 + KW <= min64(whole, M); m0 += KW)
             CNN_UNROLL
             for (int u = 0; u < KW; ++u) {
                 const int64_t m = m0 + u;
@@ -699,17 +748,18 @@ CONV_AVX2 void dw_row_tile_avx2(const int KW, const int NK, float *dw, int64_t l
 __attribute__((target("avx2,fma,avx512f,avx512vl")))
 static void dw_row_tile(float *dw, int64_t ldw, const float *img, int64_t ldx,
                         const cnn_conv2d_shape *s, const float *dy, const float *dy_end,
-                        int64_t kw, int64_t nk)
+                        int64_t kw, int64_t nk, const int64_t *box)
 {
-    /* -> dw rows += the image's terms */
+    /* -> dw rows += the image's terms that meet its nonzero box (in the coordinates
+       of img, the window corner at the tile's first kernel row) */
     if (kw == 3 && nk == 2)
-        dw_row_tile_avx2(3, 2, dw, ldw, img, ldx, s, dy, dy_end);
+        dw_row_tile_avx2(3, 2, dw, ldw, img, ldx, s, dy, dy_end, box);
     else if (kw == 3)
-        dw_row_tile_avx2(3, 1, dw, ldw, img, ldx, s, dy, dy_end);
+        dw_row_tile_avx2(3, 1, dw, ldw, img, ldx, s, dy, dy_end, box);
     else if (nk == 2)
-        dw_row_tile_avx2(5, 2, dw, ldw, img, ldx, s, dy, dy_end);
+        dw_row_tile_avx2(5, 2, dw, ldw, img, ldx, s, dy, dy_end, box);
     else
-        dw_row_tile_avx2(5, 1, dw, ldw, img, ldx, s, dy, dy_end);
+        dw_row_tile_avx2(5, 1, dw, ldw, img, ldx, s, dy, dy_end, box);
 }
 #endif
 
@@ -917,14 +967,23 @@ static void forward_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slo
         const float *img = image_of(x->X, s, g, n, slot);
 #ifdef CNN_AVX2_BUILD
         if (x->row_tiles) {
-            /* tiles along each output row */
-            for (int64_t oy = 0; oy < s->out_h; ++oy)
+            /* tiles along each output row, over the kernel rows that meet the image's
+               nonzero box (none for a tile whose windows miss its columns) */
+            const int64_t kw = s->kernel_w;
+            int64_t box[4];
+            nonzero_box(img, g->Hp, g->Wp, g->ldx, box);
+            for (int64_t oy = 0; oy < s->out_h; ++oy) {
+                const int64_t k0 = max64(0, box[0] - oy), k1 = min64(s->kernel_h, box[1] - oy);
                 for (int64_t ox0 = 0; ox0 < s->out_w; ox0 += CONV_MR1) {
                     const int64_t mr = min64(CONV_MR1, s->out_w - ox0);
-                    fwd_row_tile(tile, img + oy * g->ldx + ox0, s->kernel_h, s->kernel_w,
-                                 g->ldx, x->wpk, g->o_pad, mr);
+                    if (k0 < k1 && ox0 < box[3] && ox0 + mr + kw - 1 > box[2])
+                        fwd_row_tile(tile, img + (oy + k0) * g->ldx + ox0, k1 - k0, kw,
+                                     g->ldx, x->wpk + k0 * kw * g->o_pad, g->o_pad, mr);
+                    else
+                        memset(tile, 0, (size_t)(mr * CONV_NR) * sizeof(float));
                     store_tile(x, tile, n, oy * s->out_w + ox0, mr, 0);
                 }
+            }
             continue;
         }
 #endif
@@ -968,10 +1027,15 @@ static void weight_tiles(const conv_ctx *x, int64_t t0, int64_t t1, float *slot)
         for (int64_t n = 0; n < s->batch; ++n) {
             const float *img = image_of(x->X, s, g, n, slot);
             const float *dy = x->dY + n * npix * s->out_c;
-            for (int64_t t = t0; t < t1; ++t)
+            int64_t box[4];
+            nonzero_box(img, g->Hp, g->Wp, g->ldx, box);
+            for (int64_t t = t0; t < t1 && box[0] < box[1]; ++t) {
+                /* kernel rows 2t, 2t + 1: the box seen from row 2t of the image */
+                const int64_t tbox[4] = { box[0] - 2 * t, box[1] - 2 * t, box[2], box[3] };
                 dw_row_tile(x->dwp + 2 * t * kw * g->o_pad, g->o_pad, img + 2 * t * g->ldx,
                             g->ldx, s, dy, dy + (npix - 1) * s->out_c, kw,
-                            min64(2, s->kernel_h - 2 * t));
+                            min64(2, s->kernel_h - 2 * t), tbox);
+            }
         }
         return;
     }
