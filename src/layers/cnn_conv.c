@@ -743,23 +743,36 @@ CONV_AVX2 void dw_row_tile_avx2(const int KW, const int NK, float *dw, int64_t l
             _mm256_storeu_ps(dw + (r * KW + kx) * ldw, acc[r][kx]);
 }
 
-/* dw_row_tile_avx2 for nk (1 or 2) kernel rows of width kw (3 or 5), built with
-   AVX-512VL for its 32 vector registers (ten sums, five dY, the broadcasts). */
-__attribute__((target("avx2,fma,avx512f,avx512vl")))
+/* dw_row_tile_avx2 for NK kernel rows of width kw (3 or 5), compiled for TARGET. */
+#define CONV_DW_ROWS(NAME, NK, TARGET)                                                    \
+    __attribute__((target(TARGET)))                                                       \
+    static void NAME(float *dw, int64_t ldw, const float *img, int64_t ldx,               \
+                     const cnn_conv2d_shape *s, const float *dy, const float *dy_end,     \
+                     int64_t kw, const int64_t *box)                                      \
+    {                                                                                     \
+        if (kw == 3)                                                                      \
+            dw_row_tile_avx2(3, NK, dw, ldw, img, ldx, s, dy, dy_end, box);               \
+        else                                                                              \
+            dw_row_tile_avx2(5, NK, dw, ldw, img, ldx, s, dy, dy_end, box);               \
+    }
+/* one kernel row: five sums, five dY and the broadcasts fit AVX2's 16 registers */
+CONV_DW_ROWS(dw_row_tile_one, 1, "avx2,fma")
+/* two kernel rows: AVX-512VL's 32 registers (ten sums, five dY, the broadcasts) */
+CONV_DW_ROWS(dw_row_tile_two, 2, "avx2,fma,avx512f,avx512vl")
+#undef CONV_DW_ROWS
+
+/* The dW rows of nk (1 or 2) kernel rows += the image's terms that meet its nonzero box
+   (in the coordinates of img, the window corner at the tile's first kernel row); two
+   rows only with AVX-512VL (the caller checks the CPU). */
 static void dw_row_tile(float *dw, int64_t ldw, const float *img, int64_t ldx,
                         const cnn_conv2d_shape *s, const float *dy, const float *dy_end,
                         int64_t kw, int64_t nk, const int64_t *box)
 {
-    /* -> dw rows += the image's terms that meet its nonzero box (in the coordinates
-       of img, the window corner at the tile's first kernel row) */
-    if (kw == 3 && nk == 2)
-        dw_row_tile_avx2(3, 2, dw, ldw, img, ldx, s, dy, dy_end, box);
-    else if (kw == 3)
-        dw_row_tile_avx2(3, 1, dw, ldw, img, ldx, s, dy, dy_end, box);
-    else if (nk == 2)
-        dw_row_tile_avx2(5, 2, dw, ldw, img, ldx, s, dy, dy_end, box);
+    /* -> dw rows += the image's terms */
+    if (nk == 2)
+        dw_row_tile_two(dw, ldw, img, ldx, s, dy, dy_end, kw, box);
     else
-        dw_row_tile_avx2(5, 1, dw, ldw, img, ldx, s, dy, dy_end, box);
+        dw_row_tile_one(dw, ldw, img, ldx, s, dy, dy_end, kw, box);
 }
 #endif
 
@@ -913,7 +926,8 @@ typedef struct conv_ctx {
     float *images;        /* n_threads padded images */
     int avx2;
     int row_tiles;        /* forward tiles along output rows (fwd_row_tile) */
-    int dw_rows;          /* dW tiles along output rows (dw_row_tile) */
+    int dw_rows;          /* kernel rows per dW tile along output rows (dw_row_tile):
+                             2 with AVX-512VL's registers, 1 with AVX2's; 0: none */
     int avx512;           /* the AVX-512 family runs on a CPU with AVX-512VL, so the
                              kernels built for its 32 registers may run too */
 } conv_ctx;
@@ -1020,9 +1034,9 @@ static void weight_tiles(const conv_ctx *x, int64_t t0, int64_t t1, float *slot)
     const conv_geom *g = &x->g;
 #ifdef CNN_AVX2_BUILD
     if (x->dw_rows) {
-        /* tile t: kernel rows 2t and 2t + 1 */
-        const int64_t kw = s->kernel_w, npix = s->out_h * s->out_w;
-        for (int64_t k = 2 * t0 * kw; k < min64(2 * t1, s->kernel_h) * kw; ++k)
+        /* tile t: kernel rows R t .. R t + R - 1 */
+        const int64_t kw = s->kernel_w, npix = s->out_h * s->out_w, R = x->dw_rows;
+        for (int64_t k = R * t0 * kw; k < min64(R * t1, s->kernel_h) * kw; ++k)
             memset(x->dwp + k * g->o_pad, 0, 8 * sizeof(float));
         for (int64_t n = 0; n < s->batch; ++n) {
             const float *img = image_of(x->X, s, g, n, slot);
@@ -1030,11 +1044,11 @@ static void weight_tiles(const conv_ctx *x, int64_t t0, int64_t t1, float *slot)
             int64_t box[4];
             nonzero_box(img, g->Hp, g->Wp, g->ldx, box);
             for (int64_t t = t0; t < t1 && box[0] < box[1]; ++t) {
-                /* kernel rows 2t, 2t + 1: the box seen from row 2t of the image */
-                const int64_t tbox[4] = { box[0] - 2 * t, box[1] - 2 * t, box[2], box[3] };
-                dw_row_tile(x->dwp + 2 * t * kw * g->o_pad, g->o_pad, img + 2 * t * g->ldx,
+                /* the box seen from the tile's first kernel row */
+                const int64_t tbox[4] = { box[0] - R * t, box[1] - R * t, box[2], box[3] };
+                dw_row_tile(x->dwp + R * t * kw * g->o_pad, g->o_pad, img + R * t * g->ldx,
                             g->ldx, s, dy, dy + (npix - 1) * s->out_c, kw,
-                            min64(2, s->kernel_h - 2 * t), tbox);
+                            min64(R, s->kernel_h - R * t), tbox);
             }
         }
         return;
@@ -1191,7 +1205,7 @@ static conv_ctx make_ctx(const cnn_conv2d_shape *s, float *work)
                   (s->kernel_w == 3 || s->kernel_w == 5);
     __builtin_cpu_init();
     x.avx512 = cnn_get_kernel() == CNN_KERNEL_AVX512 && __builtin_cpu_supports("avx512vl");
-    x.dw_rows = x.row_tiles && x.avx512;
+    x.dw_rows = x.row_tiles ? (x.avx512 ? 2 : 1) : 0;
 #endif
     return x;
 }
@@ -1252,7 +1266,7 @@ int cnn_conv2d_backward(float *dX, float *dW, float *db, const float *dY, const 
 
     /* dW: tiles of (kernel row, dW rows, channels) per thread, every image in order */
     const conv_geom *g = &x.g;
-    const int64_t n_tiles = x.dw_rows ? (s->kernel_h + 1) / 2 :
+    const int64_t n_tiles = x.dw_rows ? (s->kernel_h + x.dw_rows - 1) / x.dw_rows :
                             s->kernel_h * ((g->span + g->mr - 1) / g->mr) *
                             ((O + 8 * g->nv - 1) / (8 * g->nv));
     run_split(&x, weight_tiles, n_tiles, pass_threads(n_threads, macs));
