@@ -310,15 +310,7 @@ static AVX2_FN void row_terms_avx2(float *c, const float *vals, const int32_t *k
                                    float alpha, float beta)
 {
     /* terms of a, B (K, N) rows ldb apart -> c (N,) */
-    for (int64_t j0 = 0; j0 < N; j0 += 64) {
-        const int64_t n = N - j0 < 64 ? N - j0 : 64;
-        float *cj = c + j0;
-        const float *bj = b + j0;
-#define ROW_BLOCK(NV, MASKED) \
-    row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, NV, MASKED)
-        CNN_GEMM_ROW_BLOCK(n, 8, ROW_BLOCK)
-#undef ROW_BLOCK
-    }
+    CNN_GEMM_ROW_TERMS(8)
 }
 
 /* One row of C: alpha * a . B (+ beta C) (see cnn_gemm_row_fn). */

@@ -403,15 +403,7 @@ static AVX512_FN void row_terms_avx512(float *c, const float *vals, const int32_
                                        float alpha, float beta)
 {
     /* terms of a, B (K, N) rows ldb apart -> c (N,) */
-    for (int64_t j0 = 0; j0 < N; j0 += 128) {
-        const int64_t n = N - j0 < 128 ? N - j0 : 128;
-        float *cj = c + j0;
-        const float *bj = b + j0;
-#define ROW_BLOCK(NV, MASKED) \
-    row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, NV, MASKED)
-        CNN_GEMM_ROW_BLOCK(n, 16, ROW_BLOCK)
-#undef ROW_BLOCK
-    }
+    CNN_GEMM_ROW_TERMS(16)
 }
 
 static AVX512_FN void row_avx512(float *c, const float *a, int64_t a_step, const float *b,

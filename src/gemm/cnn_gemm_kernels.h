@@ -136,19 +136,26 @@ CNN_INLINE int64_t cnn_row_terms(const float *a, int64_t a_step, int64_t K, floa
     return n;
 }
 
-/* A row_terms block of n <= 8 W columns (W per vector) as CALL(NV, MASKED) with the
-   vector count NV fixed at compile time: 8 whole vectors, or NV with the last masked. */
-#define CNN_GEMM_ROW_BLOCK(n, W, CALL)                                           \
-    switch ((n) == 8 * (W) ? 0 : ((n) + (W) - 1) / (W)) {                        \
-    case 0: CALL(8, 0); break;                                                  \
-    case 1: CALL(1, 1); break;                                                  \
-    case 2: CALL(2, 1); break;                                                  \
-    case 3: CALL(3, 1); break;                                                  \
-    case 4: CALL(4, 1); break;                                                  \
-    case 5: CALL(5, 1); break;                                                  \
-    case 6: CALL(6, 1); break;                                                  \
-    case 7: CALL(7, 1); break;                                                  \
-    default: CALL(8, 1); break;                                                 \
+/* The body of a family's cnn_gemm_row_terms_fn: blocks of 8 W columns (W per vector),
+   each by the family's row_block(c, vals, ks, terms, b, ldb, n, alpha, beta, NV, MASKED)
+   with the vector count NV fixed at compile time: 8 whole vectors, or NV with the last
+   masked. */
+#define CNN_GEMM_ROW_TERMS(W)                                                          \
+    for (int64_t j0 = 0; j0 < N; j0 += 8 * (W)) {                                      \
+        const int64_t n = N - j0 < 8 * (W) ? N - j0 : 8 * (W);                         \
+        float *cj = c + j0;                                                            \
+        const float *bj = b + j0;                                                      \
+        switch (n == 8 * (W) ? 0 : (n + (W) - 1) / (W)) {                              \
+        case 0: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 8, 0); break;  \
+        case 1: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 1, 1); break;  \
+        case 2: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 2, 1); break;  \
+        case 3: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 3, 1); break;  \
+        case 4: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 4, 1); break;  \
+        case 5: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 5, 1); break;  \
+        case 6: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 6, 1); break;  \
+        case 7: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 7, 1); break;  \
+        default: row_block(cj, vals, ks, terms, bj, ldb, n, alpha, beta, 8, 1); break; \
+        }                                                                              \
     }
 
 /* cnn_gemm_terms_fn in plain C, for families without a vector form. */
