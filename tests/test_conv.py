@@ -222,6 +222,57 @@ def test_first_layer_on_mostly_zero_images(kernel, h, w, k, padding):
         assert_close(dW, g64[1], sc[1], f"dW of image {i}")
 
 
+def pooled_gradient(rng, shape, alive=0.6):
+    """A dY as max pooling (2x2) and relu leave it: in each 2x2 block of each channel
+    one entry, at a random place, is nonzero with probability `alive`; odd edges zero."""
+    n, h, w, c = shape
+    dY = np.zeros(shape, dtype=np.float32)
+    for y in range(0, h - 1, 2):
+        for x in range(0, w - 1, 2):
+            pick = rng.integers(0, 4, size=(n, c))
+            keep = rng.random((n, c)) < alive
+            values = rng.standard_normal((n, c)).astype(np.float32) * keep
+            for k in range(4):
+                sel = pick == k
+                dY[:, y + k // 2, x + k % 2][sel] = values[sel]
+    return dY
+
+
+# (batch, h, w, c_in, c_out, kernel, stride, padding): kernel rows of 16-32 floats
+# (kernel_w in_c) take the sparse passes with the AVX-512 family, up to 7 kernel rows
+# and 64 channels; the others (8 rows, 65 channels, rows of 5 or 35 floats) stay dense
+SPARSE_DY_CASES = [(3, 14, 14, 6, 16, (5, 5), 1, "valid"), (1, 12, 10, 6, 16, (5, 5), 1, "same"),
+                   (5, 9, 11, 16, 1, (1, 1), 1, "valid"), (3, 7, 13, 3, 17, (7, 7), 1, "same"),
+                   (3, 11, 8, 8, 64, (3, 3), 2, "same"), (1, 5, 6, 32, 33, (2, 1), 1, "valid"),
+                   (3, 9, 9, 17, 6, (1, 1), 2, "valid"), (1, 10, 10, 4, 65, (4, 4), 1, "same"),
+                   (3, 12, 12, 2, 6, (8, 8), 1, "same"), (3, 10, 9, 1, 6, (5, 5), 1, "same"),
+                   (1, 8, 9, 7, 5, (5, 5), 1, "same")]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", SPARSE_DY_CASES, ids=lambda c: "x".join(map(str, c[:5])) +
+                         f"-k{c[5][0]}{c[5][1]}-s{c[6]}-{c[7]}")
+def test_backward_on_pooled_gradients(kernel, case):
+    """dY that is mostly zeros (after max pooling and relu), where the backward passes
+    take its nonzero entries only: dX and dW against float64, the same bits on 1, 2 and
+    3 threads, and dY's NaN still reaching dX and dW."""
+    kernels.set_kernel(kernel)
+    rng = np.random.default_rng(SPARSE_DY_CASES.index(case))
+    X, W, _, dY = operands(rng, *case)
+    stride, padding = case[6:]
+    dY = pooled_gradient(rng, dY.shape)
+    grads64, scales = conv_backward64(X, W, dY, stride, padding)
+    runs = [kernels.conv2d_backward(X, W, dY, stride, padding, n_threads=n) for n in (1, 2, 3)]
+    for g, e, sc, name in zip(runs[0], grads64, scales, ("dX", "dW", "db")):
+        assert_close(g, e, sc, name)
+    for run in runs[1:]:
+        for a, r in zip(runs[0], run):
+            assert np.array_equal(a, r)
+    dY[0, 0, 0, 0] = np.nan
+    dX, dW, _ = kernels.conv2d_backward(X, W, dY, stride, padding)
+    assert np.isnan(dW[..., 0]).any() and np.isnan(dX[0]).any()
+
+
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid", "tanh"])
 def test_conv_activation_epilogue(activation):
     rng = np.random.default_rng(1)

@@ -205,7 +205,8 @@ typedef struct conv_geom {
     int64_t K, span;       /* kernel_h kernel_w in_c ; kernel_w in_c: one patch row   */
     int64_t Hp, Wp;        /* the padded image that holds every window              */
     int64_t ldx;           /* floats between image rows (padded or X's own)         */
-    int64_t image;         /* floats of a per-thread image slot, rounded up         */
+    int64_t image;         /* floats of a per-thread slot, rounded up: an image     */
+    int64_t list;          /* then, at slot + list, a list of pixels (sparse dW)    */
     int64_t o_pad;         /* out_c rounded up to whole tiles (8 nv)                */
     int64_t span_pad;      /* span rounded up to 8                                  */
     int nv;                /* vectors of output channels per tile: 1 or 2           */
@@ -224,8 +225,9 @@ static conv_geom make_geom(const cnn_conv2d_shape *s)
     g.in_place = s->pad_top == 0 && s->pad_left == 0 && g.Hp <= s->in_h && g.Wp <= s->in_w;
     g.ldx = (g.in_place ? s->in_w : g.Wp) * s->in_c;
     /* a padded image, or (in place) the dX rows of the windows, plus the spill of the
-       whole-vector dX stores past the last window */
-    g.image = cnn_round_up_floats(g.Hp * g.ldx + 8);
+       whole-vector dX stores past the last window; then out_h out_w + 8 int64 */
+    g.list = cnn_round_up_floats(g.Hp * g.ldx + 8);
+    g.image = g.list + cnn_round_up_floats(2 * (s->out_h * s->out_w + 8));
     g.nv = s->out_c > 8 ? 2 : 1;
     g.o_pad = (s->out_c + 8 * g.nv - 1) / (8 * g.nv) * (8 * g.nv);
     g.span_pad = (g.span + 7) / 8 * 8;
@@ -235,13 +237,17 @@ static conv_geom make_geom(const cnn_conv2d_shape *s)
 
 /* Workspace: packed weights (K, o_pad) for the forward pass, dW accumulators (K, o_pad),
    the weights' transpose per kernel row (kernel_h, out_c, span_pad) for dX, the padded
-   bias (o_pad + 16) for the forward pass, then one image slot per thread. */
+   bias (o_pad + 16) for the forward pass, the window corner of each output pixel
+   (out_h out_w int64) and the masks of dY's nonzero channels (batch out_h out_w
+   uint64) for the sparse passes, then one image slot per thread. */
 static int64_t shared_floats(const cnn_conv2d_shape *s, const conv_geom *g)
 {
     /* -> floats before the per-thread images */
+    const int64_t npix = s->out_h * s->out_w;
     return 2 * cnn_round_up_floats(g->K * g->o_pad) +
            cnn_round_up_floats(s->kernel_h * s->out_c * g->span_pad) +
-           cnn_round_up_floats(g->o_pad + CONV_NR);
+           cnn_round_up_floats(g->o_pad + CONV_NR) + cnn_round_up_floats(2 * npix) +
+           cnn_round_up_floats(2 * s->batch * npix);
 }
 
 int64_t cnn_conv2d_workspace_floats(const cnn_conv2d_shape *s, int n_threads)
@@ -528,6 +534,168 @@ static void dx_rows4_avx512vl(float *t, int64_t shift, const float *d, int64_t d
 {
     /* -> t rows += */
     CONV_DX_SWITCH(CONV_DX_PIXELS)
+}
+
+/* ---- dY mostly zeros: its nonzero entries only -------------------------------------
+   After max pooling at most one pixel of each window has a nonzero gradient per channel,
+   and relu zeroes more: a LeNet-5 convolution's dY is 80-90% zeros.  The sparse passes
+   read, per pixel, a mask of its channels whose dY is nonzero (NaN counts as nonzero),
+   and multiply-add only those entries, in the same order as the dense tiles: a skipped
+   term is a product with zero, so every output keeps its value (a zero may only change
+   sign, and a zero no longer meets a non-finite input or weight).  dW is transposed,
+   one channel's kernel rows (at most CONV_SPARSE_KH of at most 32 floats) in registers
+   while its pixels stream past; dX sums a pixel's nonzero channels into its window
+   rows.  AVX-512 only: two 16-lane vectors hold a 32-float kernel row. */
+enum { CONV_SPARSE_KH = 7, CONV_SPARSE_SPAN_MIN = 16, CONV_SPARSE_SPAN = 32,
+       CONV_SPARSE_O = 64 };
+
+#define CONV_TARGET_AVX512 "avx2,fma,avx512f,popcnt"
+#define CONV_AVX512 static inline __attribute__((always_inline, target(CONV_TARGET_AVX512)))
+
+/* Mask of the low n lanes of 16 (n clamped to [0, 16]). */
+CONV_AVX512 __mmask16 lanes16(int64_t n)
+{
+    /* n -> (16,) lane mask */
+    return (__mmask16)(n <= 0 ? 0 : n >= 16 ? 0xFFFF : (1u << n) - 1);
+}
+
+/* m[p] (bit o) = dY[p, o] != 0, for npix pixels of O <= 64 channels. */
+__attribute__((target(CONV_TARGET_AVX512)))
+static void dy_masks_avx512(uint64_t *m, const float *dy, int64_t npix, int64_t O)
+{
+    /* dY (npix, O) -> m (npix,) */
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t p = 0; p < npix; ++p, dy += O) {
+        uint64_t bits = 0;
+        for (int64_t o = 0; o < O; o += 16) {
+            const __mmask16 k = lanes16(O - o);
+            const __m512 v = _mm512_maskz_loadu_ps(k, dy + o);
+            bits |= (uint64_t)_mm512_mask_cmp_ps_mask(k, v, zero, _CMP_NEQ_UQ) << o;
+        }
+        m[p] = bits;
+    }
+}
+
+/* list = the pixels p < npix whose mask has bit o, in order; returns their count.
+   list has room for npix + 8. */
+__attribute__((target(CONV_TARGET_AVX512)))
+static int64_t pixels_with_channel(int64_t *list, const uint64_t *m, int64_t npix, int64_t o)
+{
+    /* masks -> list */
+    const __m512i bit = _mm512_set1_epi64((long long)((uint64_t)1 << o));
+    const __m512i eight = _mm512_set1_epi64(8);
+    __m512i p = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    int64_t count = 0;
+    for (int64_t p0 = 0; p0 < npix; p0 += 8, p = _mm512_add_epi64(p, eight)) {
+        const __mmask8 in = (__mmask8)(npix - p0 >= 8 ? 0xFF : (1u << (npix - p0)) - 1);
+        const __mmask8 hits =
+            _mm512_mask_test_epi64_mask(in, _mm512_maskz_loadu_epi64(in, m + p0), bit);
+        /* compress in a register, then a whole store (cheaper than a compressing store) */
+        _mm512_storeu_si512((void *)(list + count), _mm512_maskz_compress_epi64(hits, p));
+        count += __builtin_popcount(hits);
+    }
+    return count;
+}
+
+/* dwt (KH rows of span floats, one channel's dW transposed) += dY[p, o] times pixel p's
+   window rows, for the listed pixels p of one image in order (dyo = dY + o). */
+CONV_AVX512 void dw_sparse_body(const int KH, const int NV, float *dwt, int64_t span,
+                                const float *img, int64_t ldx, const int64_t *corner,
+                                const int64_t *list, int64_t count, const float *dyo,
+                                int64_t O)
+{
+    /* -> dwt */
+    const __mmask16 k0 = lanes16(span), k1 = lanes16(span - 16);
+    __m512 acc[CONV_SPARSE_KH][2];
+    CNN_UNROLL
+    for (int ky = 0; ky < KH; ++ky) {
+        acc[ky][0] = _mm512_maskz_loadu_ps(k0, dwt + ky * span);
+        acc[ky][1] = NV == 2 ? _mm512_maskz_loadu_ps(k1, dwt + ky * span + 16) : acc[ky][0];
+    }
+    for (int64_t i = 0; i < count; ++i) {
+        const int64_t p = list[i];
+        const __m512 d = _mm512_set1_ps(dyo[p * O]);
+        const float *a = img + corner[p];
+        CNN_UNROLL
+        for (int ky = 0; ky < KH; ++ky) {
+            acc[ky][0] = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(k0, a + ky * ldx), acc[ky][0]);
+            if (NV == 2)
+                acc[ky][1] = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(k1, a + ky * ldx + 16),
+                                             acc[ky][1]);
+        }
+    }
+    CNN_UNROLL
+    for (int ky = 0; ky < KH; ++ky) {
+        _mm512_mask_storeu_ps(dwt + ky * span, k0, acc[ky][0]);
+        if (NV == 2)
+            _mm512_mask_storeu_ps(dwt + ky * span + 16, k1, acc[ky][1]);
+    }
+}
+
+/* KH rows of t, ldx apart, += the sum over the channels o in `bits` (in order) of
+   d[o] times the kernel rows' weights wt[(ky O + o) span_pad ..], span floats each. */
+CONV_AVX512 void dx_sparse_body(const int KH, const int NV, float *t, int64_t ldx,
+                                const float *wt, int64_t span, int64_t span_pad,
+                                const float *d, uint64_t bits, int64_t O)
+{
+    /* -> t rows += */
+    const __mmask16 k0 = lanes16(span), k1 = lanes16(span - 16);
+    __m512 acc[CONV_SPARSE_KH][2];
+    CNN_UNROLL
+    for (int ky = 0; ky < KH; ++ky)
+        acc[ky][0] = acc[ky][1] = _mm512_setzero_ps();
+    while (bits) {
+        const int64_t o = __builtin_ctzll(bits);
+        bits &= bits - 1;
+        const __m512 x = _mm512_set1_ps(d[o]);
+        const float *w = wt + o * span_pad;
+        CNN_UNROLL
+        for (int ky = 0; ky < KH; ++ky) {
+            acc[ky][0] = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k0, w + ky * O * span_pad),
+                                         acc[ky][0]);
+            if (NV == 2)
+                acc[ky][1] = _mm512_fmadd_ps(
+                    x, _mm512_maskz_loadu_ps(k1, w + ky * O * span_pad + 16), acc[ky][1]);
+        }
+    }
+    CNN_UNROLL
+    for (int ky = 0; ky < KH; ++ky) {
+        float *r = t + ky * ldx;
+        _mm512_mask_storeu_ps(r, k0, _mm512_add_ps(_mm512_maskz_loadu_ps(k0, r), acc[ky][0]));
+        if (NV == 2)
+            _mm512_mask_storeu_ps(r + 16, k1, _mm512_add_ps(_mm512_maskz_loadu_ps(k1, r + 16),
+                                                            acc[ky][1]));
+    }
+}
+
+#define CONV_SPARSE_CASE(F, KH, ...) \
+    case KH: if (nv == 2) F(KH, 2, __VA_ARGS__); else F(KH, 1, __VA_ARGS__); break;
+#define CONV_SPARSE_SWITCH(F, ...)                                                          \
+    switch (kh) { CONV_SPARSE_CASE(F, 1, __VA_ARGS__) CONV_SPARSE_CASE(F, 2, __VA_ARGS__) \
+                  CONV_SPARSE_CASE(F, 3, __VA_ARGS__) CONV_SPARSE_CASE(F, 4, __VA_ARGS__) \
+                  CONV_SPARSE_CASE(F, 5, __VA_ARGS__) CONV_SPARSE_CASE(F, 6, __VA_ARGS__) \
+                  default: CONV_SPARSE_CASE(F, 7, __VA_ARGS__) }
+
+/* dw_sparse_body for kh (1..CONV_SPARSE_KH) kernel rows of span (<= 32) floats. */
+__attribute__((target(CONV_TARGET_AVX512)))
+static void dw_sparse_avx512(float *dwt, int64_t kh, int64_t span, const float *img,
+                             int64_t ldx, const int64_t *corner, const int64_t *list,
+                             int64_t count, const float *dyo, int64_t O)
+{
+    /* -> dwt */
+    const int nv = span > 16 ? 2 : 1;
+    CONV_SPARSE_SWITCH(dw_sparse_body, dwt, span, img, ldx, corner, list, count, dyo, O)
+}
+
+/* dx_sparse_body for kh (1..CONV_SPARSE_KH) kernel rows of span (<= 32) floats. */
+__attribute__((target(CONV_TARGET_AVX512)))
+static void dx_sparse_avx512(float *t, int64_t kh, int64_t ldx, const float *wt,
+                             int64_t span, int64_t span_pad, const float *d, uint64_t bits,
+                             int64_t O)
+{
+    /* -> t rows += */
+    const int nv = span > 16 ? 2 : 1;
+    CONV_SPARSE_SWITCH(dx_sparse_body, t, ldx, wt, span, span_pad, d, bits, O)
 }
 
 /* y (mr, O), rows O apart, = relu or identity of tile (mr, 16) + bias, for O <= 16
@@ -930,6 +1098,9 @@ typedef struct conv_ctx {
                              2 with AVX-512VL's registers, 1 with AVX2's; 0: none */
     int avx512;           /* the AVX-512 family runs on a CPU with AVX-512VL, so the
                              kernels built for its 32 registers may run too */
+    int sparse_dy;        /* the backward passes take dY's nonzero entries only */
+    int64_t *corner;      /* (out_h out_w): each output pixel's window corner */
+    uint64_t *masks;      /* (batch, out_h out_w): dY's nonzero channels */
 } conv_ctx;
 
 /* Bias and activation of a forward tile (mr pixels from pixel q of image n, channels
@@ -1073,6 +1244,38 @@ static void weight_tiles(const conv_ctx *x, int64_t t0, int64_t t1, float *slot)
     }
 }
 
+#ifdef CNN_AVX2_BUILD
+/* The masks of dY's nonzero channels for images n0 .. n1-1. */
+static void mask_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
+{
+    /* -> masks of images [n0, n1) */
+    (void)slot;
+    const int64_t npix = x->s->out_h * x->s->out_w, O = x->s->out_c;
+    dy_masks_avx512(x->masks + n0 * npix, x->dY + n0 * npix * O, (n1 - n0) * npix, O);
+}
+
+/* Sparse dW of channels o0 .. o1-1 over every image in order, transposed: channel o's
+   kernel rows at dwp + o K. */
+static void weight_channels(const conv_ctx *x, int64_t o0, int64_t o1, float *slot)
+{
+    /* dwp channels [o0, o1) */
+    const cnn_conv2d_shape *s = x->s;
+    const conv_geom *g = &x->g;
+    const int64_t npix = s->out_h * s->out_w, O = s->out_c;
+    memset(x->dwp + o0 * g->K, 0, (size_t)((o1 - o0) * g->K) * sizeof(float));
+    for (int64_t n = 0; n < s->batch; ++n) {
+        const float *img = image_of(x->X, s, g, n, slot);
+        int64_t *list = (int64_t *)(void *)(slot + g->list);
+        for (int64_t o = o0; o < o1; ++o) {
+            const int64_t count = pixels_with_channel(list, x->masks + n * npix, npix, o);
+            dw_sparse_avx512(x->dwp + o * g->K, s->kernel_h, g->span, img, g->ldx, x->corner,
+                             list, count, x->dY + n * npix * O + o, O);
+        }
+    }
+}
+
+#endif
+
 /* dX of images n0 .. n1-1: each pixel's dY times the weights added to its window, in
    the thread's slot (whole-vector stores may run past a window row, adding zeros), then
    copied out. */
@@ -1086,7 +1289,16 @@ static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
         float *t = slot;
         memset(t, 0, (size_t)g->image * sizeof(float));
         const float *dy = x->dY + n * s->out_h * s->out_w * s->out_c;
-        for (int64_t oy = 0; oy < s->out_h; ++oy) {
+#ifdef CNN_AVX2_BUILD
+        /* pixel by pixel, over the channels whose dY is nonzero */
+        for (int64_t p = 0; x->sparse_dy && p < s->out_h * s->out_w; ++p) {
+            const uint64_t bits = x->masks[n * s->out_h * s->out_w + p];
+            if (bits)
+                dx_sparse_avx512(t + x->corner[p], s->kernel_h, g->ldx, x->wt, g->span,
+                                 g->span_pad, dy + p * s->out_c, bits, s->out_c);
+        }
+#endif
+        for (int64_t oy = 0; oy < s->out_h && !x->sparse_dy; ++oy) {
 #ifdef CNN_AVX2_BUILD
             /* rows of output pixels together (four with AVX-512VL's registers), pixel by
                pixel: their window rows lie image rows apart, so (unless an image row is
@@ -1188,6 +1400,32 @@ static int pass_threads(int n_threads, double macs)
     return (int)max64(1, min64(n_threads, 1 + (int64_t)(macs / CONV_PARALLEL_MIN_MACS)));
 }
 
+#ifdef CNN_AVX2_BUILD
+/* Whether the backward passes should take dY's nonzero entries only (the masks then
+   hold them): with the AVX-512 family, for the kernel sizes its sparse tiles take,
+   when at most half of dY is nonzero.  The same answer for any thread count. */
+__attribute__((target("popcnt")))
+static int use_sparse_dy(conv_ctx *x, int n_threads)
+{
+    /* -> 0 / 1, with x->corner and x->masks filled when 1 */
+    const cnn_conv2d_shape *s = x->s;
+    if (!x->avx512 || s->kernel_h > CONV_SPARSE_KH || x->g.span < CONV_SPARSE_SPAN_MIN ||
+        x->g.span > CONV_SPARSE_SPAN || s->out_c > CONV_SPARSE_O)
+        return 0;
+    const int64_t npix = s->out_h * s->out_w;
+    run_split(x, mask_images, s->batch,
+              pass_threads(n_threads, (double)s->batch * npix * s->out_c));
+    int64_t nonzero = 0;
+    for (int64_t i = 0; i < s->batch * npix; ++i)
+        nonzero += __builtin_popcountll(x->masks[i]);
+    if (2 * nonzero > s->batch * npix * s->out_c)
+        return 0;
+    for (int64_t p = 0; p < npix; ++p)
+        x->corner[p] = p / s->out_w * s->stride * x->g.ldx + p % s->out_w * s->stride * s->in_c;
+    return 1;
+}
+#endif
+
 static conv_ctx make_ctx(const cnn_conv2d_shape *s, float *work)
 {
     /* shape, workspace -> context with the workspace carved */
@@ -1199,6 +1437,11 @@ static conv_ctx make_ctx(const cnn_conv2d_shape *s, float *work)
     x.dwp = work + cnn_round_up_floats(x.g.K * x.g.o_pad);
     x.wt = x.dwp + cnn_round_up_floats(x.g.K * x.g.o_pad);
     x.images = work + shared_floats(s, &x.g);
+    float *after_bias = x.wt + cnn_round_up_floats(s->kernel_h * s->out_c * x.g.span_pad) +
+                        cnn_round_up_floats(x.g.o_pad + CONV_NR);
+    x.corner = (int64_t *)(void *)after_bias;
+    x.masks = (uint64_t *)(void *)(after_bias +
+                                   cnn_round_up_floats(2 * s->out_h * s->out_w));
 #ifdef CNN_AVX2_BUILD
     x.avx2 = cnn_use_avx2_build();
     x.row_tiles = x.avx2 && s->in_c == 1 && s->stride == 1 && x.g.nv == 1 &&
@@ -1264,14 +1507,26 @@ int cnn_conv2d_backward(float *dX, float *dW, float *db, const float *dY, const 
     conv_bias_grad(db, dY, s->batch * s->out_h * s->out_w, O);
     const double macs = (double)s->batch * s->out_h * s->out_w * K * O;
 
-    /* dW: tiles of (kernel row, dW rows, channels) per thread, every image in order */
     const conv_geom *g = &x.g;
+#ifdef CNN_AVX2_BUILD
+    x.sparse_dy = use_sparse_dy(&x, n_threads);
+    if (x.sparse_dy) {
+        /* dW: channels per thread, every image in order; then transposed */
+        run_split(&x, weight_channels, O, pass_threads(n_threads, macs / 4));
+        for (int64_t k = 0; k < K; ++k)
+            for (int64_t o = 0; o < O; ++o)
+                dW[k * O + o] = x.dwp[o * K + k];
+    }
+#endif
+    /* dW: tiles of (kernel row, dW rows, channels) per thread, every image in order */
     const int64_t n_tiles = x.dw_rows ? (s->kernel_h + x.dw_rows - 1) / x.dw_rows :
                             s->kernel_h * ((g->span + g->mr - 1) / g->mr) *
                             ((O + 8 * g->nv - 1) / (8 * g->nv));
-    run_split(&x, weight_tiles, n_tiles, pass_threads(n_threads, macs));
-    for (int64_t k = 0; k < K; ++k)
-        memcpy(dW + k * O, x.dwp + k * g->o_pad, (size_t)O * sizeof(float));
+    if (!x.sparse_dy) {
+        run_split(&x, weight_tiles, n_tiles, pass_threads(n_threads, macs));
+        for (int64_t k = 0; k < K; ++k)
+            memcpy(dW + k * O, x.dwp + k * g->o_pad, (size_t)O * sizeof(float));
+    }
     if (!dX)
         return CNN_OK;
 
