@@ -537,15 +537,16 @@ static void dx_rows4_avx512vl(float *t, int64_t shift, const float *d, int64_t d
 }
 
 /* ---- dY mostly zeros: its nonzero entries only -------------------------------------
-   After max pooling at most one pixel of each window has a nonzero gradient per channel,
-   and relu zeroes more: a LeNet-5 convolution's dY is 80-90% zeros.  The sparse passes
-   read, per pixel, a mask of its channels whose dY is nonzero (NaN counts as nonzero),
-   and multiply-add only those entries, in the same order as the dense tiles: a skipped
-   term is a product with zero, so every output keeps its value (a zero may only change
-   sign, and a zero no longer meets a non-finite input or weight).  dW is transposed,
-   one channel's kernel rows (at most CONV_SPARSE_KH of at most 32 floats) in registers
-   while its pixels stream past; dX sums a pixel's nonzero channels into its window
-   rows.  AVX-512 only: two 16-lane vectors hold a 32-float kernel row. */
+   After max pooling at most one pixel of each window has a nonzero gradient per
+   channel, and relu zeroes more: LeNet-5's second convolution's dY is about 92% zeros.
+   The sparse passes read, per pixel, a mask of its channels whose dY is nonzero (NaN
+   counts as nonzero), and multiply-add only those entries, in the same order as the
+   dense tiles: a skipped term is a product with zero, so every output keeps its value
+   (a zero may only change sign, and a zero no longer meets a non-finite input or
+   weight).  dW is transposed, one channel's kernel rows (at most CONV_SPARSE_KH of 16
+   to 32 floats: narrower rows would leave most lanes idle) in registers while its
+   pixels stream past; dX sums a pixel's nonzero channels into its window rows.
+   AVX-512 only: two 16-lane vectors hold a 32-float kernel row. */
 enum { CONV_SPARSE_KH = 7, CONV_SPARSE_SPAN_MIN = 16, CONV_SPARSE_SPAN = 32,
        CONV_SPARSE_O = 64 };
 
