@@ -44,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 # the real MNIST images kept beside the project checkout (repo root /../shared/data)
 DEFAULT_DATA = HERE.parent.parent / "shared" / "data" / "mnist-t10k-split"
 RESULT_PREFIX = "BENCH-RESULT "
-READY, GO = "BENCH-READY", "GO"
+READY, GO, END = "BENCH-READY", "GO", "END"
+EPOCH_PREFIX = "BENCH-EPOCH "
 SECTIONS = ("gemm", "train", "twoproc", "lenet", "predict", "memory")
 TRAIN_PEERS = ("cnn_core", "torch", "jax")
 PREDICT_PEERS = ("cnn_core", "torch", "numpy", "onnxruntime")
@@ -635,7 +636,9 @@ def worker_train(spec):
 
     With spec["sync"] (the two-process section) all rows are timed for a fixed number of
     epochs, after a warm-up epoch and a handshake: the worker prints READY and waits for
-    GO on stdin, so that two workers start timing together.
+    GO on stdin, so that two workers start timing together.  With spec["rounds"] (the
+    peers of one configuration in turn, see run_rounds) the worker prints READY after its
+    warm-up, then times one epoch per GO, printing its time, until END.
     """
     import peers
 
@@ -656,16 +659,23 @@ def worker_train(spec):
         t0 = time.perf_counter()
         epoch(rows)
         warmup = time.perf_counter() - t0
-    if spec.get("sync"):
+    rounds = spec.get("rounds")
+    if spec.get("sync") or rounds:
         print(READY, flush=True)
+    if spec.get("sync"):
         sys.stdin.readline()
     times, loss = [], None
     started = time.perf_counter()
-    while len(times) < spec["max_reps"]:
+    while rounds or len(times) < spec["max_reps"]:   # rounds: until END
+        if rounds and sys.stdin.readline().strip() != GO:
+            break
         t0 = time.perf_counter()
         loss = epoch(rows)
         times.append((time.perf_counter() - t0) * n / rows)
         spent = time.perf_counter() - started
+        if rounds:
+            print(EPOCH_PREFIX + json.dumps(times[-1]), flush=True)
+            continue
         # min_reps epochs unless they overrun the budget; more while under half of it
         if spec.get("sync"):
             continue
@@ -690,17 +700,74 @@ def train_spec(args, settings, peer, model, batch, kind, threads, **extra):
     return spec
 
 
-def run_train(spec, threads):
-    """(result, error): one training worker with the machine's contention attached."""
-    log(f"  train {spec['peer']} {config_name(spec['model'], spec['batch'])} "
-        f"{spec['input']}, {threads} thread(s)")
+def read_line(proc, prefix):
+    """The worker's next stdout line that starts with prefix (None at its end)."""
+    while True:
+        line = proc.stdout.readline()
+        if not line or line.startswith(prefix):
+            return line or None
+
+
+def run_rounds(specs, threads):
+    """({peer: result}, {peer: error}) for the peers of one configuration, timed in turn.
+
+    Each worker loads its data and warms up alone (the others wait on their stdin), then
+    every round runs one epoch of each peer, one after another, so that a slow or busy
+    minute of a shared machine falls on all peers alike instead of on whichever ran
+    then.  Rounds stop at max_reps, or after min_reps once they have taken half the
+    peers' budgets together (all of it: stop).  Every result gets the contention of the
+    whole configuration.
+    """
+    procs, results, errors = {}, {}, {}
+    for spec in specs:
+        peer = spec["peer"]
+        log(f"  train {peer} {config_name(spec['model'], spec['batch'])} {spec['input']}, "
+            f"{threads} thread(s): setup")
+        proc = start_worker(dict(spec, rounds=True), threads)
+        if read_line(proc, READY) is None:
+            try:
+                finish_worker(proc)
+                errors[peer] = "no READY from the worker"
+            except WorkerError as exc:
+                errors[peer] = str(exc)
+            continue
+        procs[peer] = proc
     watch = CpuWatch()
-    try:
-        result = run_worker(spec, threads)
-    except WorkerError as exc:
-        return None, str(exc)
-    result["contention"] = watch.shares()
-    return result, None
+    budget = sum(spec["budget_s"] for spec in specs)
+    started = time.perf_counter()
+    for done in range(1, max(spec["max_reps"] for spec in specs) + 1):
+        for peer, proc in list(procs.items()):
+            try:
+                proc.stdin.write(GO + "\n")
+                proc.stdin.flush()
+                ok = read_line(proc, EPOCH_PREFIX) is not None
+            except OSError:
+                ok = False
+            if not ok:   # the worker died: its error is in finish_worker's
+                del procs[peer]
+                try:
+                    results[peer] = finish_worker(proc)
+                except WorkerError as exc:
+                    errors[peer] = str(exc)
+        spent = time.perf_counter() - started
+        log(f"    round {done}: {spent:.0f} s")
+        if spent >= budget or (done >= min(s["min_reps"] for s in specs) and
+                               spent >= budget / 2):
+            break
+    for peer, proc in procs.items():
+        try:
+            proc.stdin.write(END + "\n")
+            proc.stdin.flush()
+        except OSError:
+            pass
+        try:
+            results[peer] = finish_worker(proc)
+        except WorkerError as exc:
+            errors[peer] = str(exc)
+    contention = watch.shares()
+    for result in results.values():
+        result["contention"] = contention
+    return results, errors
 
 
 # ---- section 2: MLP training -----------------------------------------------------------
@@ -723,15 +790,11 @@ def bench_train(args, settings):
     for sizes, batch in settings["configs"]:
         for kind in INPUTS:
             for t in threads_list(args):
+                specs = [train_spec(args, settings, peer, sizes, batch, kind, t)
+                         for peer in present]
+                results, errors = run_rounds(specs, t)
                 entry = {"sizes": sizes, "batch": batch, "input": kind, "threads": t,
-                         "results": {}, "errors": {}}
-                for peer in present:
-                    spec = train_spec(args, settings, peer, sizes, batch, kind, t)
-                    result, error = run_train(spec, t)
-                    if error:
-                        entry["errors"][peer] = error
-                    else:
-                        entry["results"][peer] = result
+                         "results": results, "errors": errors}
                 flops = mlp_epoch_flops(sizes, TRAIN_ROWS)
                 entry["flops"] = flops
                 entry["limit_s"] = flops / (rates[t] * 1e9)
@@ -749,8 +812,8 @@ def print_train(result, settings, args):
     under = " under --load" if args.load else ""
     print(f"\n== 2. MLP training{under}: seconds per epoch on {TRAIN_ROWS:,} MNIST rows "
           f"(SGD lr 0.01 momentum 0.9, relu, softmax cross-entropy)")
-    print(f"   median of up to {settings['train_max_reps']} epochs after a warm-up, spread "
-          "(max - min) / median; peer/cnn > 1: cnn_core is faster;")
+    print(f"   median of up to {settings['train_max_reps']} epochs after a warm-up, the peers "
+          "timed in turn; spread (max - min) / median; peer/cnn > 1: cnn_core is faster;")
     rates = ", ".join(f"{t} thread(s) {g:.1f}" for t, g in sorted(result["rates_gflops"].items()))
     print(f"   GEMM limit = the epoch's GEMM flops / the large-SGEMM rate measured now "
           f"({RATE_CASE}, faster of cnn_core and numpy: {rates} GFLOP/s)\n")
@@ -869,15 +932,10 @@ def bench_lenet(args, settings):
     present, missing = installed(args, TRAIN_PEERS)
     entries = []
     for t in threads_list(args):
-        entry = {"threads": t, "results": {}, "errors": {}, "predict": {}}
-        for peer in present:
-            spec = train_spec(args, settings, peer, LENET, LENET_BATCH, "real", t,
-                              max_rows=settings["lenet_rows"])
-            result, error = run_train(spec, t)
-            if error:
-                entry["errors"][peer] = error
-            else:
-                entry["results"][peer] = result
+        specs = [train_spec(args, settings, peer, LENET, LENET_BATCH, "real", t,
+                            max_rows=settings["lenet_rows"]) for peer in present]
+        results, errors = run_rounds(specs, t)
+        entry = {"threads": t, "results": results, "errors": errors, "predict": {}}
         base = entry["results"].get("cnn_core")
         entry["speedup"] = {p: r["median_s"] / base["median_s"]
                             for p, r in entry["results"].items() if base and p != "cnn_core"}
