@@ -238,15 +238,16 @@ def pooled_gradient(rng, shape, alive=0.6):
     return dY
 
 
-# (batch, h, w, c_in, c_out, kernel, stride, padding): kernel rows of 16-32 floats
-# (kernel_w in_c) take the sparse passes with the AVX-512 family, up to 7 kernel rows
-# and 64 channels; the others (8 rows, 65 channels, rows of 5 or 35 floats) stay dense
+# (batch, h, w, c_in, c_out, kernel, stride, padding): kernel rows of at least 16 floats
+# (kernel_w in_c, in blocks of 32) take the sparse passes with the AVX-512 family, up to
+# 7 kernel rows and 64 channels; the others (8 rows, 65 channels, rows of 5) stay dense
 SPARSE_DY_CASES = [(3, 14, 14, 6, 16, (5, 5), 1, "valid"), (1, 12, 10, 6, 16, (5, 5), 1, "same"),
                    (5, 9, 11, 16, 1, (1, 1), 1, "valid"), (3, 7, 13, 3, 17, (7, 7), 1, "same"),
                    (3, 11, 8, 8, 64, (3, 3), 2, "same"), (1, 5, 6, 32, 33, (2, 1), 1, "valid"),
                    (3, 9, 9, 17, 6, (1, 1), 2, "valid"), (1, 10, 10, 4, 65, (4, 4), 1, "same"),
                    (3, 12, 12, 2, 6, (8, 8), 1, "same"), (3, 10, 9, 1, 6, (5, 5), 1, "same"),
-                   (1, 8, 9, 7, 5, (5, 5), 1, "same")]
+                   (1, 8, 9, 7, 5, (5, 5), 1, "same"), (3, 9, 9, 17, 20, (3, 3), 1, "same"),
+                   (1, 6, 7, 40, 3, (2, 2), 2, "valid")]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -543,12 +543,12 @@ static void dx_rows4_avx512vl(float *t, int64_t shift, const float *d, int64_t d
    counts as nonzero), and multiply-add only those entries, in the same order as the
    dense tiles: a skipped term is a product with zero, so every output keeps its value
    (a zero may only change sign, and a zero no longer meets a non-finite input or
-   weight).  dW is transposed, one channel's kernel rows (at most CONV_SPARSE_KH of 16
-   to 32 floats: narrower rows would leave most lanes idle) in registers while its
-   pixels stream past; dX sums a pixel's nonzero channels into its window rows.
-   AVX-512 only: two 16-lane vectors hold a 32-float kernel row. */
-enum { CONV_SPARSE_KH = 7, CONV_SPARSE_SPAN_MIN = 16, CONV_SPARSE_SPAN = 32,
-       CONV_SPARSE_O = 64 };
+   weight).  dW is transposed, one channel's kernel rows (at most CONV_SPARSE_KH, of at
+   least 16 floats: narrower rows would leave most lanes idle) in registers, 32 columns
+   at a time, while its pixels stream past; dX sums a pixel's nonzero channels into its
+   window rows, 32 columns at a time.  AVX-512 only: two 16-lane vectors hold 32 columns
+   of every kernel row in its registers. */
+enum { CONV_SPARSE_KH = 7, CONV_SPARSE_SPAN_MIN = 16, CONV_SPARSE_O = 64 };
 
 #define CONV_TARGET_AVX512 "avx2,fma,avx512f,popcnt"
 #define CONV_AVX512 static inline __attribute__((always_inline, target(CONV_TARGET_AVX512)))
@@ -598,15 +598,16 @@ static int64_t pixels_with_channel(int64_t *list, const uint64_t *m, int64_t npi
     return count;
 }
 
-/* dwt (KH rows of span floats, one channel's dW transposed) += dY[p, o] times pixel p's
-   window rows, for the listed pixels p of one image in order (dyo = dY + o). */
+/* dwt (KH rows of `width` <= 32 floats, span apart: columns of one channel's dW
+   transposed) += dY[p, o] times the same columns of pixel p's window rows, for the
+   listed pixels p of one image in order (img: at the columns' first, dyo = dY + o). */
 CONV_AVX512 void dw_sparse_body(const int KH, const int NV, float *dwt, int64_t span,
-                                const float *img, int64_t ldx, const int64_t *corner,
-                                const int64_t *list, int64_t count, const float *dyo,
-                                int64_t O)
+                                int64_t width, const float *img, int64_t ldx,
+                                const int64_t *corner, const int64_t *list, int64_t count,
+                                const float *dyo, int64_t O)
 {
     /* -> dwt */
-    const __mmask16 k0 = lanes16(span), k1 = lanes16(span - 16);
+    const __mmask16 k0 = lanes16(width), k1 = lanes16(width - 16);
     __m512 acc[CONV_SPARSE_KH][2];
     CNN_UNROLL
     for (int ky = 0; ky < KH; ++ky) {
@@ -634,13 +635,14 @@ CONV_AVX512 void dw_sparse_body(const int KH, const int NV, float *dwt, int64_t 
 }
 
 /* KH rows of t, ldx apart, += the sum over the channels o in `bits` (in order) of
-   d[o] times the kernel rows' weights wt[(ky O + o) span_pad ..], span floats each. */
+   d[o] times the kernel rows' weights wt[(ky O + o) span_pad ..], `width` <= 32 floats
+   each (a block of columns: t and wt at its first). */
 CONV_AVX512 void dx_sparse_body(const int KH, const int NV, float *t, int64_t ldx,
-                                const float *wt, int64_t span, int64_t span_pad,
+                                const float *wt, int64_t width, int64_t span_pad,
                                 const float *d, uint64_t bits, int64_t O)
 {
     /* -> t rows += */
-    const __mmask16 k0 = lanes16(span), k1 = lanes16(span - 16);
+    const __mmask16 k0 = lanes16(width), k1 = lanes16(width - 16);
     __m512 acc[CONV_SPARSE_KH][2];
     CNN_UNROLL
     for (int ky = 0; ky < KH; ++ky)
@@ -677,26 +679,35 @@ CONV_AVX512 void dx_sparse_body(const int KH, const int NV, float *t, int64_t ld
                   CONV_SPARSE_CASE(F, 5, __VA_ARGS__) CONV_SPARSE_CASE(F, 6, __VA_ARGS__) \
                   default: CONV_SPARSE_CASE(F, 7, __VA_ARGS__) }
 
-/* dw_sparse_body for kh (1..CONV_SPARSE_KH) kernel rows of span (<= 32) floats. */
+/* dw_sparse_body for kh (1..CONV_SPARSE_KH) kernel rows of span floats, in blocks of
+   32 columns. */
 __attribute__((target(CONV_TARGET_AVX512)))
 static void dw_sparse_avx512(float *dwt, int64_t kh, int64_t span, const float *img,
                              int64_t ldx, const int64_t *corner, const int64_t *list,
                              int64_t count, const float *dyo, int64_t O)
 {
     /* -> dwt */
-    const int nv = span > 16 ? 2 : 1;
-    CONV_SPARSE_SWITCH(dw_sparse_body, dwt, span, img, ldx, corner, list, count, dyo, O)
+    for (int64_t j0 = 0; j0 < span; j0 += 32) {
+        const int64_t width = min64(32, span - j0);
+        const int nv = width > 16 ? 2 : 1;
+        CONV_SPARSE_SWITCH(dw_sparse_body, dwt + j0, span, width, img + j0, ldx, corner, list,
+                           count, dyo, O)
+    }
 }
 
-/* dx_sparse_body for kh (1..CONV_SPARSE_KH) kernel rows of span (<= 32) floats. */
+/* dx_sparse_body for kh (1..CONV_SPARSE_KH) kernel rows of span floats, in blocks of 32
+   columns. */
 __attribute__((target(CONV_TARGET_AVX512)))
 static void dx_sparse_avx512(float *t, int64_t kh, int64_t ldx, const float *wt,
                              int64_t span, int64_t span_pad, const float *d, uint64_t bits,
                              int64_t O)
 {
     /* -> t rows += */
-    const int nv = span > 16 ? 2 : 1;
-    CONV_SPARSE_SWITCH(dx_sparse_body, t, ldx, wt, span, span_pad, d, bits, O)
+    for (int64_t j0 = 0; j0 < span; j0 += 32) {
+        const int64_t width = min64(32, span - j0);
+        const int nv = width > 16 ? 2 : 1;
+        CONV_SPARSE_SWITCH(dx_sparse_body, t + j0, ldx, wt + j0, width, span_pad, d, bits, O)
+    }
 }
 
 /* y (mr, O), rows O apart, = relu or identity of tile (mr, 16) + bias, for O <= 16
@@ -1411,7 +1422,7 @@ static int use_sparse_dy(conv_ctx *x, int n_threads)
     /* -> 0 / 1, with x->corner and x->masks filled when 1 */
     const cnn_conv2d_shape *s = x->s;
     if (!x->avx512 || s->kernel_h > CONV_SPARSE_KH || x->g.span < CONV_SPARSE_SPAN_MIN ||
-        x->g.span > CONV_SPARSE_SPAN || s->out_c > CONV_SPARSE_O)
+        s->out_c > CONV_SPARSE_O)
         return 0;
     const int64_t npix = s->out_h * s->out_w;
     run_split(x, mask_images, s->batch,
