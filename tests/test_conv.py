@@ -239,7 +239,7 @@ def pooled_gradient(rng, shape, alive=0.6):
 
 
 # (batch, h, w, c_in, c_out, kernel, stride, padding): kernel rows of at least 16 floats
-# (kernel_w in_c, in blocks of 32) take the sparse passes with the AVX-512 family, up to
+# (kernel_w in_c) take the sparse passes with the AVX2 and AVX-512 families, up to
 # 7 kernel rows and 64 channels; the others (8 rows, 65 channels, rows of 5) stay dense
 SPARSE_DY_CASES = [(3, 14, 14, 6, 16, (5, 5), 1, "valid"), (1, 12, 10, 6, 16, (5, 5), 1, "same"),
                    (5, 9, 11, 16, 1, (1, 1), 1, "valid"), (3, 7, 13, 3, 17, (7, 7), 1, "same"),

@@ -546,8 +546,8 @@ static void dx_rows4_avx512vl(float *t, int64_t shift, const float *d, int64_t d
    weight).  dW is transposed, one channel's kernel rows (at most CONV_SPARSE_KH, of at
    least 16 floats: narrower rows would leave most lanes idle) in registers, 32 columns
    at a time, while its pixels stream past; dX sums a pixel's nonzero channels into its
-   window rows, 32 columns at a time.  AVX-512 only: two 16-lane vectors hold 32 columns
-   of every kernel row in its registers. */
+   window rows, 32 columns at a time (two 16-lane vectors per kernel row; the AVX2
+   family's below take 16). */
 enum { CONV_SPARSE_KH = 7, CONV_SPARSE_SPAN_MIN = 16, CONV_SPARSE_O = 64 };
 
 #define CONV_TARGET_AVX512 "avx2,fma,avx512f,popcnt"
@@ -620,7 +620,8 @@ CONV_AVX512 void dw_sparse_body(const int KH, const int NV, float *dwt, int64_t 
         const float *a = img + corner[p];
         CNN_UNROLL
         for (int ky = 0; ky < KH; ++ky) {
-            acc[ky][0] = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(k0, a + ky * ldx), acc[ky][0]);
+            acc[ky][0] = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(k0, a + ky * ldx),
+                                         acc[ky][0]);
             if (NV == 2)
                 acc[ky][1] = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(k1, a + ky * ldx + 16),
                                              acc[ky][1]);
@@ -707,6 +708,143 @@ static void dx_sparse_avx512(float *t, int64_t kh, int64_t ldx, const float *wt,
         const int64_t width = min64(32, span - j0);
         const int nv = width > 16 ? 2 : 1;
         CONV_SPARSE_SWITCH(dx_sparse_body, t + j0, ldx, wt + j0, width, span_pad, d, bits, O)
+    }
+}
+
+/* The sparse passes for the AVX2 family: the same terms in the same order, 16 columns
+   of every kernel row at a time (two 8-lane vectors each: 14 sums fit its 16
+   registers).  Inside the loops whole vectors are loaded; the lanes past a block's
+   columns only reach sums that are never stored (dW, which masks its last vector) or
+   add the weights' zero padding (dX, whose slot has room for that spill). */
+
+/* m[p] (bit o) = dY[p, o] != 0, for npix pixels of O <= 64 channels. */
+__attribute__((target("avx2,fma")))
+static void dy_masks_avx2(uint64_t *m, const float *dy, int64_t npix, int64_t O)
+{
+    /* dY (npix, O) -> m (npix,) */
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t p = 0; p < npix; ++p, dy += O) {
+        uint64_t bits = 0;
+        for (int64_t o = 0; o < O; o += 8) {
+            const __m256 v = o + 8 <= O ? _mm256_loadu_ps(dy + o)
+                                        : _mm256_maskload_ps(dy + o, lanes8(O - o));
+            bits |= (uint64_t)(uint32_t)_mm256_movemask_ps(
+                        _mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)) << o;
+        }
+        m[p] = bits;
+    }
+}
+
+/* As pixels_with_channel, without a branch per pixel. */
+static int64_t pixels_with_channel_scalar(int64_t *list, const uint64_t *m, int64_t npix,
+                                          int64_t o)
+{
+    /* masks -> list */
+    int64_t count = 0;
+    for (int64_t p = 0; p < npix; ++p) {
+        list[count] = p;
+        count += (int64_t)((m[p] >> o) & 1);
+    }
+    return count;
+}
+
+/* As dw_sparse_body for `width` <= 16 columns; a window row's load that would pass
+   x_end (the end of the images it reads) is masked. */
+CONV_AVX2 void dw_sparse_avx2_body(const int KH, const int NV, float *dwt, int64_t span,
+                                   int64_t width, const float *img, int64_t ldx,
+                                   const int64_t *corner, const int64_t *list, int64_t count,
+                                   const float *dyo, int64_t O, const float *x_end)
+{
+    /* -> dwt */
+    const __m256i m0 = lanes8(width), m1 = lanes8(width - 8);
+    __m256 acc[CONV_SPARSE_KH][2];
+    CNN_UNROLL
+    for (int ky = 0; ky < KH; ++ky) {
+        acc[ky][0] = _mm256_maskload_ps(dwt + ky * span, m0);
+        acc[ky][1] = NV == 2 ? _mm256_maskload_ps(dwt + ky * span + 8, m1) : acc[ky][0];
+    }
+    for (int64_t i = 0; i < count; ++i) {
+        const int64_t p = list[i];
+        const __m256 d = _mm256_set1_ps(dyo[p * O]);
+        const float *a = img + corner[p];
+        const int whole = a + (KH - 1) * ldx + 8 * NV <= x_end;
+        CNN_UNROLL
+        for (int ky = 0; ky < KH; ++ky)
+            CNN_UNROLL
+            for (int v = 0; v < NV; ++v) {
+                const float *r = a + ky * ldx + 8 * v;
+                const __m256 xv = whole || ky + 1 < KH ? _mm256_loadu_ps(r)
+                                : _mm256_maskload_ps(r, v ? m1 : m0);
+                acc[ky][v] = _mm256_fmadd_ps(d, xv, acc[ky][v]);
+            }
+    }
+    CNN_UNROLL
+    for (int ky = 0; ky < KH; ++ky) {
+        _mm256_maskstore_ps(dwt + ky * span, m0, acc[ky][0]);
+        if (NV == 2)
+            _mm256_maskstore_ps(dwt + ky * span + 8, m1, acc[ky][1]);
+    }
+}
+
+/* As dx_sparse_body for `width` <= 16 columns (rounded up to whole vectors: t has room,
+   and wt's padding adds zeros). */
+CONV_AVX2 void dx_sparse_avx2_body(const int KH, const int NV, float *t, int64_t ldx,
+                                   const float *wt, int64_t span_pad, const float *d,
+                                   uint64_t bits, int64_t O)
+{
+    /* -> t rows += */
+    __m256 acc[CONV_SPARSE_KH][2];
+    CNN_UNROLL
+    for (int ky = 0; ky < KH; ++ky)
+        acc[ky][0] = acc[ky][1] = _mm256_setzero_ps();
+    while (bits) {
+        const int64_t o = __builtin_ctzll(bits);
+        bits &= bits - 1;
+        const __m256 x = _mm256_set1_ps(d[o]);
+        const float *w = wt + o * span_pad;
+        CNN_UNROLL
+        for (int ky = 0; ky < KH; ++ky)
+            CNN_UNROLL
+            for (int v = 0; v < NV; ++v)
+                acc[ky][v] = _mm256_fmadd_ps(x, _mm256_loadu_ps(w + ky * O * span_pad + 8 * v),
+                                             acc[ky][v]);
+    }
+    CNN_UNROLL
+    for (int ky = 0; ky < KH; ++ky)
+        CNN_UNROLL
+        for (int v = 0; v < NV; ++v) {
+            float *r = t + ky * ldx + 8 * v;
+            _mm256_storeu_ps(r, _mm256_add_ps(_mm256_loadu_ps(r), acc[ky][v]));
+        }
+}
+
+/* dw_sparse_avx2_body for kh (1..CONV_SPARSE_KH) kernel rows of span floats, in blocks
+   of 16 columns. */
+__attribute__((target("avx2,fma")))
+static void dw_sparse_avx2(float *dwt, int64_t kh, int64_t span, const float *img,
+                           int64_t ldx, const int64_t *corner, const int64_t *list,
+                           int64_t count, const float *dyo, int64_t O, const float *x_end)
+{
+    /* -> dwt */
+    for (int64_t j0 = 0; j0 < span; j0 += 16) {
+        const int64_t width = min64(16, span - j0);
+        const int nv = width > 8 ? 2 : 1;
+        CONV_SPARSE_SWITCH(dw_sparse_avx2_body, dwt + j0, span, width, img + j0, ldx, corner,
+                           list, count, dyo, O, x_end)
+    }
+}
+
+/* dx_sparse_avx2_body for kh (1..CONV_SPARSE_KH) kernel rows of span floats, in blocks
+   of 16 columns. */
+__attribute__((target("avx2,fma")))
+static void dx_sparse_avx2(float *t, int64_t kh, int64_t ldx, const float *wt,
+                           int64_t span, int64_t span_pad, const float *d, uint64_t bits,
+                           int64_t O)
+{
+    /* -> t rows += */
+    for (int64_t j0 = 0; j0 < span; j0 += 16) {
+        const int nv = span - j0 > 8 ? 2 : 1;
+        CONV_SPARSE_SWITCH(dx_sparse_avx2_body, t + j0, ldx, wt + j0, span_pad, d, bits, O)
     }
 }
 
@@ -1263,7 +1401,10 @@ static void mask_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
     /* -> masks of images [n0, n1) */
     (void)slot;
     const int64_t npix = x->s->out_h * x->s->out_w, O = x->s->out_c;
-    dy_masks_avx512(x->masks + n0 * npix, x->dY + n0 * npix * O, (n1 - n0) * npix, O);
+    if (x->avx512)
+        dy_masks_avx512(x->masks + n0 * npix, x->dY + n0 * npix * O, (n1 - n0) * npix, O);
+    else
+        dy_masks_avx2(x->masks + n0 * npix, x->dY + n0 * npix * O, (n1 - n0) * npix, O);
 }
 
 /* Sparse dW of channels o0 .. o1-1 over every image in order, transposed: channel o's
@@ -1274,14 +1415,22 @@ static void weight_channels(const conv_ctx *x, int64_t o0, int64_t o1, float *sl
     const cnn_conv2d_shape *s = x->s;
     const conv_geom *g = &x->g;
     const int64_t npix = s->out_h * s->out_w, O = s->out_c;
+    const int64_t image = s->in_h * s->in_w * s->in_c;
     memset(x->dwp + o0 * g->K, 0, (size_t)((o1 - o0) * g->K) * sizeof(float));
     for (int64_t n = 0; n < s->batch; ++n) {
         const float *img = image_of(x->X, s, g, n, slot);
         int64_t *list = (int64_t *)(void *)(slot + g->list);
         for (int64_t o = o0; o < o1; ++o) {
-            const int64_t count = pixels_with_channel(list, x->masks + n * npix, npix, o);
-            dw_sparse_avx512(x->dwp + o * g->K, s->kernel_h, g->span, img, g->ldx, x->corner,
-                             list, count, x->dY + n * npix * O + o, O);
+            const uint64_t *m = x->masks + n * npix;
+            const float *dyo = x->dY + n * npix * O + o;
+            if (x->avx512)
+                dw_sparse_avx512(x->dwp + o * g->K, s->kernel_h, g->span, img, g->ldx,
+                                 x->corner, list, pixels_with_channel(list, m, npix, o),
+                                 dyo, O);
+            else
+                dw_sparse_avx2(x->dwp + o * g->K, s->kernel_h, g->span, img, g->ldx,
+                               x->corner, list, pixels_with_channel_scalar(list, m, npix, o),
+                               dyo, O, g->in_place ? x->X + s->batch * image : slot + g->list);
         }
     }
 }
@@ -1305,9 +1454,12 @@ static void data_images(const conv_ctx *x, int64_t n0, int64_t n1, float *slot)
         /* pixel by pixel, over the channels whose dY is nonzero */
         for (int64_t p = 0; x->sparse_dy && p < s->out_h * s->out_w; ++p) {
             const uint64_t bits = x->masks[n * s->out_h * s->out_w + p];
-            if (bits)
+            if (bits && x->avx512)
                 dx_sparse_avx512(t + x->corner[p], s->kernel_h, g->ldx, x->wt, g->span,
                                  g->span_pad, dy + p * s->out_c, bits, s->out_c);
+            else if (bits)
+                dx_sparse_avx2(t + x->corner[p], s->kernel_h, g->ldx, x->wt, g->span,
+                               g->span_pad, dy + p * s->out_c, bits, s->out_c);
         }
 #endif
         for (int64_t oy = 0; oy < s->out_h && !x->sparse_dy; ++oy) {
@@ -1414,14 +1566,14 @@ static int pass_threads(int n_threads, double macs)
 
 #ifdef CNN_AVX2_BUILD
 /* Whether the backward passes should take dY's nonzero entries only (the masks then
-   hold them): with the AVX-512 family, for the kernel sizes its sparse tiles take,
-   when at most half of dY is nonzero.  The same answer for any thread count. */
+   hold them): with the AVX2 or AVX-512 family, for the kernel sizes the sparse tiles
+   take, when at most half of dY is nonzero.  The same answer for any thread count. */
 __attribute__((target("popcnt")))
 static int use_sparse_dy(conv_ctx *x, int n_threads)
 {
     /* -> 0 / 1, with x->corner and x->masks filled when 1 */
     const cnn_conv2d_shape *s = x->s;
-    if (!x->avx512 || s->kernel_h > CONV_SPARSE_KH || x->g.span < CONV_SPARSE_SPAN_MIN ||
+    if (!x->avx2 || s->kernel_h > CONV_SPARSE_KH || x->g.span < CONV_SPARSE_SPAN_MIN ||
         s->out_c > CONV_SPARSE_O)
         return 0;
     const int64_t npix = s->out_h * s->out_w;
@@ -1433,7 +1585,7 @@ static int use_sparse_dy(conv_ctx *x, int n_threads)
     if (2 * nonzero > s->batch * npix * s->out_c)
         return 0;
     for (int64_t p = 0; p < npix; ++p)
-        x->corner[p] = p / s->out_w * s->stride * x->g.ldx + p % s->out_w * s->stride * s->in_c;
+        x->corner[p] = (p / s->out_w * x->g.ldx + p % s->out_w * s->in_c) * s->stride;
     return 1;
 }
 #endif
