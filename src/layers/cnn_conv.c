@@ -1238,7 +1238,7 @@ typedef struct conv_ctx {
     const float *wpk;     /* (K, o_pad) */
     float *wt;            /* (kernel_h, out_c, span_pad) */
     float *dwp;           /* (K, o_pad) */
-    const float *bias_pad;  /* (o_pad + 16): the bias, then zeros */
+    float *bias_pad;      /* (o_pad + 16): the bias, then zeros */
     cnn_activation act;
     float alpha;
     float *images;        /* n_threads padded images */
@@ -1601,11 +1601,10 @@ static conv_ctx make_ctx(const cnn_conv2d_shape *s, float *work)
     x.dwp = work + cnn_round_up_floats(x.g.K * x.g.o_pad);
     x.wt = x.dwp + cnn_round_up_floats(x.g.K * x.g.o_pad);
     x.images = work + shared_floats(s, &x.g);
-    float *after_bias = x.wt + cnn_round_up_floats(s->kernel_h * s->out_c * x.g.span_pad) +
-                        cnn_round_up_floats(x.g.o_pad + CONV_NR);
-    x.corner = (int64_t *)(void *)after_bias;
-    x.masks = (uint64_t *)(void *)(after_bias +
-                                   cnn_round_up_floats(2 * s->out_h * s->out_w));
+    x.bias_pad = x.wt + cnn_round_up_floats(s->kernel_h * s->out_c * x.g.span_pad);
+    x.corner = (int64_t *)(void *)(x.bias_pad + cnn_round_up_floats(x.g.o_pad + CONV_NR));
+    x.masks = (uint64_t *)(void *)(x.corner +
+                                   cnn_round_up_floats(2 * s->out_h * s->out_w) / 2);
 #ifdef CNN_AVX2_BUILD
     x.avx2 = cnn_use_avx2_build();
     x.row_tiles = x.avx2 && s->in_c == 1 && s->stride == 1 && x.g.nv == 1 &&
@@ -1641,10 +1640,8 @@ int cnn_conv2d_forward(float *Y, const float *X, const float *W, const float *b,
         memset(wpk + k * x.g.o_pad + s->out_c, 0,
                (size_t)(x.g.o_pad - s->out_c) * sizeof(float));
     }
-    float *bias_pad = x.wt + cnn_round_up_floats(s->kernel_h * s->out_c * x.g.span_pad);
-    memcpy(bias_pad, b, (size_t)s->out_c * sizeof(float));
-    memset(bias_pad + s->out_c, 0, (size_t)(x.g.o_pad + CONV_NR - s->out_c) * sizeof(float));
-    x.bias_pad = bias_pad;
+    memcpy(x.bias_pad, b, (size_t)s->out_c * sizeof(float));
+    memset(x.bias_pad + s->out_c, 0, (size_t)(x.g.o_pad + CONV_NR - s->out_c) * sizeof(float));
     const double macs = (double)s->batch * s->out_h * s->out_w * x.g.K * s->out_c;
     run_split(&x, forward_images, s->batch, pass_threads(n_threads, macs));
     return CNN_OK;
