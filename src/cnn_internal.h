@@ -39,9 +39,6 @@ int cnn_pool2d_backward_act(float *dX, const float *dY, const float *X, const fl
                             const cnn_pool2d_shape *s, int avg, cnn_activation act,
                             float alpha, int n_threads);
 
-/* Apply `ep` to row i of C, columns j0 .. j0 + n - 1 (c points at column j0). */
-void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, int64_t n);
-
 /* Elementwise loops with an AVX2 build beside the baseline one (the optimizer, the
    gather): the body is a CNN_ALWAYS_INLINE function compiled twice, and
    cnn_use_avx2_build() says which to run.  Only the vector width differs (ISO C builds

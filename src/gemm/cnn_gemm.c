@@ -36,50 +36,56 @@ void cnn_sgemm_ref(float *C, const float *A, const float *B,
 /* ---- epilogue ------------------------------------------------------------ */
 
 
-CNN_ALWAYS_INLINE void epilogue_row_body(float *c, const cnn_epilogue *ep, int64_t i,
-                                        int64_t j0, int64_t n)
+CNN_ALWAYS_INLINE void epilogue_rows_body(float *c, int64_t ldc, const cnn_epilogue *ep,
+                                         int64_t i, int64_t j0, int64_t rows, int64_t n)
 {
-    /* c[0:n] <- act'(grad_of[i, j0:j0+n]) * act(c + bias[j0:j0+n]) ; c is (n,) */
-    if (ep->bias) {
-        const float *b = ep->bias + j0;
-        for (int64_t j = 0; j < n; ++j)
-            c[j] += b[j];
+    /* c[r, 0:n] <- act'(grad_of[i + r, j0:j0+n]) * act(c[r] + bias[j0:j0+n]) ; c is
+       (rows, n), rows ldc apart */
+    for (int64_t r = 0; r < rows; ++r, c += ldc) {
+        if (ep->bias) {
+            const float *b = ep->bias + j0;
+            for (int64_t j = 0; j < n; ++j)
+                c[j] += b[j];
+        }
+        /* The same table as cnn_activation_forward / cnn_activation_backward. */
+        cnn_activate_in_place(c, n, ep->act, ep->alpha);
+        if (ep->grad_of && ep->grad_act != CNN_ACT_IDENTITY)
+            cnn_activation_grad(c, c, ep->grad_of + (i + r) * ep->ld_grad_of + j0, n,
+                                ep->grad_act, ep->alpha);
     }
-    /* The same table as cnn_activation_forward / cnn_activation_backward. */
-    cnn_activate_in_place(c, n, ep->act, ep->alpha);
-    if (ep->grad_of && ep->grad_act != CNN_ACT_IDENTITY)
-        cnn_activation_grad(c, c, ep->grad_of + i * ep->ld_grad_of + j0, n, ep->grad_act,
-                            ep->alpha);
 }
 
-static void epilogue_row_generic(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0,
-                                 int64_t n)
+static void epilogue_rows_generic(float *c, int64_t ldc, const cnn_epilogue *ep, int64_t i,
+                                  int64_t j0, int64_t rows, int64_t n)
 {
-    epilogue_row_body(c, ep, i, j0, n);
+    epilogue_rows_body(c, ldc, ep, i, j0, rows, n);
 }
 
 #ifdef CNN_AVX2_BUILD
 __attribute__((target("avx2")))
-static void epilogue_row_avx2(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0,
-                              int64_t n)
+static void epilogue_rows_avx2(float *c, int64_t ldc, const cnn_epilogue *ep, int64_t i,
+                               int64_t j0, int64_t rows, int64_t n)
 {
-    epilogue_row_body(c, ep, i, j0, n);
+    epilogue_rows_body(c, ldc, ep, i, j0, rows, n);
 }
 #endif
 
-void cnn_epilogue_row(float *c, const cnn_epilogue *ep, int64_t i, int64_t j0, int64_t n)
+/* The epilogue on rows [i, i + rows) x columns [j0, j0 + n) of C, stored at c with rows
+   ldc apart (a tile, a row), in the AVX2 build of the loops when the CPU runs AVX2 code
+   (the same bits: see cnn_internal.h); nothing when ep is NULL. */
+static void epilogue_rows(float *c, int64_t ldc, const cnn_epilogue *ep, int64_t i,
+                          int64_t j0, int64_t rows, int64_t n)
 {
-    /* the AVX2 build of the loops when the CPU runs AVX2 code (the same bits: see
-       cnn_internal.h) */
-    if (!ep || n <= 0)
+    /* C block -> C block */
+    if (!ep || n <= 0 || rows <= 0)
         return;
 #ifdef CNN_AVX2_BUILD
     if (cnn_use_avx2_build()) {
-        epilogue_row_avx2(c, ep, i, j0, n);
+        epilogue_rows_avx2(c, ldc, ep, i, j0, rows, n);
         return;
     }
 #endif
-    epilogue_row_generic(c, ep, i, j0, n);
+    epilogue_rows_generic(c, ldc, ep, i, j0, rows, n);
 }
 
 /* 1 if `ep` is usable for an (M, N) GEMM result (NULL is). */
@@ -587,9 +593,7 @@ static void macro_kernel(const gemm_ctx *x, const float *abuf, float *bbuf,
             else
                 f->kernel(c, ldc, abuf + ir * kc, pb, kc, (int)mrs, (int)h, width, (int)w,
                           x->alpha, beta);
-            if (ep)
-                for (int64_t r = 0; r < h; ++r)
-                    cnn_epilogue_row(c + r * ldc, ep, i + ir + r, j + jr, w);
+            epilogue_rows(c, ldc, ep, i + ir, j + jr, h, w);
         }
     }
 }
@@ -620,7 +624,7 @@ static void run_row_cols(const gemm_ctx *x, int64_t j0, int64_t j1)
             x->f->row(c, a + k0 * a_step, a_step, x->B + k0 * x->ldb + j0, x->ldb, j1 - j0,
                       kc, x->alpha, b == 0 ? x->beta : 1.0f);
         }
-        cnn_epilogue_row(c, x->ep, i, j0, j1 - j0);
+        epilogue_rows(c, x->ldc, x->ep, i, j0, 1, j1 - j0);
     }
 }
 
@@ -667,8 +671,7 @@ static void run_sparse_rows(const gemm_ctx *x, int64_t i0, int64_t i1, float *bu
                                  terms[p], x->B + k0 * x->ldb + j, x->ldb, min64(128, N - j),
                                  x->alpha, b == 0 ? x->beta : 1.0f);
         }
-        for (int64_t p = 0; p < P; ++p)
-            cnn_epilogue_row(x->C + (ib + p) * x->ldc, x->ep, ib + p, 0, N);
+        epilogue_rows(x->C + ib * x->ldc, x->ldc, x->ep, ib, 0, P, N);
     }
 }
 
@@ -749,7 +752,7 @@ static void scale_only(const gemm_ctx *x)
             for (int64_t j = 0; j < x->N; ++j)
                 c[j] *= x->beta;
         if (x->ep)
-            cnn_epilogue_row(c, x->ep, i, 0, x->N);
+            epilogue_rows(c, x->ldc, x->ep, i, 0, 1, x->N);
     }
 }
 
