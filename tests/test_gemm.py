@@ -178,18 +178,24 @@ def test_sparse_single_rows_equal_tiled_rows(kernel, trans_a, N, K):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("M,N,K", [(16, 128, 784), (5, 97, 513), (33, 7, 1100), (17, 300, 64),
-                                   (1, 1, 1), (40, 1, 31)])
+                                   (1, 1, 1), (40, 1, 31), (19, 1000, 200), (6, 129, 97)])
 def test_sparse_rows_equal_dense_tiles(kernel, trans_a, M, N, K):
-    """Mostly-zero rows of op(A) take the sparse row path (only their nonzero terms);
-    stacked under dense rows, the same rows take the tiled path with every term.  Both
-    must give the same values (a zero may only differ in sign): odd N and K over several
-    blocks, whole zero rows, signed zeros."""
+    """Mostly-zero rows of op(A) take the sparse row path (only their nonzero terms,
+    over pieces of op(B)'s rows with long K blocks); stacked under dense rows, the same
+    rows take the tiled path with every term.  Both must give the same values (a zero
+    may only differ in sign): odd N and K over several blocks, whole zero rows, signed
+    zeros, a row whose only term is the last, a long run without terms, a dense run."""
     kernels.set_kernel(kernel)
     rng = np.random.default_rng(M + N + K + trans_a)
     sparse = rng.standard_normal((M, K)).astype(np.float32)
     sparse[rng.random((M, K)) < 0.85] = 0.0
     sparse[M // 2] = 0.0
     sparse[0, rng.random(K) < 0.05] = -0.0
+    if M > 3:
+        sparse[1] = 0.0
+        sparse[1, K - 1] = 3.0
+        sparse[2, : K // 2] = 0.0
+        sparse[3, K // 4: K // 2] = rng.standard_normal(K // 2 - K // 4)
     dense = rng.standard_normal((4 * M + 3, K)).astype(np.float32)
     B = rng.standard_normal((K, N)).astype(np.float32)
     C0 = rng.standard_normal((M, N)).astype(np.float32)
