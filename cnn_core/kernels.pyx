@@ -560,11 +560,17 @@ def dense_forward(X, W, b, activation="identity", *, alpha=0.01, n_threads=None)
     return Y
 
 
-def dense_backward(X, dY, W, *, compute_dX=True, n_threads=None):
-    """Return (dW, db, dX) = (X^T dY, column sums of dY, dY W^T or None).
+def dense_backward(X, dY, W, *, compute_dX=True, activation="identity", alpha=0.01,
+                   n_threads=None):
+    """Return (dW, db, dX) = (X^T dY, column sums of dY, (dY W^T) * act'(X) or None).
 
-    X (B, n_in), dY (B, n_out), W (n_in, n_out): float32 C-contiguous.
+    X (B, n_in), dY (B, n_out), W (n_in, n_out): float32 C-contiguous.  `activation`
+    (elementwise, slope alpha for leaky_relu) is the one that produced X, the layer's
+    input, whose derivative (written from its output, X) the GEMM applies to dX.
     """
+    cdef int code = _activation_code(activation)
+    if activation == "softmax":
+        raise ValueError("activation must be elementwise (softmax is not)")
     X = _contiguous(X, "X", np.float32, 2)
     dY = _contiguous(dY, "dY", np.float32, 2)
     W = _contiguous(W, "W", np.float32, 2)
@@ -586,10 +592,12 @@ def dense_backward(X, dY, W, *, compute_dX=True, n_threads=None):
     cdef float[:, ::1] dx = dX if compute_dX else np.empty((1, 1), np.float32)
     cdef float[::1] wk = work
     cdef float *dxp = _ptr(dx) if compute_dX else NULL
+    cdef float a = alpha
     cdef int status
     with nogil:
-        status = cnn_dense_backward(_ptr(dw), _ptr1(dbv), dxp, _cptr(x), _cptr(d), _cptr(wm),
-                                B, n_in, n_out, _ptr1(wk), threads)
+        status = c.cnn_dense_backward_act(_ptr(dw), _ptr1(dbv), dxp, _cptr(x), _cptr(d),
+                                          _cptr(wm), B, n_in, n_out, <c.cnn_activation>code,
+                                          a, _ptr1(wk), threads)
     _raise_for(status)
     return dW, db, dX
 

@@ -291,3 +291,45 @@ def test_environment_override():
     unsupported = sorted({"avx2", "avx512", "neon"} - set(KERNELS))
     if unsupported:
         assert kernel_in_subprocess(unsupported[0]) == best
+
+
+def same_bits(a, b):
+    """Equal arrays, zeros of the same sign, NaN where the other is NaN."""
+    nan = np.isnan(a)
+    return (np.array_equal(nan, np.isnan(b)) and np.array_equal(a[~nan], b[~nan])
+            and np.array_equal(np.signbit(a[~nan]), np.signbit(b[~nan])))
+
+
+SPECIAL_BIAS = np.array([-0.0, 0.0, np.inf, -np.inf, 1e30, -3.0], np.float32)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("name", ["identity", "relu", "leaky_relu", "sigmoid", "tanh"])
+def test_epilogue_equals_separate_passes(kernel, name):
+    """The GEMM applies a dense layer's bias and activation, and on the way back the
+    derivative of its input's activation, as it stores each tile (in registers where the
+    family can): the same bits as the separate passes, over tiles of every height and
+    partial width, K over several blocks, with NaN, infinities, zeros and negatives."""
+    kernels.set_kernel(kernel)
+    rng = np.random.default_rng(len(name))
+    for B, n_in, n_out in [(1, 1, 1), (15, 7, 33), (64, 784, 128), (37, 1100, 65),
+                           (29, 129, 97), (200, 64, 10)]:
+        X = rng.standard_normal((B, n_in)).astype(np.float32)
+        W = (0.1 * rng.standard_normal((n_in, n_out))).astype(np.float32)
+        b = rng.standard_normal(n_out).astype(np.float32)
+        k = min(len(b[::3]), len(SPECIAL_BIAS))
+        b[: 3 * k: 3] = SPECIAL_BIAS[:k]
+        X[B // 2] = 0.0                          # a row of exact zeros: Z = bias there
+        X[B - 1, 0] = np.nan
+        Z = kernels.gemm(X, W)
+        separate = kernels.activation_forward(kernels.bias_forward(Z, b), name, alpha=0.2)
+        fused = kernels.dense_forward(X, W, b, name, alpha=0.2)
+        assert same_bits(fused, separate), (B, n_in, n_out)
+
+        Y = kernels.activation_forward(X, name, alpha=0.2)   # the layer's input
+        dY = rng.standard_normal((B, n_out)).astype(np.float32)
+        dY[0, -1] = np.inf
+        G = kernels.gemm(dY, W, trans_b=True)
+        separate = kernels.activation_backward(G, Y, name, alpha=0.2)
+        _, _, fused = kernels.dense_backward(Y, dY, W, activation=name, alpha=0.2)
+        assert same_bits(fused, separate), (B, n_in, n_out)

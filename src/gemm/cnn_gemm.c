@@ -88,6 +88,13 @@ static void epilogue_rows(float *c, int64_t ldc, const cnn_epilogue *ep, int64_t
     epilogue_rows_generic(c, ldc, ep, i, j0, rows, n);
 }
 
+/* 1 if act is one that a family's kernel_ep applies in registers. */
+static int register_activation(cnn_activation act)
+{
+    /* act -> flag */
+    return act == CNN_ACT_IDENTITY || act == CNN_ACT_RELU || act == CNN_ACT_LEAKY_RELU;
+}
+
 /* 1 if `ep` is usable for an (M, N) GEMM result (NULL is). */
 static int epilogue_ok(const cnn_epilogue *ep, int64_t N)
 {
@@ -229,7 +236,7 @@ static const cnn_gemm_family family_generic = {
     CNN_KERNEL_GENERIC, GEN_MR, GEN_NR, GEN_NR,
     256, 128, 2048,
     kernel_generic, cnn_gemm_pack_generic, 0, row_generic, 0, 0, cnn_gemm_terms_generic,
-    row_terms_generic
+    row_terms_generic, 0
 };
 
 const cnn_gemm_family *cnn_gemm_family_generic(void) { return &family_generic; }
@@ -576,6 +583,9 @@ static void macro_kernel(const gemm_ctx *x, const float *abuf, float *bbuf,
        read from bsrc when direct (a single tile uses them) */
     const cnn_gemm_family *f = x->f;
     const int64_t nr = f->nr, ldc = x->ldc;
+    /* plain tiles apply ep in registers when the family can */
+    const int in_kernel = ep && f->kernel_ep && register_activation(ep->act) &&
+                          register_activation(ep->grad_act);
     for (int64_t jr = 0; jr < nc; jr += nr) {
         const int64_t w = min64(nr, nc - jr);
         const int width = w == nr ? (int)nr : cnn_gemm_last_width(w, (int)nr, f->nr_step);
@@ -590,7 +600,11 @@ static void macro_kernel(const gemm_ctx *x, const float *abuf, float *bbuf,
             else if (rec && rec[0] >= 0)
                 f->kernel_sparse(c, ldc, abuf + ir * kc, pb, rec + 1, rec[0], (int)mrs,
                                  (int)h, width, (int)w, x->alpha, beta);
-            else
+            else if (in_kernel) {
+                f->kernel_ep(c, ldc, abuf + ir * kc, pb, kc, (int)mrs, (int)h, width, (int)w,
+                             x->alpha, beta, ep, i + ir, j + jr);
+                continue;
+            } else
                 f->kernel(c, ldc, abuf + ir * kc, pb, kc, (int)mrs, (int)h, width, (int)w,
                           x->alpha, beta);
             epilogue_rows(c, ldc, ep, i + ir, j + jr, h, w);

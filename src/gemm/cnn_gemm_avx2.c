@@ -327,7 +327,7 @@ static const cnn_gemm_family family_avx2 = {
     CNN_KERNEL_AVX2, MR, NR, 8,
     256, 144, 4096,
     kernel_avx2, pack_avx2, kernel_packb_avx2, row_avx2, 0, 0, cnn_gemm_terms_generic,
-    row_terms_avx2
+    row_terms_avx2, 0
 };
 
 const cnn_gemm_family *cnn_gemm_family_avx2(void) { return &family_avx2; }

@@ -23,15 +23,42 @@ AVX512_INLINE __mmask16 lanes(int64_t n)
     return (__mmask16)((1u << n) - 1u);
 }
 
+/* r with the epilogue ep applied for C(i, j .. j + 15) (lanes past m are don't-care):
+   the operations of epilogue_rows_body (cnn_gemm.c) on the identity, relu and
+   leaky_relu, in the same order.  max(r, 0) is r > 0 ? r : 0 exactly (NaN and -0 give
+   +0: max returns its second operand unless the first is greater). */
+AVX512_INLINE __m512 epilogue(__m512 r, const cnn_epilogue *ep, int64_t i, int64_t j,
+                              __mmask16 m)
+{
+    /* r -> act'(grad_of) * act(r + bias) */
+    const __m512 zero = _mm512_setzero_ps(), slope = _mm512_set1_ps(ep->alpha);
+    if (ep->bias)
+        r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(m, ep->bias + j));
+    if (ep->act == CNN_ACT_RELU)
+        r = _mm512_max_ps(r, zero);
+    else if (ep->act == CNN_ACT_LEAKY_RELU)
+        r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, zero, _CMP_GT_OQ),
+                                 _mm512_mul_ps(slope, r), r);
+    if (ep->grad_of && ep->grad_act != CNN_ACT_IDENTITY) {
+        const __m512 y = _mm512_maskz_loadu_ps(m, ep->grad_of + i * ep->ld_grad_of + j);
+        const __mmask16 pos = _mm512_cmp_ps_mask(y, zero, _CMP_GT_OQ);
+        r = ep->grad_act == CNN_ACT_RELU ? _mm512_maskz_mov_ps(pos, r)
+                                         : _mm512_mask_blend_ps(pos, _mm512_mul_ps(slope, r), r);
+    }
+    return r;
+}
+
 /* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 16 NV).
    FUSE 0: pb is a packed panel.  FUSE 1: pb is the unpacked source, rows ldpb apart,
    and each row is also stored to the packed panel pbo (kc, 16 NV), so the first tile
    of a panel packs it.  FUSE 2: pb is the unpacked source and nothing is stored.
-   FUSE 3: pa is compacted, its step k pairs with row ks[k] of the packed panel pb. */
+   FUSE 3: pa is compacted, its step k pairs with row ks[k] of the packed panel pb.
+   With ep, the epilogue is applied to the tile (C(row, col) its first element). */
 AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int64_t ldc,
                         const float *CNN_RESTRICT pa, const float *CNN_RESTRICT pb,
                         int64_t ldpb, float *CNN_RESTRICT pbo, const int32_t *ks,
-                        int64_t kc, int mr, int nr, float alpha, float beta)
+                        int64_t kc, int mr, int nr, float alpha, float beta,
+                        const cnn_epilogue *ep, int64_t row, int64_t col)
 {
     /* pa (kc, MRS), pb (kc, 16 NV) rows ldpb apart -> C (mr, nr), rows ldc apart */
     __m512 acc0[MR], acc1[MR];
@@ -88,6 +115,11 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
                     if (NV == 2)
                         r1 = _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci + 16), r1);
                 }
+                if (ep) {
+                    r0 = epilogue(r0, ep, row + i, col, 0xffff);
+                    if (NV == 2)
+                        r1 = epilogue(r1, ep, row + i, col + 16, 0xffff);
+                }
                 _mm512_storeu_ps(ci, r0);
                 if (NV == 2)
                     _mm512_storeu_ps(ci + 16, r1);
@@ -106,6 +138,11 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
                     if (NV == 2)
                         r1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, ci + 16), r1);
                 }
+                if (ep) {
+                    r0 = epilogue(r0, ep, row + i, col, m0);
+                    if (NV == 2)
+                        r1 = epilogue(r1, ep, row + i, col + 16, m1);
+                }
                 _mm512_mask_storeu_ps(ci, m0, r0);
                 if (NV == 2)
                     _mm512_mask_storeu_ps(ci + 16, m1, r1);
@@ -115,7 +152,9 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
 }
 
 #define TILE_CASE(R, V, F) \
-    case R: tile(R, V, F, c, ldc, pa, pb, ldpb, pbo, ks, kc, mr, nr, alpha, beta); return;
+    case R:                                                                        \
+        tile(R, V, F, c, ldc, pa, pb, ldpb, pbo, ks, kc, mr, nr, alpha, beta, ep, row, col); \
+        return;
 #define TILE_SWITCH(V, F)                                                          \
     switch (mr_stride) {                                                           \
         TILE_CASE(1, V, F) TILE_CASE(2, V, F) TILE_CASE(3, V, F)                   \
@@ -130,6 +169,24 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
 static AVX512_FN void kernel_avx512(float *c, int64_t ldc, const float *pa, const float *pb,
                                     int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
                                     float alpha, float beta)
+{
+    /* pa (kc, mr_stride), pb (kc, nr_panel) -> C (mr, nr) */
+    const int64_t ldpb = nr_panel, row = 0, col = 0;
+    float *pbo = 0;
+    const int32_t *ks = 0;
+    const cnn_epilogue *ep = 0;
+    if (nr_panel == 32) {
+        TILE_SWITCH(2, 0)
+    } else {
+        TILE_SWITCH(1, 0)
+    }
+}
+
+/* kernel_avx512 with the epilogue ep applied to the tile (see cnn_gemm_kernel_ep_fn). */
+static AVX512_FN void kernel_ep_avx512(float *c, int64_t ldc, const float *pa, const float *pb,
+                                       int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
+                                       float alpha, float beta, const cnn_epilogue *ep,
+                                       int64_t row, int64_t col)
 {
     /* pa (kc, mr_stride), pb (kc, nr_panel) -> C (mr, nr) */
     const int64_t ldpb = nr_panel;
@@ -149,7 +206,8 @@ static AVX512_FN void kernel_sparse_avx512(float *c, int64_t ldc, const float *p
                                            float alpha, float beta)
 {
     /* pa (terms, mr_stride), pb (kc, nr_panel) rows ks -> C (mr, nr) */
-    const int64_t ldpb = nr_panel, kc = terms;
+    const int64_t ldpb = nr_panel, kc = terms, row = 0, col = 0;
+    const cnn_epilogue *ep = 0;
     float *pbo = 0;
     if (nr_panel == 32) {
         TILE_SWITCH(2, 3)
@@ -183,7 +241,8 @@ static AVX512_FN void kernel_packb_avx512(float *c, int64_t ldc, const float *pa
 {
     /* pa (kc, mr_stride), bsrc (kc, 32) rows ldb apart -> C (mr, 32), pbo (kc, 32) */
     const float *pb = bsrc;
-    const int64_t ldpb = ldb;
+    const int64_t ldpb = ldb, row = 0, col = 0;
+    const cnn_epilogue *ep = 0;
     const int nr = NR;
     const int32_t *ks = 0;
     if (pbo) {
@@ -421,7 +480,7 @@ static const cnn_gemm_family family_avx512 = {
     CNN_KERNEL_AVX512, MR, NR, 16,
     512, 168, 4096,
     kernel_avx512, pack_avx512, kernel_packb_avx512, row_avx512,
-    compact_avx512, kernel_sparse_avx512, terms_avx512, row_terms_avx512
+    compact_avx512, kernel_sparse_avx512, terms_avx512, row_terms_avx512, kernel_ep_avx512
 };
 
 const cnn_gemm_family *cnn_gemm_family_avx512(void) { return &family_avx512; }

@@ -65,6 +65,15 @@ typedef void (*cnn_gemm_kernel_fn)(float *c, int64_t ldc, const float *pa, const
                                    int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
                                    float alpha, float beta);
 
+/* Optional: cnn_gemm_kernel_fn that also applies the GEMM's epilogue to the tile, whose
+   first element is C(row, col), before storing it (on the last K block).  It handles
+   the bias and the identity, relu and leaky_relu as act and grad_act (the driver
+   checks), with the arithmetic of the separate pass, so the same bits. */
+typedef void (*cnn_gemm_kernel_ep_fn)(float *c, int64_t ldc, const float *pa, const float *pb,
+                                      int64_t kc, int mr_stride, int mr, int nr_panel, int nr,
+                                      float alpha, float beta, const cnn_epilogue *ep,
+                                      int64_t row, int64_t col);
+
 /* Pack X(k0 : k0 + kc, x0 : x0 + nx) into ceil(nx / panel) panels: panel p starts at
    dst + p * panel * kc and is (kc, w_p) with w_p = panel, except the last one, whose
    width is min(panel, round_up(nx - p * panel, step)); entries past nx are zero.
@@ -178,6 +187,7 @@ typedef struct cnn_gemm_family {
     cnn_gemm_kernel_sparse_fn kernel_sparse;
     cnn_gemm_terms_fn terms;                /* NULL (with row_terms) when none */
     cnn_gemm_row_terms_fn row_terms;
+    cnn_gemm_kernel_ep_fn kernel_ep;        /* NULL when the family has none */
 } cnn_gemm_family;
 
 /* The family for a kernel id, or NULL when this build has no such family.

@@ -147,7 +147,7 @@ static void pack_neon(float *dst, const float *src, int64_t ld, int xmajor,
 static const cnn_gemm_family family_neon = {
     CNN_KERNEL_NEON, MR, NR, 4,
     256, 128, 4096,
-    kernel_neon, pack_neon, 0, 0, 0, 0, 0, 0
+    kernel_neon, pack_neon, 0, 0, 0, 0, 0, 0, 0
 };
 
 const cnn_gemm_family *cnn_gemm_family_neon(void) { return &family_neon; }
