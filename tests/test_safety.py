@@ -325,6 +325,9 @@ def test_a_second_concurrent_fit_is_refused(mnist):
 def test_ctrl_c_during_fit_keeps_the_last_recorded_epoch(mnist):
     X, y = mnist[0][:2000], mnist[1][:2000]
     net = Network([784, 32, 10], seed=3)
+    # Python's Ctrl-C handler, even if this process started with SIGINT ignored (as
+    # commands started in the background by a non-interactive shell do)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -332,6 +335,7 @@ def test_ctrl_c_during_fit_keeps_the_last_recorded_epoch(mnist):
             net.fit(X, y, epochs=1000, batch_size=16, optimizer="adam")
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     done = len(net.history_ or [])
     assert done < 1000
     twin = Network([784, 32, 10], seed=3)
