@@ -172,6 +172,10 @@ cdef int cnn_avgpool2d_backward(float *dX, const float *dY, const cnn_pool2d_sha
 
 # ---- status codes and argument checks -------------------------------------------
 
+class NonFiniteInputError(ValueError):
+    """Input rows hold NaN or infinity (found by a kernel as it reads them)."""
+
+
 cdef int _raise_for(int status) except -1:
     """Turn a non-zero kernel status into the matching Python exception."""
     if status == c.CNN_OK:
@@ -180,7 +184,7 @@ cdef int _raise_for(int status) except -1:
     if status == c.CNN_ERR_ALLOC:
         raise MemoryError(message)
     if status == c.CNN_ERR_NONFINITE:
-        raise ValueError("X contains NaN or infinite values")
+        raise NonFiniteInputError("X contains NaN or infinite values")
     raise ValueError(f"kernel rejected its arguments: {message}")
 
 

@@ -434,10 +434,11 @@ class Network:
             not pay (a busy machine, a network too small to split).
 
         Ctrl-C ends training keeping the weights of the last complete epoch (and raises
-        KeyboardInterrupt).  Returns a :class:`History`, also kept as ``self.history_``.
+        KeyboardInterrupt).  NaN or infinity in float X is found as the first epoch
+        gathers its minibatches: ValueError, with the network as before the call.  Returns a :class:`History`, also kept as ``self.history_``.
         Training with the same seed gives bit-identical weights for any n_threads.
         """
-        X = self._check_X(X)
+        X = self._check_X(X, check_finite=False)    # checked as batches are gathered
         n = X.shape[0]
         y = self._check_y(y, n)
         w = kernels._sample_weight(sample_weight, n)
@@ -466,6 +467,8 @@ class Network:
             raise ValueError(f"eps must be at least {_FLOAT32_TINY:.3g} (the smallest normal "
                              f"float32; training runs in float32), got {eps:g}; the usual "
                              f"value is 1e-8")
+        before = (self.history_, getattr(self, "_optimizer_state", None),
+                  self._rng.bit_generator.state)
         continued = self._continued_state(reset, optimizer)
         keep_history = not reset and self.history_ is not None
         first_epoch = len(self.history_) + 1 if keep_history else 1
@@ -520,7 +523,16 @@ class Network:
             plan = {"optimizer": optimizer, "epochs": epochs, "learning_rate": learning_rate,
                     "schedule": schedule, "stopping": stopping, "callbacks": callbacks, "shuffle": shuffle,
                     "verbose": verbose, "n_threads": n_threads}
-            return self._fit(trainer, X, y, w, X_val, y_val, plan)
+            epochs_before = len(self.history_)
+            try:
+                return self._fit(trainer, X, y, w, X_val, y_val, plan)
+            except kernels.NonFiniteInputError:
+                # Found in the first epoch, which reads every row: _fit has put the
+                # weights back; the rest goes back too, as if fit was never called.
+                if len(self.history_) == epochs_before:
+                    self.history_, self._optimizer_state = before[0], before[1]
+                    self._rng.bit_generator.state = before[2]
+                raise
         finally:
             self._snapshot = None
             self._fitting.release()
@@ -616,8 +628,8 @@ class Network:
                     history.stopped_epoch = epoch
                     break
             self._keep_optimizer_state(trainer, plan["optimizer"])
-        except (KeyboardInterrupt, FloatingPointError):
-            # Ctrl-C or divergence: back to the end of the last recorded epoch
+        except (KeyboardInterrupt, FloatingPointError, kernels.NonFiniteInputError):
+            # Ctrl-C, divergence or NaN in X: back to the end of the last recorded epoch
             if started is not None:
                 self._params[:] = started
             raise

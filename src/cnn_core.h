@@ -402,7 +402,9 @@ int cnn_net_predict(float *out, const cnn_net *net, const void *X, cnn_dtype dty
    so far (it picks the dropout masks with net->seed, so they never depend on n_threads)
    and grows by one per minibatch.  Adds the summed (not mean) loss of the batches to
    *loss_sum and their correct predictions (cross-entropy) to *n_correct.  Each step
-   uses 1 or n_threads threads as `threads` chooses (NULL: always n_threads). */
+   uses 1 or n_threads threads as `threads` chooses (NULL: always n_threads).  Float X
+   holding NaN or infinity in a minibatch's rows gives CNN_ERR_NONFINITE when that
+   minibatch is gathered, before its step (the earlier minibatches have been applied). */
 int cnn_net_train_batches(cnn_net *net, cnn_optimizer *opt, float *state1, float *state2,
                           float *grads, float *work, const void *X, cnn_dtype dtype,
                           const int32_t *labels, const float *targets,

@@ -27,7 +27,8 @@ typedef void (*cnn_task_fn)(void *ctx, int64_t task, int thread);
 void cnn_parallel_for(int n_threads, int64_t n_tasks, cnn_task_fn fn, void *ctx);
 
 /* cnn_gather_rows with the rows shared out over n_threads threads once there are
-   enough of them (same result). */
+   enough of them (same result), which also checks the copied values: CNN_ERR_NONFINITE
+   if a float32 one is NaN or infinite (out is filled all the same). */
 int cnn_gather_rows_threaded(float *out, const void *X, cnn_dtype dtype, const int64_t *index,
                              int64_t n_index, int64_t n_rows, int64_t n_cols, int n_threads);
 

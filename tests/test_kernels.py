@@ -322,6 +322,15 @@ def test_gather_rows_odd_shapes(dtype, n_cols):
         assert out.shape == (n_index, n_cols)
         assert np.array_equal(out, X[index].astype(np.float32) * scale)
 
+
+def test_gather_rows_copies_nonfinite_values_as_they_are():
+    """The public gather copies NaN and infinities bit for bit (training's gather, which
+    shares its loop, reports them instead)."""
+    X = np.zeros((3, 21), np.float32)
+    X[1, [0, 8, 20]] = [np.nan, np.inf, -np.inf]
+    out = kernels.gather_rows(X, [1, 0, 1])
+    assert np.array_equal(out.view(np.uint32), X[[1, 0, 1]].view(np.uint32))
+
 BAD_ARRAYS = [
     ([[1.0, 2.0]], TypeError, "numpy.ndarray"),
     (np.zeros((2, 2), np.float64), TypeError, "float32"),

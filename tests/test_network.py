@@ -398,6 +398,66 @@ def test_export_c_method_writes_source(tmp_path):
     assert report.n_parameters == 4 * 3 + 3 + 3 * 2 + 2
 
 
+def _fit_state(net):
+    """Everything a failed fit must leave as it was."""
+    history = None if net.history_ is None else [
+        {k: v for k, v in r.items() if k != "seconds"} for r in net.history_.records]
+    optimizer = getattr(net, "_optimizer_state", None)
+    optimizer = None if optimizer is None else {
+        k: (np.array(v) if isinstance(v, np.ndarray) else v) for k, v in optimizer.items()}
+    return net._params.copy(), history, optimizer, net._rng.bit_generator.state
+
+
+def _same_fit_state(a, b):
+    params_a, history_a, opt_a, rng_a = a
+    params_b, history_b, opt_b, rng_b = b
+    assert np.array_equal(params_a, params_b)
+    assert history_a == history_b and rng_a == rng_b
+    assert (opt_a is None) == (opt_b is None)
+    if opt_a is not None:
+        assert opt_a.keys() == opt_b.keys()
+        for key in opt_a:
+            assert np.array_equal(opt_a[key], opt_b[key])
+
+
+@pytest.mark.parametrize("n_features,n_threads", [(6, 1), (784, 2)])  # serial, threaded gather
+@pytest.mark.parametrize("row", [0, 137, 299])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_fit_finds_nonfinite_X_as_it_gathers_and_leaves_the_network_as_it_was(
+        n_features, n_threads, row, bad):
+    """fit no longer scans float X before training: the gather finds NaN or infinity in
+    the first epoch, fit raises ValueError and puts back the weights, the history, the
+    optimizer state and the shuffling generator, so continuing afterwards retraces a
+    network that never saw the failed call."""
+    X, y = small_data(300, n_features, seed=row)
+    net, twin = (Network([n_features, 9, 3], seed=4) for _ in range(2))
+    for network in (net, twin):
+        network.fit(X, y, epochs=1, batch_size=64, n_threads=n_threads)
+    bad_X = X.copy()
+    bad_X[row, n_features // 2] = bad
+    before = _fit_state(net)
+    for reset in (False, True):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            net.fit(bad_X, y, epochs=2, batch_size=64, reset=reset, n_threads=n_threads)
+        _same_fit_state(_fit_state(net), before)
+    for network in (net, twin):
+        network.fit(X, y, epochs=2, batch_size=64, reset=False, n_threads=n_threads)
+    _same_fit_state(_fit_state(net), _fit_state(twin))
+
+
+def test_fit_finds_nonfinite_X_in_the_held_out_rows():
+    """With validation_split the held-out rows are read by the evaluation after the first
+    epoch; NaN there also leaves the network as it was."""
+    X, y = small_data(100, 5)
+    X[95, 1] = np.nan                   # in the last 20 rows: held out
+    net = Network([5, 4, 3], seed=1)
+    before = _fit_state(net)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        net.fit(X, y, epochs=3, batch_size=16, validation_split=0.2)
+    _same_fit_state(_fit_state(net), before)
+    assert net.history_ is None
+
+
 @pytest.mark.parametrize("row", [0, 255, 256, 599])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nonfinite_input_is_caught_in_any_inference_chunk(row, bad):
