@@ -272,6 +272,11 @@ CNN_INLINE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 #define CNN_GEMM_COL_UNIT 16
 /* Most row blocks and column blocks a parallel GEMM is cut into. */
 #define CNN_GEMM_MAX_BLOCKS 8
+/* Rough cycles per float of an op(B) that fits in a core's L2 cache (at most
+   CNN_GEMM_SHARED_B_MAX floats) for every thread beyond the first that reads it: see
+   shared_b_cycles. */
+#define CNN_GEMM_SHARED_B_CYCLES 1.5
+#define CNN_GEMM_SHARED_B_MAX 262144.0
 
 /* How a parallel GEMM cuts C into tasks: blocks of `rows` rows (a multiple of the
    family's tallest tile) by `cols` columns (a multiple of CNN_GEMM_COL_UNIT), row-major.
@@ -318,10 +323,29 @@ static double block_cycles(const cnn_gemm_family *f, const gemm_shape *sh, int64
            pack_cycles((double)n * K, sh->b_xmajor, sh->b_fused) + 1000.0;
 }
 
+/* Rough cycles that a split costs later by leaving op(B) in several cores' caches.
+   In a training step op(B) is a layer's weights (forward X W, backward dY W^T), which
+   the optimizer rewrites right after; a store to a line that another core also holds
+   waits for that copy to be invalidated, and on a 2-core VM writing 400 KB that both
+   cores had read took 10 times (up to 50 times) as long as writing it from one core.
+   op(B) is read by one thread per column block when there is a single row block and
+   no more column blocks than threads (the caller claims the first task, a worker the
+   next, the same each step); otherwise every thread reads all of it, sooner or later.
+   Weights larger than a core's L2 are streamed from the shared cache anyway. */
+static double shared_b_cycles(const gemm_shape *sh, int64_t n_rows, int64_t n_cols,
+                              int n_threads)
+{
+    /* (shape, split, threads) -> cycles */
+    const double floats = (double)sh->K * (double)sh->N;
+    if (floats > CNN_GEMM_SHARED_B_MAX || (n_rows == 1 && n_cols <= n_threads))
+        return 0.0;
+    return CNN_GEMM_SHARED_B_CYCLES * floats * (double)(min64(n_threads, n_rows * n_cols) - 1);
+}
+
 /* The split of C for n_threads threads that finishes soonest by a small cost model:
    the work of all tasks shared out, plus half a task for the last one to finish (tasks
-   are claimed one at a time, so a late or descheduled thread costs at most one).  One
-   block (serial) when nothing beats it. */
+   are claimed one at a time, so a late or descheduled thread costs at most one), plus
+   shared_b_cycles.  One block (serial) when nothing beats it. */
 static gemm_split choose_split(const cnn_gemm_family *f, const gemm_shape *sh, int n_threads)
 {
     /* (f, shape, threads) -> split */
@@ -341,7 +365,7 @@ static gemm_split choose_split(const cnn_gemm_family *f, const gemm_shape *sh, i
                 continue;
             const double task = block_cycles(f, sh, rows, cols);
             const double cost = task * (double)(r * c) / (double)min64(n_threads, r * c) +
-                                0.5 * task;
+                                0.5 * task + shared_b_cycles(sh, r, c, n_threads);
             if (cost < best_cost) {
                 best_cost = cost;
                 best.rows = rows; best.cols = cols; best.n_rows = r; best.n_cols = c;
