@@ -435,7 +435,8 @@ class Network:
 
         Ctrl-C ends training keeping the weights of the last complete epoch (and raises
         KeyboardInterrupt).  NaN or infinity in float X is found as the first epoch
-        gathers its minibatches: ValueError, with the network as before the call.  Returns a :class:`History`, also kept as ``self.history_``.
+        gathers its minibatches: ValueError, with the weights, history and (with
+        reset=False) optimizer state as before the call.  Returns a :class:`History`, also kept as ``self.history_``.
         Training with the same seed gives bit-identical weights for any n_threads.
         """
         X = self._check_X(X, check_finite=False)    # checked as batches are gathered
@@ -467,9 +468,8 @@ class Network:
             raise ValueError(f"eps must be at least {_FLOAT32_TINY:.3g} (the smallest normal "
                              f"float32; training runs in float32), got {eps:g}; the usual "
                              f"value is 1e-8")
-        before = (self.history_, getattr(self, "_optimizer_state", None),
-                  self._rng.bit_generator.state)
-        continued = self._continued_state(reset, optimizer)
+        history_before, rng_before = self.history_, self._rng.bit_generator.state
+        continued = self._continued_state(reset, optimizer)   # reset drops the old state
         keep_history = not reset and self.history_ is not None
         first_epoch = len(self.history_) + 1 if keep_history else 1
         schedule = training.make_schedule(schedule, first_epoch + epochs - 1)
@@ -528,10 +528,12 @@ class Network:
                 return self._fit(trainer, X, y, w, X_val, y_val, plan)
             except kernels.NonFiniteInputError:
                 # Found in the first epoch, which reads every row: _fit has put the
-                # weights back; the rest goes back too, as if fit was never called.
+                # weights back; the history, the generator and a continued optimizer
+                # state go back too.
                 if len(self.history_) == epochs_before:
-                    self.history_, self._optimizer_state = before[0], before[1]
-                    self._rng.bit_generator.state = before[2]
+                    self.history_ = history_before
+                    self._rng.bit_generator.state = rng_before
+                    self._optimizer_state = continued
                 raise
         finally:
             self._snapshot = None
