@@ -1,6 +1,7 @@
 """The Network API: initialisation, gradients, training on real MNIST, determinism,
 model files and argument validation."""
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -447,6 +448,18 @@ def test_fit_finds_nonfinite_X_as_it_gathers_and_leaves_the_network_as_it_was(
     with pytest.raises(ValueError, match="NaN or infinite"):
         net.fit(bad_X, y, epochs=2, batch_size=64, n_threads=n_threads)
     _same_fit_state(_fit_state(net), before[:2] + (None,) + before[3:])
+
+
+def test_a_reset_fit_holds_no_reference_to_the_old_optimizer_state():
+    """fit(reset=True) lets the previous fit's optimizer state go before training (it
+    would otherwise add a copy of the parameters to the peak memory of every fit)."""
+    X, y = small_data(64, 6)
+    net = Network([6, 5, 3], seed=0)
+    net.fit(X, y, epochs=1, batch_size=16)
+    old = weakref.ref(net._optimizer_state["state1"])
+    alive = []
+    net.fit(X, y, epochs=1, batch_size=16, callbacks=[lambda n, r: alive.append(old())])
+    assert alive == [None]
 
 
 def test_fit_finds_nonfinite_X_in_the_held_out_rows():
