@@ -436,7 +436,8 @@ class Network:
         Ctrl-C ends training keeping the weights of the last complete epoch (and raises
         KeyboardInterrupt).  NaN or infinity in float X is found as the first epoch
         gathers its minibatches: ValueError, with the weights, history and (with
-        reset=False) optimizer state as before the call.  Returns a :class:`History`, also kept as ``self.history_``.
+        reset=False) optimizer state as before the call.  Returns a :class:`History`,
+        also kept as ``self.history_``.
         Training with the same seed gives bit-identical weights for any n_threads.
         """
         X = self._check_X(X, check_finite=False)    # checked as batches are gathered
