@@ -450,6 +450,24 @@ def test_fit_finds_nonfinite_X_as_it_gathers_and_leaves_the_network_as_it_was(
     _same_fit_state(_fit_state(net), before[:2] + (None,) + before[3:])
 
 
+@pytest.mark.parametrize("kernel", kernels.available_kernels())
+def test_every_build_of_the_gather_finds_nonfinite_X(kernel):
+    """The gather's loop is built twice (baseline and AVX2, picked by the GEMM family):
+    each build flags a non-finite value anywhere in a row, and in a short last batch."""
+    X, y = small_data(70, 33)
+    saved = kernels.get_kernel()
+    try:
+        kernels.set_kernel(kernel)
+        for row, col in [(0, 0), (31, 32), (69, 17)]:
+            bad_X = X.copy()
+            bad_X[row, col] = np.inf
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                Network([33, 4, 3], seed=0).fit(bad_X, y, epochs=1, batch_size=32,
+                                                shuffle=False, n_threads=1)
+    finally:
+        kernels.set_kernel(saved)
+
+
 def test_a_reset_fit_holds_no_reference_to_the_old_optimizer_state():
     """fit(reset=True) lets the previous fit's optimizer state go before training (it
     would otherwise add a copy of the parameters to the peak memory of every fit)."""
