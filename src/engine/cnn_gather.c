@@ -3,7 +3,6 @@
    loop (used when the selected kernel family is AVX2 or AVX-512) gives the same bits.
    Float rows are checked for NaN and infinity as they are copied, so training needs no
    separate pass over X. */
-#include <string.h>
 #include "cnn_core.h"
 #include "cnn_internal.h"
 
@@ -133,10 +132,7 @@ int cnn_gather_rows_threaded(float *out, const void *X, cnn_dtype dtype, const i
         return status;
     if (n_threads < 2 || n_index * n_cols < 16384)
         return gather(out, X, dtype, index, n_index, n_cols) ? CNN_ERR_NONFINITE : CNN_OK;
-    gather_job j;
-    memset(&j, 0, sizeof j);
-    j.out = out; j.X = X; j.dtype = dtype; j.index = index; j.n_index = n_index;
-    j.n_cols = n_cols;
+    gather_job j = { out, X, dtype, index, n_index, n_cols, { 0 } };
     if (n_threads > CNN_MAX_THREADS)
         n_threads = CNN_MAX_THREADS;
     cnn_parallel_for(n_threads, (n_index + CNN_GATHER_ROWS - 1) / CNN_GATHER_ROWS, gather_task,
