@@ -14,7 +14,7 @@ from pathlib import Path
 
 import cnn_core
 from . import kernels, layers, model_file, training
-from .datasets import load_mnist
+from .datasets import DownloadError, load_mnist
 from .network import DEFAULT_LEARNING_RATE, Network
 
 __all__ = ["main", "build_parser"]
@@ -176,9 +176,12 @@ def build_parser():
 
     evaluate = commands.add_parser(
         "evaluate", help="report a saved model's loss and accuracy on the MNIST test set",
-        description="Load a model saved by 'cnn-core train' (or Network.save) and print "
-                    "its loss and accuracy on the MNIST test images.")
-    evaluate.add_argument("model", metavar="MODEL", type=Path, help="model file")
+        description="Load a model saved by 'cnn-core train' (or Network.save), or an ONNX "
+                    "file, and print its loss and accuracy on the MNIST test images (for a "
+                    "regression network with one output: its squared error and R^2 on the "
+                    "digit values).")
+    evaluate.add_argument("model", metavar="MODEL", type=Path,
+                          help="model file (.cnn), or ONNX (.onnx)")
     _add_data(evaluate)
     _add_threads(evaluate)
     evaluate.add_argument("--plot", metavar="PNG", type=Path,
@@ -204,9 +207,9 @@ def build_parser():
     info = commands.add_parser(
         "info", help="show the version, GEMM kernel and threads, or a model's layers",
         description="Show cnn_core's version and build and runtime facts; with a model "
-                    "file, its layers, output shapes and parameter counts.")
+                    "file (or ONNX file), its layers, output shapes and parameter counts.")
     info.add_argument("model", metavar="MODEL", type=Path, nargs="?", default=None,
-                      help="model file to describe (optional)")
+                      help="model file (.cnn) or ONNX file (.onnx) to describe (optional)")
     return parser
 
 
@@ -277,7 +280,10 @@ def _check_output(path):
 
 def _load_data(folder):
     """((X_train, y_train), (X_test, y_test)) of MNIST, from `folder` or the default."""
-    return load_mnist(folder, download=True, verbose=True)
+    try:
+        return load_mnist(folder, download=True, verbose=True)
+    except DownloadError as exc:
+        raise CommandError(f"{_one_line(exc)} (On the command line: --data DIR.)") from None
 
 
 def _describe(net):
@@ -350,11 +356,14 @@ def _train(args):
 
 
 def _load_model(path):
-    """The Network in model file `path`, or a CommandError saying why not."""
+    """The Network in `path` (a model file, or ONNX by its suffix), or a CommandError
+    saying why not."""
     if not path.is_file():
         reason = "is a folder" if path.is_dir() else "does not exist"
         raise CommandError(f"model file {path} {reason}")
     try:
+        if path.suffix.lower() == ".onnx":
+            return Network.from_onnx(path)
         return Network.load(path)
     except OSError as exc:
         raise CommandError(f"cannot read model file {path}: {exc.strerror or exc}") from None
@@ -367,10 +376,22 @@ def _evaluate(args):
     if net.n_features != X_test.shape[1]:
         raise CommandError(f"model {path} takes {net.n_features} inputs, but MNIST images "
                            f"have {X_test.shape[1]} pixels")
-    if len(y_test) and net.n_classes <= int(y_test.max()):
+    if net.n_classes is None:
+        # a regression: scored on the digit values as targets
+        if net.n_outputs != 1:
+            raise CommandError(f"model {path} predicts {net.n_outputs} values per image, but "
+                               f"MNIST has one label per image")
+        if args.plot is not None:
+            raise CommandError("--plot draws misclassified images; model "
+                               f"{path} is a regression")
+    elif len(y_test) and net.n_classes <= int(y_test.max()):
         raise CommandError(f"model {path} has {net.n_classes} classes, but MNIST has 10")
     print(f"model {path}: {_describe(net)}\n{net.summary()}")
     _check_plot(args.plot)
+    if net.n_classes is None:
+        loss, r2 = net.evaluate(X_test, y_test.astype("float32"), n_threads=args.threads)
+        print(f"test R^2 {r2:.4f} (squared error {loss:.4f}) on {len(X_test)} images")
+        return EXIT_OK
     loss, accuracy = net.evaluate(X_test, y_test, n_threads=args.threads)
     print(_result_line(loss, accuracy, len(X_test)))
     if args.plot is not None:

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import cnn_core
@@ -42,6 +43,23 @@ def assert_one_line_error(code, err, fragment=""):
     assert lines[0].startswith("cnn-core: error: "), err
     assert fragment in lines[0]
     assert "Traceback" not in err
+
+
+def test_a_source_folder_shadowing_the_package_is_named_as_such(tmp_path):
+    """Python started beside an uncompiled cnn_core/ (the checkout after pip install .)
+    imports that folder: the error says so and what to do, not 'circular import'."""
+    source = tmp_path / "cnn_core"
+    source.mkdir()
+    for path in Path(cnn_core.__file__).parent.glob("*.py"):
+        (source / path.name).write_bytes(path.read_bytes())
+    done = subprocess.run([sys.executable, "-c", "import cnn_core"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (f"ImportError: {source} is cnn_core's source folder, without the compiled "
+                    f"kernels: run Python from another folder (after pip install .), or "
+                    f"build in place with pip install -e ."), done.stderr
+    assert "circular" not in done.stderr
 
 
 # ---- help, version, info --------------------------------------------------------------
@@ -224,6 +242,26 @@ def test_evaluate_errors_are_one_line(model, fragment, bad_paths, capsys):
     assert_one_line_error(code, capsys.readouterr().err, fragment)
 
 
+@needs_split
+def test_evaluate_scores_a_regression_on_the_digit_values(tmp_path, capsys):
+    (X, y), (X_test, y_test) = cnn_core.load_mnist(SPLIT, download=False, verbose=False)
+    net = Network([784, 8, 1], loss="squared_error", seed=0)
+    net.fit(X[:500], y[:500].astype(np.float32), epochs=2, learning_rate=0.01)
+    net.save(tmp_path / "digits.cnn")
+    assert main(["evaluate", str(tmp_path / "digits.cnn"), "--data", str(SPLIT)]) == 0
+    loss, r2 = net.evaluate(X_test, y_test.astype(np.float32))
+    assert f"test R^2 {r2:.4f} (squared error {loss:.4f}) on 2000 images" in \
+        capsys.readouterr().out
+
+    Network([784, 2], loss="squared_error", seed=0).save(tmp_path / "two.cnn")
+    code = main(["evaluate", str(tmp_path / "two.cnn"), "--data", str(SPLIT)])
+    assert_one_line_error(code, capsys.readouterr().err, "predicts 2 values per image")
+    code = main(["evaluate", str(tmp_path / "digits.cnn"), "--data", str(SPLIT),
+                 "--plot", str(tmp_path / "p.png")])
+    assert_one_line_error(code, capsys.readouterr().err, "is a regression")
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_missing_command_and_unknown_command(capsys):
     assert_one_line_error(main([]), capsys.readouterr().err, "COMMAND")
     assert_one_line_error(main(["fly"]), capsys.readouterr().err, "fly")
@@ -271,5 +309,6 @@ def test_download_error_message_is_flattened_to_one_line(monkeypatch, capsys, tm
     monkeypatch.setattr(cli, "load_mnist", offline)
     code = main(["train", "-o", str(tmp_path / "m.cnn")])
     assert_one_line_error(code, capsys.readouterr().err,
-                          "mirrors tried: https://example/x.gz: offline hint")
+                          "mirrors tried: https://example/x.gz: offline hint "
+                          "(On the command line: --data DIR.)")
     assert not list(tmp_path.iterdir())

@@ -607,7 +607,8 @@ def test_torch_refuses_what_it_is_not_given():
 
 # ---- cnn-core convert --------------------------------------------------------------------
 
-def test_cli_converts_model_files_and_onnx(trained, mnist, tmp_path, capsys):
+def test_cli_converts_model_files_and_onnx(trained, mnist, mnist_split_dir, tmp_path,
+                                           capsys):
     trained.save(tmp_path / "m.cnn")
     assert main(["convert", str(tmp_path / "m.cnn"), str(tmp_path / "m.onnx")]) == 0
     assert main(["convert", str(tmp_path / "m.onnx"), str(tmp_path / "back.cnn")]) == 0
@@ -616,6 +617,14 @@ def test_cli_converts_model_files_and_onnx(trained, mnist, tmp_path, capsys):
     labels, probs = ort_run(tmp_path / "m.onnx", X)
     assert_same_predictions(labels, probs, trained.predict(X), trained.predict_proba(X))
     assert (tmp_path / "back.cnn").read_bytes() == (tmp_path / "m.cnn").read_bytes()
+    # evaluate and info read ONNX files too, with the same results as the model file
+    for name in ("m.cnn", "m.onnx"):
+        assert main(["info", str(tmp_path / name)]) == 0
+        assert main(["evaluate", str(tmp_path / name), "--data", str(mnist_split_dir)]) == 0
+    cnn_info, cnn_eval, onnx_info, onnx_eval = capsys.readouterr().out.split("model ")[1:]
+    assert cnn_info.replace("m.cnn", "m.onnx") == onnx_info
+    assert cnn_eval.replace("m.cnn", "m.onnx") == onnx_eval
+    assert "test accuracy" in onnx_eval
 
 
 def test_cli_converts_cnn_model_files_and_onnx(lenet, mnist, tmp_path, capsys):
