@@ -10,11 +10,17 @@ from pathlib import Path as _Path
 
 try:
     from . import kernels
-except ImportError as exc:  # e.g. the source checkout shadowing the installed package
-    raise ImportError(
-        f"cnn_core's compiled kernels could not be imported from {_Path(__file__).parent}: "
-        f"{exc}. Install the package (pip install .) and run Python outside the source "
-        f"folder, where cnn_core/ is not importable as plain source.") from exc
+except ImportError as exc:
+    _here = _Path(__file__).parent
+    if not any(_here.glob("kernels.*.so")) and not any(_here.glob("kernels*.pyd")):
+        # the source checkout (whose cnn_core/ holds no compiled extension) shadowing
+        # the installed package
+        raise ImportError(
+            f"{_here} is cnn_core's source folder, without the compiled kernels: run "
+            f"Python from another folder (after pip install .), or build in place with "
+            f"pip install -e .") from None
+    raise ImportError(f"cnn_core's compiled kernels in {_here} could not be "
+                      f"imported: {exc}") from exc
 from .datasets import load_mnist
 from .network import History, ModelFileError, Network
 
