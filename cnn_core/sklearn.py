@@ -33,6 +33,12 @@ import numbers
 import warnings
 
 import numpy as np
+
+try:
+    import sklearn  # noqa: F401
+except ImportError:
+    raise ImportError("cnn_core.sklearn needs scikit-learn: pip install "
+                      "'cnn_core[sklearn]'") from None
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
@@ -255,7 +261,7 @@ class _BaseMLP(BaseEstimator):
         if not incremental and history.stopped_epoch is None:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) "
                           f"reached and the optimization hasn't converged yet.",
-                          ConvergenceWarning)
+                          ConvergenceWarning, stacklevel=4)   # the caller of fit
 
     @property
     def coefs_(self):

@@ -271,3 +271,25 @@ def test_regression_on_diabetes_matches_scikit_learn():
         theirs.append(SkRegressor(**settings).fit(X_train, y_train).score(X_test, y_test))
     assert np.mean(ours) > 0.3
     assert abs(np.mean(ours) - np.mean(theirs)) < 0.05, (ours, theirs)
+
+
+def test_convergence_warning_points_at_the_callers_fit():
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 3)), np.arange(40) % 2
+    for model in (MLPClassifier((4,), max_iter=1, n_iter_no_change=5),
+                  MLPRegressor((4,), max_iter=1, n_iter_no_change=5)):
+        with pytest.warns(ConvergenceWarning) as caught:
+            model.fit(X, y)
+        assert [w.filename for w in caught] == [__file__]
+
+
+def test_importing_without_scikit_learn_names_the_extra():
+    import subprocess
+    import sys
+    import tempfile
+    code = "import sys; sys.modules['sklearn'] = None; import cnn_core.sklearn"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tempfile.gettempdir())
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ImportError: cnn_core.sklearn needs scikit-learn: pip install 'cnn_core[sklearn]'")
