@@ -578,8 +578,9 @@ class Network:
         self._optimizer_state = None    # valid again once the fit ends cleanly
         try:
             for epoch in range(first_epoch, last_epoch + 1):
-                trainer.learning_rate = training.scheduled_rate(
-                    plan["schedule"], epoch, plan["learning_rate"], history.records)
+                rate = float(training.scheduled_rate(
+                    plan["schedule"], epoch, plan["learning_rate"], history.records))
+                trainer.learning_rate = rate    # as float32
                 if plan["shuffle"]:     # a fresh permutation, so fits can be continued
                     order = self._rng.permutation(n).astype(np.int64, copy=False)
                 start = time.perf_counter()
@@ -614,7 +615,7 @@ class Network:
                     score = "val_accuracy" if self.loss == "cross_entropy" else "val_r2"
                     record["val_loss"], record[score] = self._evaluate(
                         X_val, y_val, None, n_threads, self._net)
-                record["learning_rate"] = trainer.learning_rate
+                record["learning_rate"] = rate
                 record["seconds"] = time.perf_counter() - start
                 history.records.append(record)
                 started = None

@@ -109,6 +109,12 @@ def test_schedule_formulas():
     assert plateau == pytest.approx([0.1] * 4 + [0.05] * 2 + [0.025])
 
 
+def test_history_records_the_rate_asked_for_not_its_float32(rows):
+    X, y, _, _ = rows
+    history = Network([784, 8, 10], seed=1).fit(X, y, epochs=2, learning_rate=0.05)
+    assert history["learning_rate"] == [0.05, 0.05]       # not 0.05000000074505806
+
+
 def test_schedules_set_the_rate_of_each_epoch(rows):
     X, y, X_val, y_val = rows
     cases = [(("step", {"step_size": 2}), 0.1 * np.array([1, 1, 0.5, 0.5, 0.25, 0.25])),
