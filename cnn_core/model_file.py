@@ -266,8 +266,8 @@ def decode(data, name="model file"):
     except ModelFileError as error:
         if checksum_ok:
             raise
-        raise ModelFileError(f"{error}; its checksum does not match either (the file "
-                             f"is damaged)") from None
+        raise ModelFileError(f"{error} -- but its checksum does not match either, so the "
+                             f"file is more likely damaged") from None
     if not checksum_ok:
         raise ModelFileError(f"{name} is corrupted (checksum mismatch)")
     params = kernels._workspace(n_params)

@@ -141,7 +141,7 @@ def test_damage_with_a_wrong_checksum_says_so(tmp_path):
     data = bytearray(path.read_bytes())
     data[48 + 24] ^= 1                   # units of the first conv2d, checksum not updated
     path.write_bytes(bytes(data))
-    with pytest.raises(ModelFileError, match="checksum does not match either"):
+    with pytest.raises(ModelFileError, match="checksum does not match either, so the file is more likely damaged"):
         Network.load(path)
     data[48 + 24] ^= 1
     data[-10] ^= 1                       # a parameter
