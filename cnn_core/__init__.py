@@ -11,8 +11,9 @@ from pathlib import Path as _Path
 try:
     from . import kernels
 except ImportError as exc:
+    from importlib.machinery import EXTENSION_SUFFIXES as _SUFFIXES
     _here = _Path(__file__).parent
-    if not any(_here.glob("kernels.*.so")) and not any(_here.glob("kernels*.pyd")):
+    if not any((_here / f"kernels{suffix}").is_file() for suffix in _SUFFIXES):
         # the source checkout (whose cnn_core/ holds no compiled extension) shadowing
         # the installed package
         raise ImportError(
