@@ -309,7 +309,8 @@ static double pack_cycles(double n, int xmajor, int fused)
 }
 
 /* Rough cycles for one task: an (m, n) block of C over K with family f's tiles
-   (padded tiles count in full, two vector FMAs a cycle), plus packing its operands. */
+   (rows rounded up to whole tiles, as the NEON and generic tiles compute them; two
+   vector FMAs a cycle), plus packing its operands. */
 static double block_cycles(const cnn_gemm_family *f, const gemm_shape *sh, int64_t m,
                            int64_t n)
 {

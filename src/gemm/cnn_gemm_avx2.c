@@ -23,19 +23,20 @@ AVX2_INLINE __m256i lanes8(int64_t n)
                               _mm256_loadu_si256((const __m256i *)ramp));
 }
 
-/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 8 NV).
+/* C tile (R, nr) = alpha * pa . pb + beta * C ; pa is (kc, stride), pb is (kc, 8 NV):
+   only the R rows stored are computed.
    FUSE 0: pb is a packed panel.  FUSE 1: pb is the unpacked source, rows ldpb apart,
    and each row is also stored to the packed panel pbo (kc, 8 NV), so the first tile
    of a panel packs it.  FUSE 2: pb is the unpacked source and nothing is stored. */
-AVX2_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int64_t ldc,
-                      const float *CNN_RESTRICT pa, const float *CNN_RESTRICT pb,
-                      int64_t ldpb, float *CNN_RESTRICT pbo,
-                      int64_t kc, int mr, int nr, float alpha, float beta)
+AVX2_INLINE void tile(const int R, const int NV, const int FUSE, float *c, int64_t ldc,
+                      const float *CNN_RESTRICT pa, int64_t stride,
+                      const float *CNN_RESTRICT pb, int64_t ldpb, float *CNN_RESTRICT pbo,
+                      int64_t kc, int nr, float alpha, float beta)
 {
-    /* pa (kc, MRS), pb (kc, 8 NV) rows ldpb apart -> C (mr, nr), rows ldc apart */
+    /* pa (kc, stride), pb (kc, 8 NV) rows ldpb apart -> C (R, nr), rows ldc apart */
     __m256 acc0[MR], acc1[MR];
     CNN_UNROLL
-    for (int i = 0; i < MRS; ++i) {
+    for (int i = 0; i < R; ++i) {
         acc0[i] = _mm256_setzero_ps();
         acc1[i] = _mm256_setzero_ps();
     }
@@ -54,59 +55,55 @@ AVX2_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int
             pbo += 8 * NV;
         }
         CNN_UNROLL
-        for (int i = 0; i < MRS; ++i) {
+        for (int i = 0; i < R; ++i) {
             const __m256 a = _mm256_broadcast_ss(pa + i);
             acc0[i] = _mm256_fmadd_ps(a, b0, acc0[i]);
             if (NV == 2)
                 acc1[i] = _mm256_fmadd_ps(a, b1, acc1[i]);
         }
-        pa += MRS;
+        pa += stride;
         pb += FUSE ? ldpb : 8 * NV;
     }
     const __m256 va = _mm256_set1_ps(alpha);
     const __m256 vb = _mm256_set1_ps(beta);
     if (nr == 8 * NV) {
         CNN_UNROLL
-        for (int i = 0; i < MRS; ++i) {
-            if (i < mr) {
-                float *ci = c + i * ldc;
-                __m256 r0 = _mm256_mul_ps(va, acc0[i]);
-                __m256 r1 = _mm256_mul_ps(va, acc1[i]);
-                if (beta != 0.0f) {
-                    r0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci), r0);
-                    if (NV == 2)
-                        r1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci + 8), r1);
-                }
-                _mm256_storeu_ps(ci, r0);
+        for (int i = 0; i < R; ++i) {
+            float *ci = c + i * ldc;
+            __m256 r0 = _mm256_mul_ps(va, acc0[i]);
+            __m256 r1 = _mm256_mul_ps(va, acc1[i]);
+            if (beta != 0.0f) {
+                r0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci), r0);
                 if (NV == 2)
-                    _mm256_storeu_ps(ci + 8, r1);
+                    r1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci + 8), r1);
             }
+            _mm256_storeu_ps(ci, r0);
+            if (NV == 2)
+                _mm256_storeu_ps(ci + 8, r1);
         }
     } else {
         const __m256i m0 = lanes8(nr), m1 = lanes8(nr - 8);
         CNN_UNROLL
-        for (int i = 0; i < MRS; ++i) {
-            if (i < mr) {
-                float *ci = c + i * ldc;
-                __m256 r0 = _mm256_mul_ps(va, acc0[i]);
-                __m256 r1 = _mm256_mul_ps(va, acc1[i]);
-                if (beta != 0.0f) {
-                    r0 = _mm256_fmadd_ps(vb, _mm256_maskload_ps(ci, m0), r0);
-                    if (NV == 2)
-                        r1 = _mm256_fmadd_ps(vb, _mm256_maskload_ps(ci + 8, m1), r1);
-                }
-                _mm256_maskstore_ps(ci, m0, r0);
+        for (int i = 0; i < R; ++i) {
+            float *ci = c + i * ldc;
+            __m256 r0 = _mm256_mul_ps(va, acc0[i]);
+            __m256 r1 = _mm256_mul_ps(va, acc1[i]);
+            if (beta != 0.0f) {
+                r0 = _mm256_fmadd_ps(vb, _mm256_maskload_ps(ci, m0), r0);
                 if (NV == 2)
-                    _mm256_maskstore_ps(ci + 8, m1, r1);
+                    r1 = _mm256_fmadd_ps(vb, _mm256_maskload_ps(ci + 8, m1), r1);
             }
+            _mm256_maskstore_ps(ci, m0, r0);
+            if (NV == 2)
+                _mm256_maskstore_ps(ci + 8, m1, r1);
         }
     }
 }
 
 #define TILE_CASE(R, V, F) \
-    case R: tile(R, V, F, c, ldc, pa, pb, ldpb, pbo, kc, mr, nr, alpha, beta); return;
+    case R: tile(R, V, F, c, ldc, pa, mr_stride, pb, ldpb, pbo, kc, nr, alpha, beta); return;
 #define TILE_SWITCH(V, F)                                                          \
-    switch (mr_stride) {                                                           \
+    switch (mr) {                                                                  \
         TILE_CASE(1, V, F) TILE_CASE(2, V, F) TILE_CASE(3, V, F)                   \
         TILE_CASE(4, V, F) TILE_CASE(5, V, F)                                      \
         default: return;                                                           \

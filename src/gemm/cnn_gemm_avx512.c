@@ -48,31 +48,31 @@ AVX512_INLINE __m512 epilogue(__m512 r, const cnn_epilogue *ep, int64_t i, int64
     return r;
 }
 
-/* C tile (mr, nr) = alpha * pa . pb + beta * C ; pa is (kc, MRS), pb is (kc, 16 NV).
+/* C tile (R, nr) = alpha * pa . pb + beta * C ; pa is (kc, stride), pb is (kc, 16 NV).
+   Only the R rows stored are computed: a short last tile of a block (its panel padded
+   to the block's stride) costs its own rows, not a full tile's.
    FUSE 0: pb is a packed panel.  FUSE 1: pb is the unpacked source, rows ldpb apart,
    and each row is also stored to the packed panel pbo (kc, 16 NV), so the first tile
    of a panel packs it.  FUSE 2: pb is the unpacked source and nothing is stored.
    FUSE 3: pa is compacted, its step k pairs with row ks[k] of the packed panel pb.
    With ep, the epilogue is applied to the tile (C(row, col) its first element). */
-AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, int64_t ldc,
-                        const float *CNN_RESTRICT pa, const float *CNN_RESTRICT pb,
-                        int64_t ldpb, float *CNN_RESTRICT pbo, const int32_t *ks,
-                        int64_t kc, int mr, int nr, float alpha, float beta,
+AVX512_INLINE void tile(const int R, const int NV, const int FUSE, float *c, int64_t ldc,
+                        const float *CNN_RESTRICT pa, int64_t stride,
+                        const float *CNN_RESTRICT pb, int64_t ldpb, float *CNN_RESTRICT pbo,
+                        const int32_t *ks, int64_t kc, int nr, float alpha, float beta,
                         const cnn_epilogue *ep, int64_t row, int64_t col)
 {
-    /* pa (kc, MRS), pb (kc, 16 NV) rows ldpb apart -> C (mr, nr), rows ldc apart */
+    /* pa (kc, stride), pb (kc, 16 NV) rows ldpb apart -> C (R, nr), rows ldc apart */
     __m512 acc0[MR], acc1[MR];
     CNN_UNROLL
-    for (int i = 0; i < MRS; ++i) {
+    for (int i = 0; i < R; ++i) {
         acc0[i] = _mm512_setzero_ps();
         acc1[i] = _mm512_setzero_ps();
     }
     CNN_UNROLL
-    for (int i = 0; i < MRS; ++i) {
-        if (i < mr) {
-            _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
-            _mm_prefetch((const char *)(c + i * ldc + 16 * NV - 1), _MM_HINT_T0);
-        }
+    for (int i = 0; i < R; ++i) {
+        _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
+        _mm_prefetch((const char *)(c + i * ldc + 16 * NV - 1), _MM_HINT_T0);
     }
     for (int64_t k = 0; k < kc; ++k) {
         const float *pbk = FUSE == 3 ? pb + (int64_t)ks[k] * (16 * NV) : pb;
@@ -91,13 +91,13 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
             pbo += 16 * NV;
         }
         CNN_UNROLL
-        for (int i = 0; i < MRS; ++i) {
+        for (int i = 0; i < R; ++i) {
             const __m512 a = _mm512_set1_ps(pa[i]);
             acc0[i] = _mm512_fmadd_ps(a, b0, acc0[i]);
             if (NV == 2)
                 acc1[i] = _mm512_fmadd_ps(a, b1, acc1[i]);
         }
-        pa += MRS;
+        pa += stride;
         if (FUSE != 3)
             pb += FUSE ? ldpb : 16 * NV;
     }
@@ -105,58 +105,55 @@ AVX512_INLINE void tile(const int MRS, const int NV, const int FUSE, float *c, i
     const __m512 vb = _mm512_set1_ps(beta);
     if (nr == 16 * NV) {
         CNN_UNROLL
-        for (int i = 0; i < MRS; ++i) {
-            if (i < mr) {
-                float *ci = c + i * ldc;
-                __m512 r0 = _mm512_mul_ps(va, acc0[i]);
-                __m512 r1 = _mm512_mul_ps(va, acc1[i]);
-                if (beta != 0.0f) {
-                    r0 = _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci), r0);
-                    if (NV == 2)
-                        r1 = _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci + 16), r1);
-                }
-                if (ep) {
-                    r0 = epilogue(r0, ep, row + i, col, 0xffff);
-                    if (NV == 2)
-                        r1 = epilogue(r1, ep, row + i, col + 16, 0xffff);
-                }
-                _mm512_storeu_ps(ci, r0);
+        for (int i = 0; i < R; ++i) {
+            float *ci = c + i * ldc;
+            __m512 r0 = _mm512_mul_ps(va, acc0[i]);
+            __m512 r1 = _mm512_mul_ps(va, acc1[i]);
+            if (beta != 0.0f) {
+                r0 = _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci), r0);
                 if (NV == 2)
-                    _mm512_storeu_ps(ci + 16, r1);
+                    r1 = _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci + 16), r1);
             }
+            if (ep) {
+                r0 = epilogue(r0, ep, row + i, col, 0xffff);
+                if (NV == 2)
+                    r1 = epilogue(r1, ep, row + i, col + 16, 0xffff);
+            }
+            _mm512_storeu_ps(ci, r0);
+            if (NV == 2)
+                _mm512_storeu_ps(ci + 16, r1);
         }
     } else {
         const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
         CNN_UNROLL
-        for (int i = 0; i < MRS; ++i) {
-            if (i < mr) {
-                float *ci = c + i * ldc;
-                __m512 r0 = _mm512_mul_ps(va, acc0[i]);
-                __m512 r1 = _mm512_mul_ps(va, acc1[i]);
-                if (beta != 0.0f) {
-                    r0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, ci), r0);
-                    if (NV == 2)
-                        r1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, ci + 16), r1);
-                }
-                if (ep) {
-                    r0 = epilogue(r0, ep, row + i, col, m0);
-                    if (NV == 2)
-                        r1 = epilogue(r1, ep, row + i, col + 16, m1);
-                }
-                _mm512_mask_storeu_ps(ci, m0, r0);
+        for (int i = 0; i < R; ++i) {
+            float *ci = c + i * ldc;
+            __m512 r0 = _mm512_mul_ps(va, acc0[i]);
+            __m512 r1 = _mm512_mul_ps(va, acc1[i]);
+            if (beta != 0.0f) {
+                r0 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m0, ci), r0);
                 if (NV == 2)
-                    _mm512_mask_storeu_ps(ci + 16, m1, r1);
+                    r1 = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m1, ci + 16), r1);
             }
+            if (ep) {
+                r0 = epilogue(r0, ep, row + i, col, m0);
+                if (NV == 2)
+                    r1 = epilogue(r1, ep, row + i, col + 16, m1);
+            }
+            _mm512_mask_storeu_ps(ci, m0, r0);
+            if (NV == 2)
+                _mm512_mask_storeu_ps(ci + 16, m1, r1);
         }
     }
 }
 
 #define TILE_CASE(R, V, F) \
     case R:                                                                        \
-        tile(R, V, F, c, ldc, pa, pb, ldpb, pbo, ks, kc, mr, nr, alpha, beta, ep, row, col); \
+        tile(R, V, F, c, ldc, pa, mr_stride, pb, ldpb, pbo, ks, kc, nr, alpha, beta, ep, row, \
+             col);                                                                 \
         return;
 #define TILE_SWITCH(V, F)                                                          \
-    switch (mr_stride) {                                                           \
+    switch (mr) {                                                                  \
         TILE_CASE(1, V, F) TILE_CASE(2, V, F) TILE_CASE(3, V, F)                   \
         TILE_CASE(4, V, F) TILE_CASE(5, V, F) TILE_CASE(6, V, F)                   \
         TILE_CASE(7, V, F) TILE_CASE(8, V, F) TILE_CASE(9, V, F)                   \
