@@ -40,12 +40,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---- argument types -------------------------------------------------------------------
-def _integer(text, minimum, what):
+def _integer(text, minimum, what, maximum=math.inf):
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < minimum:
+    if not minimum <= value <= maximum:
         raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
 
@@ -53,6 +53,11 @@ def _integer(text, minimum, what):
 def _positive_int(text):
     """An int >= 1."""
     return _integer(text, 1, "a positive integer")
+
+
+def _thread_count(text):
+    """An int in [1, 1024], as n_threads takes."""
+    return _integer(text, 1, "a thread count from 1 to 1024", 1024)
 
 
 def _non_negative_int(text):
@@ -114,7 +119,7 @@ def _add_data(parser):
 
 def _add_threads(parser):
     parser.add_argument(
-        "--threads", metavar="N", type=_positive_int,
+        "--threads", metavar="N", type=_thread_count,
         help="threads for the kernels (default: OMP_NUM_THREADS, else all cores)")
 
 
@@ -241,6 +246,11 @@ def _check_plot(path):
         raise CommandError("--plot needs matplotlib: pip install 'cnn_core[plot]'") from None
     if not path.parent.is_dir():
         raise CommandError(f"cannot write the picture {path}: {path.parent} is not a folder")
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix and path.suffix[1:].lower() not in formats:
+        raise CommandError(f"cannot draw {path}: matplotlib writes "
+                           f"{', '.join('.' + f for f in sorted(formats))}, not {path.suffix}")
 
 
 def _toolkit_fit_options(args, X_test, y_test):

@@ -565,6 +565,9 @@ def export_c(network, folder, *, name="cnn_model", quantize=None, per_channel=Tr
         f"{'output unit or filter' if per_channel else 'weight tensor'}")
     stack_bytes, static_bytes = _memory(stack)
     folder = Path(os.fsdecode(folder))
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file; export_c writes {name}.h and "
+                                 f"{name}.c into a folder: give the folder's path")
     folder.mkdir(parents=True, exist_ok=True)
     header, source = folder / f"{name}.h", folder / f"{name}.c"
     model_file.write_atomic(source, _source_text(name, stack, tables, kind).encode())

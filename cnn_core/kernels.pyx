@@ -319,6 +319,11 @@ def _gemm(A, B, C, trans_a, trans_b, alpha, beta, n_threads, bint reference):
     _check_array(C, "C", np.float32, 2, writable=True)
     if C.shape != (M, N):
         raise ValueError(f"C must have shape {(M, N)}, got {C.shape}")
+    for name, operand in (("A", A), ("B", B)):
+        # bounds first (cheap); the exact test only when they overlap
+        if np.may_share_memory(C, operand) and np.shares_memory(C, operand):
+            raise ValueError(f"C shares memory with {name}: the product is written while "
+                             f"{name} is read, so C must be a separate array")
     lda = _leading_dimension(A, "A")
     ldb = _leading_dimension(B, "B")
     ldc = _leading_dimension(C, "C")
@@ -616,6 +621,8 @@ def optimizer_update(params, grads, state1, state2=None, *, optimizer="sgd",
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    if not 0 <= step < 2 ** 62:
+        raise ValueError(f"step (updates done so far) must be in [0, 2**62), got {step}")
     cdef int kind = OPTIMIZERS[optimizer]
     _contiguous(params, "params", np.float32, 1, writable=True)
     grads = _contiguous(grads, "grads", np.float32, 1)
@@ -652,7 +659,10 @@ def gather_rows(X, index):
     if not isinstance(X, np.ndarray) or X.dtype not in (np.uint8, np.float32):
         raise TypeError("X must be a uint8 or float32 numpy array")
     X = _contiguous(X, "X", X.dtype, 2)
-    idx = np.ascontiguousarray(index, dtype=np.int64)
+    idx = np.asarray(index)
+    if idx.size and idx.dtype.kind not in "iu":
+        raise TypeError(f"index must hold integers, got dtype {idx.dtype}")
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
     if idx.ndim != 1:
         raise ValueError(f"index must be 1-D, got shape {idx.shape}")
     cdef int64_t n = X.shape[0], d = X.shape[1], k = idx.shape[0]
@@ -1181,8 +1191,9 @@ cdef class _Net:
         return out
 
     def predict_labels(self, X, int n_threads):
-        """Predicted classes int64 (n,) for X (n, n_features): the first maximum, or the
-        first NaN, as numpy.argmax."""
+        """Predicted classes int64 (n,) for X (n, n_features): the first maximum, as
+        numpy.argmax.  FloatingPointError if a row's outputs are not all finite (finite
+        inputs too large for the weights overflow float32 inside the network)."""
         cdef cnp.ndarray a = self._input(X)
         cdef cnp.npy_intp n = cnp.PyArray_DIMS(a)[0]
         cdef cnp.npy_intp shape[2]
@@ -1192,7 +1203,7 @@ cdef class _Net:
         labels = cnp.PyArray_EMPTY(1, shape, cnp.NPY_INT64, 0)
         cdef const float *z = <float *>cnp.PyArray_DATA(logits)
         cdef int64_t *out = <int64_t *>cnp.PyArray_DATA(labels)
-        cdef int64_t C = shape[1], i, j, best
+        cdef int64_t C = shape[1], i, j, best, first_bad = -1, n_bad = 0
         self._forward(a, <float *>z, True, n_threads)
         with nogil:
             for i in range(n):
@@ -1203,8 +1214,33 @@ cdef class _Net:
                     if z[j] > z[best] or z[j] != z[j]:
                         best = j
                 out[i] = best
+                for j in range(C):
+                    if not z[j] - z[j] == 0:    # NaN or infinite
+                        n_bad += 1
+                        if first_bad < 0:
+                            first_bad = i
+                        break
                 z += C
+        if n_bad:
+            raise FloatingPointError(_overflow_message(n_bad, n, first_bad))
         return labels
+
+
+def _overflow_message(n_bad, n, first):
+    """Why inference on finite inputs gave NaN or infinite outputs."""
+    return (f"the network's outputs are not finite for {n_bad} of {n} rows (the first is "
+            f"row {first}): those inputs are finite but so large that float32 overflows "
+            f"inside the network; scale the inputs as in training")
+
+
+def check_finite_outputs(outputs):
+    """outputs (n, k) unchanged, or FloatingPointError naming the rows that are not
+    finite (see _overflow_message)."""
+    finite = np.isfinite(outputs).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise FloatingPointError(_overflow_message(len(bad), len(finite), int(bad[0])))
+    return outputs
 
 
 def _step_threads_choices(step_seconds, int n_threads):

@@ -201,9 +201,9 @@ class Network:
             Network([L.Input((28, 28, 1)), L.Conv2D(6, 5, activation="relu"),
                      L.MaxPool2D(2), L.Flatten(), L.Dense(10)])
 
-    activation : str
-        Hidden activation of the shorthand: "relu" (default), "leaky_relu", "sigmoid",
-        "tanh", "identity".  A stack gives each layer its own activation instead.
+    activation : str or None
+        Hidden activation of the shorthand: "relu" (the default, also for None),
+        "leaky_relu", "sigmoid", "tanh", "identity".  A stack gives each layer its own activation instead.
     seed : int or None
         Seeds the weight initialisation, the shuffling and the dropout masks: the same
         seed gives the same weights and the same training.
@@ -482,10 +482,10 @@ class Network:
         if validation_data is not None:
             if validation_split:
                 raise ValueError("pass validation_data or validation_split, not both")
-            try:
-                X_val, y_val = validation_data
-            except (TypeError, ValueError):
-                raise ValueError("validation_data must be a pair (X_val, y_val)") from None
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise ValueError(f"validation_data must be a pair (X_val, y_val), got "
+                                 f"{type(validation_data).__name__}")
+            X_val, y_val = validation_data
             X_val = self._check_X(X_val, "X_val")
             y_val = self._check_y(y_val, X_val.shape[0], "y_val")
         elif validation_split:
@@ -498,6 +498,10 @@ class Network:
             y, y_val = y[:n - n_val], y[n - n_val:]
             w = None if w is None else np.ascontiguousarray(w[:n - n_val])
             n -= n_val
+        keys = ["loss"] + (["accuracy"] if self.loss == "cross_entropy" else [])
+        if X_val is not None:
+            keys += ["val_loss", "val_accuracy" if self.loss == "cross_entropy" else "val_r2"]
+        training.check_monitors(keys + ["learning_rate"], [stopping, schedule] + callbacks)
         n_threads = kernels._threads(n_threads)
 
         batch_size = min(batch_size, n)
@@ -575,12 +579,15 @@ class Network:
         tracker = plan["stopping"].tracker() if plan["stopping"] else None
         best = None         # a copy of the weights of the best epoch, with early stopping
         started = None      # the weights at the start of an epoch not yet recorded
-        self._optimizer_state = None    # valid again once the fit ends cleanly
+        resume = None       # the optimizer and shuffling state at that start
+        self._optimizer_state = None    # valid again once the fit ends
         try:
             for epoch in range(first_epoch, last_epoch + 1):
                 rate = float(training.scheduled_rate(
                     plan["schedule"], epoch, plan["learning_rate"], history.records))
                 trainer.learning_rate = rate    # as float32
+                resume = (trainer.state1.copy(), trainer.state2.copy(), trainer.step,
+                          trainer.batch_count, self._rng.bit_generator.state)
                 if plan["shuffle"]:     # a fresh permutation, so fits can be continued
                     order = self._rng.permutation(n).astype(np.int64, copy=False)
                 start = time.perf_counter()
@@ -633,9 +640,15 @@ class Network:
                     break
             self._keep_optimizer_state(trainer, plan["optimizer"])
         except (KeyboardInterrupt, FloatingPointError, kernels.NonFiniteInputError):
-            # Ctrl-C, divergence or NaN in X: back to the end of the last recorded epoch
+            # Ctrl-C, divergence or NaN in X: back to the end of the last recorded epoch,
+            # optimizer and shuffling included, so fit(reset=False) continues from there
+            # as if the interrupted epoch had not begun
             if started is not None:
                 self._params[:] = started
+                trainer.state1[:], trainer.state2[:] = resume[0], resume[1]
+                trainer.step, trainer.batch_count = resume[2], resume[3]
+                self._rng.bit_generator.state = resume[4]
+            self._keep_optimizer_state(trainer, plan["optimizer"])
             raise
         finally:
             if best is not None:        # early stopping keeps the best epoch, always
@@ -690,7 +703,8 @@ class Network:
         X = self._flat(X)
         reader = self._begin_inference()
         try:
-            return reader.net.predict(X, False, kernels._threads(n_threads))
+            return kernels.check_finite_outputs(
+                reader.net.predict(X, False, kernels._threads(n_threads)))
         finally:
             self._readers.remove(reader)
 
@@ -701,7 +715,8 @@ class Network:
         reader = self._begin_inference()
         try:
             if self.loss != "cross_entropy":
-                return reader.net.predict(X, True, kernels._threads(n_threads))
+                return kernels.check_finite_outputs(
+                    reader.net.predict(X, True, kernels._threads(n_threads)))
             return reader.net.predict_labels(X, kernels._threads(n_threads))
         finally:
             self._readers.remove(reader)
@@ -713,7 +728,7 @@ class Network:
                 return self._evaluate(X, y, w, n_threads, reader.net)
             finally:
                 self._readers.remove(reader)
-        outputs = engine.predict(X, True, n_threads)
+        outputs = kernels.check_finite_outputs(engine.predict(X, True, n_threads))
         if self.loss == "squared_error":
             loss, _ = kernels.squared_error(outputs, y, w)
             return loss, _r2_score(outputs, y, w)

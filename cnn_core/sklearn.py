@@ -19,7 +19,9 @@ What differs from scikit-learn's estimators:
 - ``alpha`` is the same L2 penalty (``alpha / batch_size`` per update) but applies to
   biases too.
 - A binary classifier has two softmax outputs (scikit-learn: one logistic output), so
-  ``coefs_[-1]`` has two columns.
+  ``coefs_[-1]`` has two columns and ``out_activation_`` is "softmax".
+- ``coefs_`` and ``intercepts_`` are views of the network's weights: change them in
+  place (``clf.coefs_[0][:] = W``); they cannot be assigned.
 - Training stops, as in scikit-learn, when the training loss (or with
   ``early_stopping`` the validation score: accuracy, or R^2 for the regressor) has not
   improved by ``tol`` for ``n_iter_no_change`` epochs; the weights of the best epoch are
@@ -29,6 +31,7 @@ What differs from scikit-learn's estimators:
   ``OMP_NUM_THREADS``, the CPUs this process may use).
 - Inputs are converted to float32 (uint8 pixels are taken as numbers 0..255, not scaled).
 """
+import math
 import numbers
 import warnings
 
@@ -118,8 +121,9 @@ class _BaseMLP(BaseEstimator):
     def _check_hyperparameters(self):
         def number(name, low, high=np.inf, low_open=False, high_open=False):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
             if (value < low or (low_open and value == low) or value > high
                     or (high_open and value == high)):
                 raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, "
@@ -149,7 +153,7 @@ class _BaseMLP(BaseEstimator):
         number("power_t", 0)
         count("max_iter", 1)
         number("tol", 0)
-        number("momentum", 0, 1)
+        number("momentum", 0, 1, high_open=True)   # at 1 the velocity never decays
         number("validation_fraction", 0, 1, low_open=True, high_open=True)
         number("beta_1", 0, 1, high_open=True)
         number("beta_2", 0, 1, high_open=True)
@@ -189,6 +193,20 @@ class _BaseMLP(BaseEstimator):
                          _check_sample_weight(sample_weight, X, dtype=np.float32,
                                               ensure_non_negative=True))
         targets = self._targets(y, first, incremental, classes)
+        if not first:
+            state = self.network_._optimizer_state
+            if state is not None and state["optimizer"] != self.solver:
+                raise ValueError(
+                    f"solver={self.solver!r} but the network being continued was trained "
+                    f"with {state['optimizer']!r}, whose state it carries on; train a new "
+                    f"network with warm_start=False (or a fresh estimator for partial_fit)")
+            trained = [layer.units for layer in self.network_.layers[1:-1]]
+            if trained != self._hidden_sizes():
+                raise ValueError(
+                    f"hidden_layer_sizes={self.hidden_layer_sizes!r} but the network being "
+                    f"continued has hidden layers {tuple(trained)}; train a new network of "
+                    f"the new sizes with warm_start=False (or a fresh estimator for "
+                    f"partial_fit)")
         if first:
             random_state = check_random_state(self.random_state)
             self._seed = int(random_state.randint(np.iinfo(np.int32).max))
@@ -258,6 +276,7 @@ class _BaseMLP(BaseEstimator):
         net = self.network_
         self.n_layers_ = len(net.layer_sizes)
         self.n_outputs_ = net.layer_sizes[-1]
+        self.out_activation_ = "identity" if self._loss == "squared_error" else "softmax"
         if not incremental and history.stopped_epoch is None:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) "
                           f"reached and the optimization hasn't converged yet.",

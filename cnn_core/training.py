@@ -64,6 +64,26 @@ def _lower_is_better(monitor):
     return "loss" in monitor or "error" in monitor
 
 
+def _missing_monitor(who, monitor, keys):
+    """The message for `who` watching a record key `monitor` that is not among `keys`."""
+    have = ", ".join(k for k in keys if k not in ("epoch", "seconds"))
+    hint = (" (pass validation_data or validation_split to fit)"
+            if monitor.startswith("val_") else "")
+    return f"{who}monitor={monitor!r} is not in the epoch records, which have {have}{hint}"
+
+
+def check_monitors(keys, watchers):
+    """ValueError, before any training, if early stopping, a schedule (or the schedule a
+    warm-up hands over to) or a callback monitors a record key not among `keys`."""
+    for watcher in watchers:
+        while watcher is not None:
+            monitor = getattr(watcher, "monitor", None)
+            if isinstance(monitor, str) and monitor not in keys:
+                raise ValueError(_missing_monitor(f"{type(watcher).__name__}: ", monitor,
+                                                  keys))
+            watcher = getattr(watcher, "then", None)
+
+
 class _Tracker:
     """The best value of one record key so far, with `min_delta` needed to improve."""
 
@@ -77,11 +97,7 @@ class _Tracker:
 
     def value(self, record):
         if self.monitor not in record:
-            keys = ", ".join(k for k in record if k not in ("epoch", "seconds"))
-            hint = (" (pass validation_data or validation_split to fit)"
-                    if self.monitor.startswith("val_") else "")
-            raise ValueError(f"monitor={self.monitor!r} is not in the epoch records, which "
-                             f"have {keys}{hint}")
+            raise ValueError(_missing_monitor("", self.monitor, record))
         return record[self.monitor]
 
     def update(self, record):

@@ -199,6 +199,8 @@ TRAIN_ERRORS = [
     (["--weight-decay", "-0.1"], "--weight-decay"),
     (["--seed", "-1"], "--seed"),
     (["--threads", "0"], "--threads"),
+    (["--threads", "5000"], "--threads"),
+    (["--plot", "curves.txt"], "not .txt"),
     (["--activation", "softplus"], "--activation"),
     (["--optimizer", "rmsprop"], "--optimizer"),
     (["--optimizer", "adam", "--nesterov"], "--nesterov"),

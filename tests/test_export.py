@@ -72,6 +72,13 @@ def test_float_export_without_hidden_layers(cc, mnist, tmp_path):
     np.testing.assert_allclose(probs, net.predict_proba(X), rtol=0, atol=1e-5)
 
 
+def test_a_file_in_place_of_the_folder_is_named(trained, tmp_path):
+    (tmp_path / "model.py").write_text("x = 1\n")
+    with pytest.raises(NotADirectoryError, match="model.py is a file"):
+        export_c(trained, tmp_path / "model.py")
+    assert (tmp_path / "model.py").read_text() == "x = 1\n"
+
+
 def test_weights_are_written_exactly(trained, tmp_path):
     report = export_c(trained, tmp_path, name="exact")
     text = report.source.read_text()

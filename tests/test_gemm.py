@@ -241,6 +241,20 @@ def test_mostly_zero_A_matches_rows_and_float64(kernel, trans_a, trans_b):
                 np.testing.assert_array_equal(row, results[0][i:i + 1])
 
 
+def test_an_output_sharing_memory_with_an_operand_is_refused():
+    rng = np.random.default_rng(4)
+    buf = rng.standard_normal((64, 192)).astype(np.float32)
+    A, B = buf[:, :64], buf[:, 64:128]
+    for C, name in [(A, "A"), (B, "B"), (buf[:, 32:96], "A")]:
+        before = buf.copy()
+        with pytest.raises(ValueError, match=f"C shares memory with {name}"):
+            kernels.gemm(A, B, C)
+        assert np.array_equal(buf, before)
+    C = buf[:, 128:]        # the same buffer, but columns neither operand uses
+    kernels.gemm(A, B, C)
+    np.testing.assert_allclose(C, A.astype(np.float64) @ B, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_agrees_with_reference(kernel):
     kernels.set_kernel(kernel)

@@ -281,6 +281,9 @@ def test_optimizer_rejects_bad_hyperparameters():
         kernels.optimizer_update(p, g, v, optimizer="adam")
     with pytest.raises(ValueError, match="optimizer must be"):
         kernels.optimizer_update(p, g, v, optimizer="rmsprop")
+    for step in (-5, 2 ** 63):
+        with pytest.raises(ValueError, match="step"):
+            kernels.optimizer_update(p, g, v, v.copy(), optimizer="adam", step=step)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
@@ -303,6 +306,8 @@ def test_gather_rows(dtype):
     assert kernels.gather_rows(X, []).shape == (0, 13)
     with pytest.raises(IndexError):
         kernels.gather_rows(X, [50])
+    with pytest.raises(TypeError, match="integers"):
+        kernels.gather_rows(X, np.array([0.5, 2.0]))     # not rounded to rows 0 and 2
     with pytest.raises(IndexError):
         kernels.gather_rows(X, [-1])
 

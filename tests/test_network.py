@@ -324,6 +324,7 @@ def test_bad_labels_are_rejected(y, exc, match):
     ({"sample_weight": [1, 1]}, ValueError, "sample_weight"),
     ({"sample_weight": [1, 1, -1, 1, 1]}, ValueError, "non-negative"),
     ({"validation_data": np.zeros((5, 4))}, ValueError, "pair"),
+    ({"validation_data": {"X": np.zeros((5, 3)), "y": np.zeros(5, int)}}, ValueError, "pair"),
     ({"validation_data": (np.zeros((5, 3)), np.zeros(5, int))}, ValueError, "X_val"),
     ({"n_threads": 0}, ValueError, "n_threads"),
 ])
@@ -491,6 +492,26 @@ def test_fit_finds_nonfinite_X_in_the_held_out_rows():
         net.fit(X, y, epochs=3, batch_size=16, validation_split=0.2)
     _same_fit_state(_fit_state(net), before)
     assert net.history_ is None
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "squared_error"])
+def test_inference_on_inputs_that_overflow_inside_the_network_is_an_error(loss):
+    # finite inputs so large that float32 overflows in the first layer: the outputs are
+    # inf or NaN, which no call may hand back as probabilities, labels or scores
+    net = Network([4, 3, 2], seed=0, loss=loss)
+    net.weights[0][:] = 1.0     # each hidden unit sums four inputs
+    X = np.ones((600, 4), np.float32)
+    X[[7, 300]] = 1e38
+    y = np.zeros(600, int) if loss == "cross_entropy" else np.zeros((600, 2), np.float32)
+    calls = [net.predict, lambda X: net.evaluate(X, y)]
+    if loss == "cross_entropy":
+        calls.append(net.predict_proba)
+    for call in calls:
+        with pytest.raises(FloatingPointError, match="2 of 600 rows .the first is row 7."):
+            call(X)
+    X[[7, 300]] = 1.0
+    for call in calls:
+        call(X)     # the same rows at a usual scale are fine
 
 
 @pytest.mark.parametrize("row", [0, 255, 256, 599])

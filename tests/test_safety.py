@@ -342,3 +342,8 @@ def test_ctrl_c_during_fit_keeps_the_last_recorded_epoch(mnist):
     if done:
         twin.fit(X, y, epochs=done, batch_size=16, optimizer="adam")
     np.testing.assert_array_equal(net._params, twin._params)
+    # continuing takes up the optimizer and shuffling where the last recorded epoch left
+    # them, as if the interrupted epoch had never begun
+    net.fit(X, y, epochs=1, batch_size=16, optimizer="adam", reset=False)
+    twin.fit(X, y, epochs=1, batch_size=16, optimizer="adam", reset=not done)
+    np.testing.assert_array_equal(net._params, twin._params)

@@ -150,6 +150,33 @@ def test_partial_fit_and_warm_start_continue_exactly(digits):
     assert not np.array_equal(cold.predict_proba(X_test), whole.predict_proba(X_test))
 
 
+def test_continuing_with_changed_sizes_or_solver_is_refused(digits):
+    X, y, _, _ = digits
+    X, y = X[:300], y[:300]
+    model = _classifier(max_iter=1, warm_start=True).fit(X, y)
+    before = [w.copy() for w in model.coefs_]
+    for change, match in [(dict(hidden_layer_sizes=(64,)), r"hidden_layer_sizes=\(64,\)"),
+                          (dict(solver="sgd"), "solver='sgd'")]:
+        model.set_params(**change)
+        for call in (lambda: model.fit(X, y), lambda: model.partial_fit(X, y)):
+            with pytest.raises(ValueError, match=match):
+                call()
+        model.set_params(hidden_layer_sizes=(32,), solver="adam")
+    assert all(np.array_equal(a, b) for a, b in zip(model.coefs_, before))
+    model.set_params(hidden_layer_sizes=(64,), warm_start=False).fit(X, y)
+    assert model.coefs_[0].shape == (784, 64) and model.out_activation_ == "softmax"
+    assert MLPRegressor(max_iter=1).fit(X, y.astype(float)).out_activation_ == "identity"
+
+
+@pytest.mark.parametrize("name,value", [("alpha", float("nan")), ("momentum", 1.0),
+                                        ("learning_rate_init", float("inf")),
+                                        ("tol", float("nan"))])
+def test_hyperparameters_are_checked_by_their_own_names(digits, name, value):
+    X, y, _, _ = digits
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        _classifier(**{name: value}).fit(X[:100], y[:100])
+
+
 def test_early_stopping_keeps_the_best_validation_epoch(digits):
     X, y, _, _ = digits
     model = _classifier(max_iter=40, early_stopping=True, n_iter_no_change=3,

@@ -234,6 +234,46 @@ def test_ctrl_c_keeps_the_last_epoch_and_early_stopping_the_best(rows):
     np.testing.assert_array_equal(net.predict_proba(X_val), _twin_predictions(rows, best))
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_continuing_after_ctrl_c_in_a_callback_equals_one_fit(rows, optimizer):
+    X, y, _, _ = rows
+
+    def interrupt(network, record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    once = Network([784, 16, 10], seed=2)
+    once.fit(X, y, epochs=5, batch_size=50, optimizer=optimizer)
+    net = Network([784, 16, 10], seed=2)
+    with pytest.raises(KeyboardInterrupt):
+        net.fit(X, y, epochs=5, batch_size=50, optimizer=optimizer, callbacks=[interrupt])
+    net.fit(X, y, epochs=2, batch_size=50, optimizer=optimizer, reset=False)
+    np.testing.assert_array_equal(net._params, once._params)
+    assert len(net.history_) == 5
+
+
+@pytest.mark.parametrize("options,who", [
+    (dict(early_stopping=True), "EarlyStopping: monitor='val_loss'"),
+    (dict(schedule="plateau"), "ReduceOnPlateau: monitor='val_loss'"),
+    (dict(callbacks=[Checkpoint("never-written.cnn")]), "Checkpoint: monitor='val_loss'"),
+    (dict(early_stopping=EarlyStopping("val_r2"), validation_split=0.2),
+     "EarlyStopping: monitor='val_r2'"),
+    (dict(schedule=LinearWarmup(2, then=ReduceOnPlateau("accuracy_top5"))),
+     "ReduceOnPlateau: monitor='accuracy_top5'"),
+])
+def test_a_monitor_the_records_lack_fails_before_training(rows, options, who, tmp_path,
+                                                          monkeypatch):
+    X, y, _, _ = rows
+    monkeypatch.chdir(tmp_path)
+    net = Network([784, 8, 10], seed=0)
+    before = net._params.copy()
+    with pytest.raises(ValueError, match="is not in the epoch records") as info:
+        net.fit(X, y, epochs=3, **options)
+    assert str(info.value).startswith(who)
+    np.testing.assert_array_equal(net._params, before)
+    assert net.history_ is None and not list(tmp_path.iterdir())
+
+
 def test_checkpoint_keeps_the_best_model(rows, tmp_path):
     X, y, X_val, y_val = rows
     path = tmp_path / "best.cnn"
