@@ -1181,13 +1181,15 @@ cdef class _Net:
         return _raise_for(status)
 
     def predict(self, X, bint logits, int n_threads):
-        """Probabilities (or raw outputs) float32 (n, n_outputs) for X (n, n_features)."""
+        """Probabilities (or raw outputs) float32 (n, n_outputs) for X (n, n_features).
+        FloatingPointError if a row's outputs are not all finite (see predict_labels)."""
         cdef cnp.ndarray a = self._input(X)
         cdef cnp.npy_intp shape[2]
         shape[0] = cnp.PyArray_DIMS(a)[0]
         shape[1] = self.n_outputs
         out = cnp.PyArray_EMPTY(2, shape, cnp.NPY_FLOAT32, 0)
         self._forward(a, <float *>cnp.PyArray_DATA(out), logits, n_threads)
+        _check_finite_rows(<float *>cnp.PyArray_DATA(out), shape[0], shape[1])
         return out
 
     def predict_labels(self, X, int n_threads):
@@ -1203,7 +1205,7 @@ cdef class _Net:
         labels = cnp.PyArray_EMPTY(1, shape, cnp.NPY_INT64, 0)
         cdef const float *z = <float *>cnp.PyArray_DATA(logits)
         cdef int64_t *out = <int64_t *>cnp.PyArray_DATA(labels)
-        cdef int64_t C = shape[1], i, j, best, first_bad = -1, n_bad = 0
+        cdef int64_t C = shape[1], i, j, best
         self._forward(a, <float *>z, True, n_threads)
         with nogil:
             for i in range(n):
@@ -1214,33 +1216,30 @@ cdef class _Net:
                     if z[j] > z[best] or z[j] != z[j]:
                         best = j
                 out[i] = best
-                for j in range(C):
-                    if not z[j] - z[j] == 0:    # NaN or infinite
-                        n_bad += 1
-                        if first_bad < 0:
-                            first_bad = i
-                        break
                 z += C
-        if n_bad:
-            raise FloatingPointError(_overflow_message(n_bad, n, first_bad))
+        _check_finite_rows(<float *>cnp.PyArray_DATA(logits), n, C)
         return labels
 
 
-def _overflow_message(n_bad, n, first):
-    """Why inference on finite inputs gave NaN or infinite outputs."""
-    return (f"the network's outputs are not finite for {n_bad} of {n} rows (the first is "
+cdef _check_finite_rows(const float *z, int64_t n, int64_t k):
+    """FloatingPointError naming the rows of z (n, k) that are not all finite: inference
+    on inputs checked to be finite, which are so large that float32 overflows inside the
+    network."""
+    cdef int64_t i, j, first = -1, n_bad = 0
+    cdef float v
+    for i in range(n):      # a pass over the outputs only: too short to release the GIL
+        for j in range(k):
+            v = z[i * k + j]
+            if not v - v == 0:      # NaN or infinite
+                n_bad += 1
+                if first < 0:
+                    first = i
+                break
+    if n_bad:
+        raise FloatingPointError(
+            f"the network's outputs are not finite for {n_bad} of {n} rows (the first is "
             f"row {first}): those inputs are finite but so large that float32 overflows "
             f"inside the network; scale the inputs as in training")
-
-
-def check_finite_outputs(outputs):
-    """outputs (n, k) unchanged, or FloatingPointError naming the rows that are not
-    finite (see _overflow_message)."""
-    finite = np.isfinite(outputs).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise FloatingPointError(_overflow_message(len(bad), len(finite), int(bad[0])))
-    return outputs
 
 
 def _step_threads_choices(step_seconds, int n_threads):

@@ -507,9 +507,12 @@ class Network:
         batch_size = min(batch_size, n)
         floats = kernels._trainer_floats(self._net, optimizer, batch_size, n_threads)
         _, largest = _largest_layer(self.layers, 4 * (2 if optimizer == "sgd" else 3))
-        _check_memory(4 * floats + self._params.nbytes * (2 if stopping else 1),
+        # the epoch-start copies of the weights and the optimizer state (put back on
+        # Ctrl-C), and the best epoch's weights with early stopping
+        copies = (3 if stopping else 2) + (optimizer != "sgd")
+        _check_memory(4 * floats + self._params.nbytes * copies,
                       f"fit(batch_size={batch_size}) of Network({self._description()}) for its "
-                      f"gradients, optimizer state, workspace and last-epoch copy", largest,
+                      f"gradients, optimizer state, workspace and epoch-start copies", largest,
                       "use smaller layers, a smaller batch_size or optimizer='sgd'")
         if not self._fitting.acquire(blocking=False):
             raise RuntimeError("this Network is already being trained by fit in another "
@@ -703,8 +706,7 @@ class Network:
         X = self._flat(X)
         reader = self._begin_inference()
         try:
-            return kernels.check_finite_outputs(
-                reader.net.predict(X, False, kernels._threads(n_threads)))
+            return reader.net.predict(X, False, kernels._threads(n_threads))
         finally:
             self._readers.remove(reader)
 
@@ -715,8 +717,7 @@ class Network:
         reader = self._begin_inference()
         try:
             if self.loss != "cross_entropy":
-                return kernels.check_finite_outputs(
-                    reader.net.predict(X, True, kernels._threads(n_threads)))
+                return reader.net.predict(X, True, kernels._threads(n_threads))
             return reader.net.predict_labels(X, kernels._threads(n_threads))
         finally:
             self._readers.remove(reader)
@@ -728,7 +729,7 @@ class Network:
                 return self._evaluate(X, y, w, n_threads, reader.net)
             finally:
                 self._readers.remove(reader)
-        outputs = kernels.check_finite_outputs(engine.predict(X, True, n_threads))
+        outputs = engine.predict(X, True, n_threads)
         if self.loss == "squared_error":
             loss, _ = kernels.squared_error(outputs, y, w)
             return loss, _r2_score(outputs, y, w)
