@@ -169,9 +169,10 @@ def test_network_too_large_for_memory_names_the_layer(monkeypatch):
 def test_fit_too_large_for_memory_is_refused_before_allocating(monkeypatch, mnist):
     X, y = mnist[0][:64], mnist[1][:64]
     net = Network([784, 4096, 10], seed=0)    # 13 MB of parameters
-    # a limit between what SGD and Adam need (Adam keeps one more copy of the parameters)
+    # a limit between what SGD and Adam need (Adam keeps one more copy of the parameters,
+    # and fit keeps each at the start of an epoch, with the weights)
     needs = [4 * kernels._trainer_floats(net._net, opt, 64, kernels.max_threads())
-             + net._params.nbytes for opt in ("sgd", "adam")]
+             + net._params.nbytes * copies for opt, copies in (("sgd", 2), ("adam", 3))]
     monkeypatch.setattr(network, "_memory_limit", lambda: sum(needs) // 2)
     with pytest.raises(MemoryError, match=r"fit\(batch_size=64\).*layer 1, Dense\(4096.*with weights 784 x 4096"):
         net.fit(X, y, epochs=1, optimizer="adam")
