@@ -327,10 +327,11 @@ def median_call_time(f, reps, block_s):
 
 def per_call_median(f, x, calls):
     """Median seconds of single calls f(x), each timed on its own, after a warm-up of at
-    least calls // 10 calls and 0.2 s (a core that has been idle runs slower at first)."""
+    least calls // 10 calls and 1 s (a core that has been idle runs slower for the
+    first half second or so)."""
     start = time.perf_counter()
     warm = 0
-    while warm < max(10, calls // 10) or time.perf_counter() - start < 0.2:
+    while warm < max(10, calls // 10) or time.perf_counter() - start < 1.0:
         f(x)
         warm += 1
     samples = []
