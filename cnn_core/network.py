@@ -5,6 +5,7 @@ import math
 import os
 import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -233,6 +234,7 @@ class Network:
         self._rng = np.random.default_rng(seed)
         self.history_ = None
         self._optimizer_state = None        # what fit(reset=False) continues
+        self._optimizer_lost = False        # dropped by an interruption within an epoch
         self._fitting = threading.Lock()    # held by fit
         self._snapshot = None               # the _Net predict uses while fit runs
         self._readers = []                  # inference calls under way
@@ -507,12 +509,11 @@ class Network:
         batch_size = min(batch_size, n)
         floats = kernels._trainer_floats(self._net, optimizer, batch_size, n_threads)
         _, largest = _largest_layer(self.layers, 4 * (2 if optimizer == "sgd" else 3))
-        # the epoch-start copies of the weights and the optimizer state (put back on
-        # Ctrl-C), and the best epoch's weights with early stopping
-        copies = (3 if stopping else 2) + (optimizer != "sgd")
-        _check_memory(4 * floats + self._params.nbytes * copies,
+        # the weights at the start of each epoch (put back on Ctrl-C), and the best
+        # epoch's with early stopping
+        _check_memory(4 * floats + self._params.nbytes * (2 if stopping else 1),
                       f"fit(batch_size={batch_size}) of Network({self._description()}) for its "
-                      f"gradients, optimizer state, workspace and epoch-start copies", largest,
+                      f"gradients, optimizer state, workspace and epoch-start weights", largest,
                       "use smaller layers, a smaller batch_size or optimizer='sgd'")
         if not self._fitting.acquire(blocking=False):
             raise RuntimeError("this Network is already being trained by fit in another "
@@ -542,6 +543,7 @@ class Network:
                     self.history_ = history_before
                     self._rng.bit_generator.state = rng_before
                     self._optimizer_state = continued
+                    self._optimizer_lost = False
                 raise
         finally:
             self._snapshot = None
@@ -549,11 +551,17 @@ class Network:
 
     def _continued_state(self, reset, optimizer):
         """The optimizer state a fit with reset=False continues (None to start anew)."""
+        lost, self._optimizer_lost = getattr(self, "_optimizer_lost", False), False
         if reset:
             self._optimizer_state = None
             return None
         state = getattr(self, "_optimizer_state", None)
         if state is None:
+            if lost:
+                warnings.warn("fit(reset=False) after a fit interrupted within an epoch: "
+                              "the network has the weights of the last complete epoch, but "
+                              "the optimizer's state from then was not kept, so the "
+                              "optimizer starts anew", RuntimeWarning, stacklevel=3)
             return None
         if state["optimizer"] != optimizer:
             raise ValueError(f"fit(reset=False) continues the {state['optimizer']!r} "
@@ -582,15 +590,12 @@ class Network:
         tracker = plan["stopping"].tracker() if plan["stopping"] else None
         best = None         # a copy of the weights of the best epoch, with early stopping
         started = None      # the weights at the start of an epoch not yet recorded
-        resume = None       # the optimizer and shuffling state at that start
         self._optimizer_state = None    # valid again once the fit ends
         try:
             for epoch in range(first_epoch, last_epoch + 1):
                 rate = float(training.scheduled_rate(
                     plan["schedule"], epoch, plan["learning_rate"], history.records))
                 trainer.learning_rate = rate    # as float32
-                resume = (trainer.state1.copy(), trainer.state2.copy(), trainer.step,
-                          trainer.batch_count, self._rng.bit_generator.state)
                 if plan["shuffle"]:     # a fresh permutation, so fits can be continued
                     order = self._rng.permutation(n).astype(np.int64, copy=False)
                 start = time.perf_counter()
@@ -643,15 +648,16 @@ class Network:
                     break
             self._keep_optimizer_state(trainer, plan["optimizer"])
         except (KeyboardInterrupt, FloatingPointError, kernels.NonFiniteInputError):
-            # Ctrl-C, divergence or NaN in X: back to the end of the last recorded epoch,
-            # optimizer and shuffling included, so fit(reset=False) continues from there
-            # as if the interrupted epoch had not begun
+            # Ctrl-C, divergence or NaN in X: back to the end of the last recorded epoch.
+            # Between epochs (a callback) the optimizer's state matches those weights and
+            # is kept; within one it has moved on, and keeping a copy from the epoch's
+            # start would cost memory the size of the weights (twice for Adam) on every
+            # fit, so it is dropped and a fit(reset=False) says so.
             if started is not None:
                 self._params[:] = started
-                trainer.state1[:], trainer.state2[:] = resume[0], resume[1]
-                trainer.step, trainer.batch_count = resume[2], resume[3]
-                self._rng.bit_generator.state = resume[4]
-            self._keep_optimizer_state(trainer, plan["optimizer"])
+                self._optimizer_lost = True
+            else:
+                self._keep_optimizer_state(trainer, plan["optimizer"])
             raise
         finally:
             if best is not None:        # early stopping keeps the best epoch, always

@@ -169,10 +169,9 @@ def test_network_too_large_for_memory_names_the_layer(monkeypatch):
 def test_fit_too_large_for_memory_is_refused_before_allocating(monkeypatch, mnist):
     X, y = mnist[0][:64], mnist[1][:64]
     net = Network([784, 4096, 10], seed=0)    # 13 MB of parameters
-    # a limit between what SGD and Adam need (Adam keeps one more copy of the parameters,
-    # and fit keeps each at the start of an epoch, with the weights)
+    # a limit between what SGD and Adam need (Adam keeps one more copy of the parameters)
     needs = [4 * kernels._trainer_floats(net._net, opt, 64, kernels.max_threads())
-             + net._params.nbytes * copies for opt, copies in (("sgd", 2), ("adam", 3))]
+             + net._params.nbytes for opt in ("sgd", "adam")]
     monkeypatch.setattr(network, "_memory_limit", lambda: sum(needs) // 2)
     with pytest.raises(MemoryError, match=r"fit\(batch_size=64\).*layer 1, Dense\(4096.*with weights 784 x 4096"):
         net.fit(X, y, epochs=1, optimizer="adam")
@@ -343,8 +342,9 @@ def test_ctrl_c_during_fit_keeps_the_last_recorded_epoch(mnist):
     if done:
         twin.fit(X, y, epochs=done, batch_size=16, optimizer="adam")
     np.testing.assert_array_equal(net._params, twin._params)
-    # continuing takes up the optimizer and shuffling where the last recorded epoch left
-    # them, as if the interrupted epoch had never begun
-    net.fit(X, y, epochs=1, batch_size=16, optimizer="adam", reset=False)
-    twin.fit(X, y, epochs=1, batch_size=16, optimizer="adam", reset=not done)
-    np.testing.assert_array_equal(net._params, twin._params)
+    # the optimizer's state from the middle of the epoch does not match those weights: a
+    # continued fit says it starts the optimizer anew (an interruption between epochs,
+    # from a callback, keeps it: see test_training)
+    if net._optimizer_state is None:
+        with pytest.warns(RuntimeWarning, match="optimizer starts anew"):
+            net.fit(X, y, epochs=1, batch_size=16, optimizer="adam", reset=False)

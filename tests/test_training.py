@@ -252,6 +252,37 @@ def test_continuing_after_ctrl_c_in_a_callback_equals_one_fit(rows, optimizer):
     assert len(net.history_) == 5
 
 
+def test_ctrl_c_within_an_epoch_keeps_its_start_and_warns_when_continued(rows,
+                                                                         monkeypatch):
+    X, y, _, _ = rows
+    from cnn_core import network
+
+    class InterruptedProgress(network.EpochProgress):
+        epochs = 0
+
+        def __init__(self, *args):
+            InterruptedProgress.epochs += 1
+            super().__init__(*args)
+
+        def update(self, *args):
+            if InterruptedProgress.epochs == 2:     # after the second epoch's first chunk
+                raise KeyboardInterrupt
+            super().update(*args)
+
+    twin = Network([784, 16, 10], seed=2)
+    twin.fit(X, y, epochs=1, batch_size=10)
+    net = Network([784, 16, 10], seed=2)
+    monkeypatch.setattr(network, "EpochProgress", InterruptedProgress)
+    with pytest.raises(KeyboardInterrupt):
+        net.fit(X, y, epochs=3, batch_size=10, verbose=1)
+    assert len(net.history_) == 1 and InterruptedProgress.epochs == 2
+    np.testing.assert_array_equal(net._params, twin._params)
+    monkeypatch.undo()
+    with pytest.warns(RuntimeWarning, match="optimizer starts anew"):
+        net.fit(X, y, epochs=1, batch_size=10, reset=False)
+    assert len(net.history_) == 2
+
+
 @pytest.mark.parametrize("options,who", [
     (dict(early_stopping=True), "EarlyStopping: monitor='val_loss'"),
     (dict(schedule="plateau"), "ReduceOnPlateau: monitor='val_loss'"),
