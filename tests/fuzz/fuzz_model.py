@@ -1,8 +1,9 @@
 """Fuzz the model-file decoder: Network.load on arbitrary bytes, then inference.
 
 Every input must either load or raise ModelFileError (nothing else, no crash). A model
-that loads must predict labels in range for its inputs and save back to exactly the bytes
-it was read from (the format has one encoding per model).
+that loads must predict labels in range for its inputs, or raise FloatingPointError when
+its (finite) weights are so large that the outputs overflow, and save back to exactly
+the bytes it was read from (the format has one encoding per model).
 
     python tests/fuzz/fuzz_model.py CORPUS [libFuzzer options]
 
@@ -29,14 +30,19 @@ def TestOneInput(data):
     except ModelFileError:
         return
     X = input_rows(net)
-    out = net.predict(X, n_threads=1)
-    if out.ndim == 2:       # a regression network (loss="squared_error"): its outputs
-        assert out.shape[0] == len(X) and out.dtype == np.float32, (out.shape, out.dtype)
-    else:
-        assert out.shape == (len(X),), out.shape
-        assert np.all((out >= 0) & (out < net.n_classes)), out
-        probs = net.predict_proba(X, n_threads=1)
-        assert probs.shape == (len(X), net.n_classes), probs.shape
+    try:
+        out = net.predict(X, n_threads=1)
+        if out.ndim == 2:   # a regression network (loss="squared_error"): its outputs
+            assert out.shape[0] == len(X) and out.dtype == np.float32, (out.shape, out.dtype)
+            assert np.isfinite(out).all(), out
+        else:
+            assert out.shape == (len(X),), out.shape
+            assert np.all((out >= 0) & (out < net.n_classes)), out
+            probs = net.predict_proba(X, n_threads=1)
+            assert probs.shape == (len(X), net.n_classes), probs.shape
+            assert np.isfinite(probs).all(), probs
+    except FloatingPointError as error:
+        assert "overflows inside the network" in str(error), error
     copy = scratch.write("copy.cnn", b"")
     net.save(copy)
     if data[8:12] == b"\x02\x00\x00\x00":     # version 2, the version save writes
