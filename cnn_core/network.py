@@ -204,7 +204,8 @@ class Network:
 
     activation : str or None
         Hidden activation of the shorthand: "relu" (the default, also for None),
-        "leaky_relu", "sigmoid", "tanh", "identity".  A stack gives each layer its own activation instead.
+        "leaky_relu", "sigmoid", "tanh", "identity".  A stack gives each layer its own
+        activation instead.
     seed : int or None
         Seeds the weight initialisation, the shuffling and the dropout masks: the same
         seed gives the same weights and the same training.
@@ -502,7 +503,7 @@ class Network:
             n -= n_val
         keys = ["loss"] + (["accuracy"] if self.loss == "cross_entropy" else [])
         if X_val is not None:
-            keys += ["val_loss", "val_accuracy" if self.loss == "cross_entropy" else "val_r2"]
+            keys += ["val_loss", self._validation_score()]
         training.check_monitors(keys + ["learning_rate"], [stopping, schedule] + callbacks)
         n_threads = kernels._threads(n_threads)
 
@@ -548,6 +549,10 @@ class Network:
         finally:
             self._snapshot = None
             self._fitting.release()
+
+    def _validation_score(self):
+        """The record key of the score on validation data."""
+        return "val_accuracy" if self.loss == "cross_entropy" else "val_r2"
 
     def _continued_state(self, reset, optimizer):
         """The optimizer state a fit with reset=False continues (None to start anew)."""
@@ -627,8 +632,7 @@ class Network:
                 if self.loss == "cross_entropy":
                     record["accuracy"] = correct / n
                 if X_val is not None:
-                    score = "val_accuracy" if self.loss == "cross_entropy" else "val_r2"
-                    record["val_loss"], record[score] = self._evaluate(
+                    record["val_loss"], record[self._validation_score()] = self._evaluate(
                         X_val, y_val, None, n_threads, self._net)
                 record["learning_rate"] = rate
                 record["seconds"] = time.perf_counter() - start
